@@ -1,0 +1,98 @@
+"""Expert worker (EW): stateless server of routed experts.
+
+It binds one ROUTER socket; each attention worker connects its own DEALER to it, so every AW-EW
+pair is its own connection. Each pass drains every request that has arrived (from all AWs, all
+micro-batches), batches the rows per (layer, expert) across them, runs each expert once, and
+answers every request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import torch
+import zmq
+
+from . import protocol as P
+from .config import ModelConfig
+from .model import ExpertBank
+from .weights import WeightFiles, torch_dtype
+
+log = logging.getLogger(__name__)
+
+MAX_DRAIN = 256  # requests batched per pass at most
+
+
+def serve_batch(bank: ExpertBank, hidden_size: int, requests: list[tuple[bytes, P.ExpertRequest, torch.Tensor]]):
+    """Run the experts over all requests' rows; returns (identity, reply header, output) triples."""
+    outputs = [torch.empty_like(x) for _, _, x in requests]
+    work: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)  # key -> (request, start, rows)
+    for r, (_, req, _) in enumerate(requests):
+        start = 0
+        for e, n in zip(req.experts, req.counts):
+            work[(req.layer, e)].append((r, start, n))
+            start += n
+    for key, pieces in work.items():
+        if len(pieces) == 1:
+            r, s, n = pieces[0]
+            outputs[r][s : s + n] = bank.run(*key, requests[r][2][s : s + n])
+            continue
+        y = bank.run(*key, torch.cat([requests[r][2][s : s + n] for r, s, n in pieces]))
+        offset = 0
+        for r, s, n in pieces:
+            outputs[r][s : s + n] = y[offset : offset + n]
+            offset += n
+    return [(ident, P.ExpertReply(req.call_id, P.tensor_meta(out)), out) for (ident, req, _), out in zip(requests, outputs)]
+
+
+def validate(bank: ExpertBank, hidden_size: int, frames) -> tuple[bytes, P.ExpertRequest, torch.Tensor]:
+    ident = bytes(frames[0].buffer)
+    header, bufs = P.decode(frames[1:])
+    if not isinstance(header, P.ExpertRequest) or len(bufs) != 1:
+        raise P.BadMessage(f"unexpected {type(header).__name__} from {ident!r}")
+    x = P.to_tensor(header.hidden, bufs[0])
+    if len(header.experts) != len(header.counts) or any(n < 0 for n in header.counts):
+        raise P.BadMessage("experts and counts disagree")
+    if x.dim() != 2 or x.shape[1] != hidden_size or x.shape[0] != sum(header.counts):
+        raise P.BadMessage(f"hidden of shape {list(x.shape)} for {sum(header.counts)} rows")
+    if x.dtype != bank.dtype:
+        raise P.BadMessage(f"hidden of dtype {x.dtype}, expected {bank.dtype}")
+    missing = [e for e in header.experts if (header.layer, e) not in bank]
+    if missing:
+        raise P.BadMessage(f"experts {missing} of layer {header.layer} are not served here")
+    return ident, header, x
+
+
+def run(spec, ctx: zmq.Context, control: zmq.Socket) -> None:
+    """The main loop: drain requests, batch, compute, reply; obey the control channel."""
+    cfg = ModelConfig.from_dir(spec.model_dir)
+    with WeightFiles(spec.model_dir) as files:
+        bank = ExpertBank(cfg, files, [tuple(x) for x in spec.experts], torch_dtype(spec.dtype), spec.device)
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+    sock.bind(spec.endpoint)
+    control.send_multipart(P.encode(P.Ready(spec.name, "expert", os.getpid(), {"expert_bytes": bank.nbytes})))
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(control, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if control in events and isinstance(P.decode(control.recv_multipart())[0], P.Shutdown):
+            return
+        requests = []
+        while sock in events and len(requests) < MAX_DRAIN:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                requests.append(validate(bank, cfg.hidden_size, frames))
+            except (P.BadMessage, IndexError) as e:
+                log.warning("%s: dropped message: %s", spec.name, e)
+        if requests:
+            with torch.inference_mode():
+                for ident, header, out in serve_batch(bank, cfg.hidden_size, requests):
+                    sock.send_multipart([ident, *P.encode(header, out)], copy=False)

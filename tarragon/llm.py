@@ -1,0 +1,347 @@
+"""The driver: `LLM`, the user's handle on a cluster of worker processes.
+
+It launches the expert workers and attention workers, spreads requests over the attention
+workers, and collects their tokens. One I/O thread owns the control socket (ZMQ sockets are not
+thread-safe): other threads hand it outgoing messages through an in-process pipe.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import zmq
+
+from . import protocol as P
+from .config import EngineConfig, ModelConfig
+from .kv_cache import bytes_per_block
+from .launcher import LocalLauncher
+from .routing_table import RoutingTable
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+from .weights import WeightFiles, torch_dtype
+from .worker import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    token_times: list[float]  # time.monotonic() at which each token reached the driver
+    prompt_logits: torch.Tensor | None = None  # [len(prompt), vocab] fp32, when asked for
+
+
+@dataclass
+class WorkerInfo:
+    name: str
+    role: str
+    pid: int
+    alive: bool
+    rss_bytes: int
+    kv_blocks_used: int | None = None
+    kv_blocks_total: int | None = None
+    expert_bytes: int | None = None
+
+
+@dataclass
+class Request:
+    """The driver's record of one request: everything the client has been sent."""
+
+    req_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    worker: str
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_logits: torch.Tensor | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Worker:
+    name: str
+    role: str
+    proc: object
+    ready: bool = False
+    info: dict = field(default_factory=dict)
+    kv_used: int = 0
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        attention_workers: int = 2,
+        expert_workers: int = 3,
+        device: str = "cpu",
+        dtype: str = "float32",
+        startup_timeout: float = 120.0,
+        **engine_args,
+    ):
+        if model is None:
+            from .make_model import demo_model
+
+            model = demo_model()
+        if attention_workers < 1 or expert_workers < 1:
+            raise ValueError("need at least one attention worker and one expert worker")
+        self.config = EngineConfig(str(model), attention_workers, expert_workers, device, dtype, **engine_args)
+        self.model_config = cfg = ModelConfig.from_dir(model)
+        WeightFiles(model).close()  # fail here, clearly, on a missing or corrupt checkpoint
+        self.tokenizer = Tokenizer(model)
+        e = self.config
+        tdtype = torch_dtype(dtype)
+        kv_blocks = e.kv_cache_blocks or e.kv_cache_bytes // bytes_per_block(cfg, e.block_size, tdtype)
+        e.kv_cache_blocks = kv_blocks
+        limits = [e.max_model_len, cfg.max_position_embeddings, kv_blocks * e.block_size]
+        self.max_model_len = e.max_model_len = min(limits + ([cfg.sliding_window] if cfg.sliding_window else []))
+
+        self._run_dir = Path(tempfile.mkdtemp(prefix="tarragon-"))
+        self._launcher = LocalLauncher(self._run_dir)
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        endpoint = self._launcher.endpoint("driver")
+        self._router.bind(endpoint)
+        self._outbox_addr = f"inproc://outbox-{id(self)}"
+        self._outbox_in = self._ctx.socket(zmq.PULL)
+        self._outbox_in.bind(self._outbox_addr)
+        self._outbox = self._ctx.socket(zmq.PUSH)
+        self._outbox.connect(self._outbox_addr)
+        self._lock = threading.Lock()
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self._workers: dict[str, _Worker] = {}
+
+        ew_names = [f"ew{j}" for j in range(expert_workers)]
+        self.routing_table = RoutingTable.even(cfg.num_experts, list(cfg.sparse_layers), ew_names)
+        common = dict(model_dir=str(model), dtype=dtype, device=device, driver_endpoint=endpoint, parent_pid=os.getpid(), threads=e.threads_per_worker)
+        specs = [
+            WorkerSpec(name=n, role="expert", endpoint=self._launcher.endpoint(n), experts=self.routing_table.experts_of(n), **common)
+            for n in ew_names
+        ] + [
+            WorkerSpec(
+                name=f"aw{i}", role="attention", table=self.routing_table,
+                expert_endpoints={n: self._launcher.endpoint(n) for n in ew_names}, engine=e, **common,
+            )
+            for i in range(attention_workers)
+        ]
+        atexit.register(self.shutdown)
+        self._io = threading.Thread(target=self._io_loop, name="tarragon-io", daemon=True)
+        self._io.start()
+        for spec in specs:
+            self._workers[spec.name] = _Worker(spec.name, spec.role, self._launcher.start(spec))
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def _wait_ready(self, timeout: float) -> None:
+        from tqdm import tqdm
+
+        deadline = time.monotonic() + timeout
+        with tqdm(total=len(self._workers), desc="starting workers", unit="worker", leave=False, disable=None) as bar:
+            while True:
+                ready = sum(w.ready for w in self._workers.values())
+                bar.update(ready - bar.n)
+                if ready == len(self._workers):
+                    return
+                for w in self._workers.values():
+                    if w.proc.poll() is not None:
+                        raise RuntimeError(f"worker {w.name} exited during start-up:\n{self._launcher.log_tail(w.name)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"workers not ready after {timeout:.0f}s")
+                time.sleep(0.02)
+
+    def shutdown(self) -> None:
+        """Stop every worker process (politely, then by force) and release resources."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.shutdown)
+        for name in self._workers:
+            self._send(name, P.Shutdown())
+        deadline = time.monotonic() + 3.0
+        for w in self._workers.values():
+            try:
+                w.proc.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                w.proc.kill()
+                w.proc.wait()
+        with self._lock:
+            self._outbox.send_multipart([b""])
+            self._outbox.close(0)
+        self._io.join(timeout=5.0)
+        if self._io.is_alive():  # last resort: closes the I/O thread's sockets under it
+            self._ctx.destroy(linger=0)
+        else:
+            self._ctx.term()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+        """Start one request; returns at once. `generate` is built on this."""
+        if self._closed:
+            raise RuntimeError("this LLM has been shut down")
+        params = msgspec_copy(params or SamplingParams())
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.model_config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model's context limit is {self.max_model_len}")
+        if params.seed is None:
+            params.seed = secrets.randbits(62)
+        with self._lock:
+            loads = {n: 0 for n, w in self._workers.items() if w.role == "attention"}
+            for r in self._requests.values():
+                loads[r.worker] = loads.get(r.worker, 0) + 1
+            worker = min(loads, key=lambda n: (loads[n], n))
+            req = Request(f"req-{next(self._ids)}", text, ids, params, worker)
+            self._requests[req.req_id] = req
+        self._send(worker, P.AddRequest(req.req_id, ids, params))
+        return req
+
+    def wait(self, req: Request, timeout: float | None = None) -> RequestOutput:
+        if not req.done.wait(timeout):
+            raise TimeoutError(f"{req.req_id} not finished after {timeout}s")
+        return RequestOutput(
+            req.req_id, req.prompt, req.prompt_ids, list(req.tokens), self.tokenizer.decode(req.tokens),
+            req.finish_reason, list(req.times), req.prompt_logits,
+        )
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, timeout: float | None = None) -> list[RequestOutput]:
+        """Run every prompt (strings or token-id lists) to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        return [self.wait(r, timeout) for r in reqs]
+
+    def abort(self, req: Request) -> None:
+        with self._lock:
+            self._requests.pop(req.req_id, None)
+        req.finish_reason = req.finish_reason or "abort"
+        req.done.set()
+        self._send(req.worker, P.AbortRequest([req.req_id]))
+
+    def workers(self) -> list[WorkerInfo]:
+        out = []
+        for w in self._workers.values():
+            pid = w.proc.pid
+            is_aw = w.role == "attention"
+            out.append(WorkerInfo(
+                w.name, w.role, pid, w.proc.poll() is None, _rss(pid),
+                kv_blocks_used=w.kv_used if is_aw else None,
+                kv_blocks_total=w.info.get("kv_blocks") if is_aw else None,
+                expert_bytes=w.info.get("expert_bytes"),
+            ))
+        return out
+
+    # ---- the I/O thread -------------------------------------------------------------------
+
+    def _send(self, worker: str, header: P.Msg, *tensors: torch.Tensor) -> None:
+        with self._lock:
+            if not self._outbox.closed:
+                self._outbox.send_multipart([worker.encode(), *P.encode(header, *tensors)])
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._outbox_in, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._outbox_in in events:
+                frames = self._outbox_in.recv_multipart()
+                if frames == [b""]:  # shutdown() is done with the workers
+                    break
+                try:
+                    self._router.send_multipart(frames)
+                except zmq.ZMQError as e:  # that worker is gone: nothing to deliver to
+                    log.warning("cannot send to %s: %s", frames[0].decode(), e)
+            if self._router in events:
+                frames = self._router.recv_multipart(copy=False)
+                self._on_message(bytes(frames[0].buffer).decode(errors="replace"), frames[1:])
+        self._router.close(0)
+        self._outbox_in.close(0)
+
+    def _on_message(self, sender: str, frames) -> None:
+        now = time.monotonic()
+        try:
+            msg, bufs = P.decode(frames)
+        except P.BadMessage as e:
+            log.warning("dropped message from %s: %s", sender, e)
+            return
+        worker = self._workers.get(sender)
+        if worker is None:
+            return
+        if isinstance(msg, P.Ready):
+            worker.info, worker.ready = dict(msg.info), True
+        elif isinstance(msg, P.Tokens):
+            worker.kv_used = msg.kv_used
+            for req_id, tok, finish in zip(msg.req_ids, msg.tokens, msg.finish):
+                req = self._requests.get(req_id)
+                if req is None:
+                    continue
+                req.tokens.append(tok)
+                req.times.append(now)
+                if finish:
+                    req.finish_reason = finish
+                    with self._lock:
+                        del self._requests[req_id]
+                    req.done.set()
+        elif isinstance(msg, P.PromptLogits):
+            req = self._requests.get(msg.req_id)
+            if req is not None and len(bufs) == 1:
+                req.prompt_logits = P.to_tensor(msg.logits, bufs[0]).clone()
+
+
+def msgspec_copy(params: SamplingParams) -> SamplingParams:
+    import msgspec
+
+    return msgspec.structs.replace(params)
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

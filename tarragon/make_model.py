@@ -1,0 +1,187 @@
+"""Random-weight checkpoints in exact Hugging Face layout, for the demo, tests and benchmarks.
+
+No weights can be downloaded here, so Tarragon makes its own: `config.json` as transformers
+writes it, `model.safetensors` (or shards plus an index) with the on-disk tensor names of each
+family, and a byte-level BPE tokenizer trained on the Python standard library's sources.
+Weights are drawn with a large enough spread that routing and greedy decoding are not near-ties.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+SIZES = {
+    # tiny: fast tests; bench: the performance reference point (Mixtral layout).
+    "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts=8, top_k=2, intermediate_size=128, moe_intermediate_size=64, std=0.2),
+    "bench": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                  num_experts=8, top_k=2, intermediate_size=512, moe_intermediate_size=512, std=0.15),
+}
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def hf_config(family: str, size: str) -> dict:
+    s = SIZES[size]
+    base = dict(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
+        num_experts_per_tok=s["top_k"], hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=4096,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, tie_word_embeddings=False,
+        initializer_range=s["std"], bos_token_id=0, eos_token_id=1, pad_token_id=2, attention_dropout=0.0,
+        use_cache=True, dtype="float32", output_router_logits=False, router_aux_loss_coef=0.001,
+    )
+    if family == "mixtral":
+        return dict(base, architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=s["intermediate_size"],
+                    num_local_experts=s["num_experts"], router_jitter_noise=0.0, sliding_window=None, head_dim=None)
+    if family == "qwen3_moe":
+        return dict(base, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=s["num_experts"],
+                    intermediate_size=s["intermediate_size"], moe_intermediate_size=s["moe_intermediate_size"],
+                    head_dim=2 * s["hidden_size"] // s["num_attention_heads"],  # explicit, not hidden/heads
+                    decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True, attention_bias=False,
+                    use_sliding_window=False, sliding_window=None)
+    if family == "olmoe":
+        return dict(base, architectures=["OlmoeForCausalLM"], model_type="olmoe", num_experts=s["num_experts"],
+                    intermediate_size=s["moe_intermediate_size"], norm_topk_prob=False, attention_bias=False, clip_qkv=None)
+    if family == "qwen2_moe":
+        return dict(base, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=s["num_experts"],
+                    num_hidden_layers=s["num_hidden_layers"] + 1, intermediate_size=s["intermediate_size"],
+                    moe_intermediate_size=s["moe_intermediate_size"], shared_expert_intermediate_size=s["intermediate_size"],
+                    decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=False, qkv_bias=True,
+                    use_sliding_window=False, sliding_window=None, max_window_layers=28)
+    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def random_weights(raw: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    from .config import ModelConfig
+
+    cfg = ModelConfig.from_dict(raw)
+    g = torch.Generator().manual_seed(seed)
+    std = raw["initializer_range"]
+    H, hd = cfg.hidden_size, cfg.head_dim
+
+    def mat(*shape):
+        return torch.randn(*shape, generator=g) * std
+
+    def norm(n):  # near one, but not one: a norm loaded into the wrong place shows
+        return 1.0 + 0.05 * torch.randn(n, generator=g)
+
+    t = {"model.embed_tokens.weight": mat(cfg.vocab_size, H), "model.norm.weight": norm(H), "lm_head.weight": mat(cfg.vocab_size, H)}
+    names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for i in range(cfg.num_layers):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        t[p + "input_layernorm.weight"] = norm(H)
+        t[p + "post_attention_layernorm.weight"] = norm(H)
+        for n, rows in (("q", cfg.num_heads * hd), ("k", cfg.num_kv_heads * hd), ("v", cfg.num_kv_heads * hd)):
+            t[a + f"{n}_proj.weight"] = mat(rows, H)
+            if cfg.qkv_bias:
+                t[a + f"{n}_proj.bias"] = mat(rows)
+        t[a + "o_proj.weight"] = mat(H, cfg.num_heads * hd)
+        if cfg.qk_norm == "head":
+            t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(hd), norm(hd)
+        elif cfg.qk_norm == "full":
+            t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(cfg.num_heads * hd), norm(cfg.num_kv_heads * hd)
+        if not cfg.is_sparse(i):
+            I = cfg.dense_intermediate_size
+            t.update({p + "mlp.gate_proj.weight": mat(I, H), p + "mlp.up_proj.weight": mat(I, H), p + "mlp.down_proj.weight": mat(H, I)})
+            continue
+        m = p + cfg.expert_prefix + "."
+        t[m + "gate.weight"] = mat(cfg.num_experts, H)
+        I = cfg.expert_intermediate_size
+        for e in range(cfg.num_experts):
+            x = m + f"experts.{e}."
+            t[x + names[0] + ".weight"], t[x + names[1] + ".weight"], t[x + names[2] + ".weight"] = mat(I, H), mat(I, H), mat(H, I)
+        if cfg.shared_expert_intermediate_size:
+            S = cfg.shared_expert_intermediate_size
+            s = m + "shared_expert."
+            t.update({s + "gate_proj.weight": mat(S, H), s + "up_proj.weight": mat(S, H), s + "down_proj.weight": mat(H, S)})
+            t[m + "shared_expert_gate.weight"] = mat(1, H)
+    return {k: v.contiguous() for k, v in t.items()}
+
+
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on the standard library's own sources: real, offline, ~1 s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in lib.glob("*.py"))[:400]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train(files, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    return tok
+
+
+def make_model(out: str | Path, family: str = "mixtral", size: str = "tiny", seed: int = 0, shard_bytes: int | None = None) -> Path:
+    """Write a checkpoint folder; `shard_bytes` splits the weights into an indexed, sharded set."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = hf_config(family, size)
+    raw["transformers_version"] = "5.0.0"
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}, indent=2))
+    tensors = random_weights(raw, seed)
+    meta = {"format": "pt"}
+    if not shard_bytes:
+        save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+    else:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size_now = 0
+        for name, t in tensors.items():
+            if size_now and size_now + t.nbytes > shard_bytes:
+                shards.append({})
+                size_now = 0
+            shards[-1][name] = t
+            size_now += t.nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata=meta)
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    tok = train_tokenizer(raw["vocab_size"])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "model_max_length": raw["max_position_embeddings"], "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TARRAGON_CACHE", Path.home() / ".cache" / "tarragon"))
+
+
+def demo_model() -> Path:
+    """The built-in demo model (Mixtral layout, bench size), built on first use."""
+    path = cache_dir() / "demo-mixtral-bench"
+    if not (path / "tokenizer.json").is_file():
+        print(f"building the demo model in {path} (once)...", file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent))
+        make_model(tmp, "mixtral", "bench")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path

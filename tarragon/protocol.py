@@ -1,0 +1,141 @@
+"""Wire format: a typed msgpack header frame, then raw tensor frames. Nothing is ever unpickled.
+
+Every message is `[header, *tensor_frames]`. The header is one of the structs below (tagged, so
+the decoder validates its type and fields); each tensor frame's dtype and shape travel in the
+header and are checked against the frame's byte length on receipt. A message that fails any
+check raises `BadMessage`; receivers log it and drop it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Union
+
+import msgspec
+import torch
+
+from .sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_MESSAGE_BYTES = 1 << 30
+# Received tensors view zmq's read-only frames on purpose (no copy); receivers never write them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")  # set as ZMQ_MAXMSGSIZE: larger messages are dropped by libzmq
+
+
+class BadMessage(ValueError):
+    pass
+
+
+class TensorMeta(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    dtype: str
+    shape: list[int]
+
+
+class Msg(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    pass
+
+
+# ---- control: driver <-> workers -----------------------------------------------------------
+
+
+class Ready(Msg):
+    name: str
+    role: str
+    pid: int
+    info: dict[str, int] = {}
+
+
+class AddRequest(Msg):
+    req_id: str
+    prompt: list[int]
+    params: SamplingParams
+
+
+class AbortRequest(Msg):
+    req_ids: list[str]
+
+
+class Shutdown(Msg):
+    pass
+
+
+class Tokens(Msg):
+    """One attention-worker step's new tokens; finish[i] is "" while request i goes on."""
+
+    req_ids: list[str]
+    tokens: list[int]
+    finish: list[str]
+    kv_used: int
+    running: int
+    waiting: int
+
+
+class PromptLogits(Msg):
+    req_id: str
+    logits: TensorMeta
+
+
+# ---- datapath: attention worker <-> expert worker ------------------------------------------
+
+
+class ExpertRequest(Msg):
+    """Rows of `hidden` grouped by expert: counts[i] rows for experts[i] of `layer`."""
+
+    call_id: int
+    layer: int
+    experts: list[int]
+    counts: list[int]
+    hidden: TensorMeta
+
+
+class ExpertReply(Msg):
+    call_id: int
+    hidden: TensorMeta
+
+
+Message = Union[Ready, AddRequest, AbortRequest, Shutdown, Tokens, PromptLogits, ExpertRequest, ExpertReply]
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def tensor_meta(t: torch.Tensor) -> TensorMeta:
+    return TensorMeta(DTYPE_NAMES[t.dtype], list(t.shape))
+
+
+def tensor_frame(t: torch.Tensor):
+    """Zero-copy view of a tensor's bytes, to send with copy=False."""
+    return t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
+
+
+def encode(header: Msg, *tensors: torch.Tensor) -> list:
+    return [_encoder.encode(header), *(tensor_frame(t) for t in tensors)]
+
+
+def decode(frames: list) -> tuple[Msg, list[memoryview]]:
+    """Validate and decode `[header, *frames]` (zmq Frames or bytes)."""
+    if not frames:
+        raise BadMessage("empty message")
+    bufs = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
+    try:
+        header = _decoder.decode(bufs[0])
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        raise BadMessage(f"bad header: {e}") from None
+    return header, bufs[1:]
+
+
+def to_tensor(meta: TensorMeta, buf: memoryview) -> torch.Tensor:
+    """The tensor a frame holds, after checking the frame matches its declared dtype and shape.
+    The result shares the frame's (read-only) memory."""
+    dtype = DTYPES.get(meta.dtype)
+    if dtype is None:
+        raise BadMessage(f"unknown dtype {meta.dtype!r}")
+    if len(meta.shape) > 4 or any(d < 0 for d in meta.shape):
+        raise BadMessage(f"bad shape {meta.shape}")
+    n = math.prod(meta.shape)
+    if buf.nbytes != n * dtype.itemsize:
+        raise BadMessage(f"frame of {buf.nbytes} bytes does not hold {meta.dtype}{meta.shape}")
+    if n == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).view(meta.shape)

@@ -1,0 +1,129 @@
+"""Continuous batching for one attention worker.
+
+Every step, running sequences get their next token (or next prefill chunk) first, then waiting
+sequences are admitted while the batch has room (`max_num_seqs`, `max_num_batched_tokens`) and the
+KV pool has blocks. When a running sequence needs a block and the pool is empty, the newest
+running sequence is preempted: its blocks are freed and it is recomputed later from its prompt
+plus the tokens it already generated, so its output is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import KVCache
+from .sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    req_id: str
+    prompt: list[int]
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    blocks: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed this step
+    count: int  # tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last known token, so a new token is sampled."""
+        return self.start + self.count == self.seq.length
+
+
+class Scheduler:
+    def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, req_id: str) -> None:
+        for seq in [s for s in self.running if s.req_id == req_id]:
+            self.kv.release(seq.blocks)
+            self.running.remove(seq)
+        self.waiting = deque(s for s in self.waiting if s.req_id != req_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.release(seq.blocks)
+        seq.num_computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_tokens
+        chunks: list[ScheduledChunk] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
+            n = min(seq.length - seq.num_computed, budget)
+            if n <= 0:
+                continue
+            while not self.kv.grow(seq.blocks, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            # Admit only if the whole known context fits now, so admissions do not thrash.
+            if self.kv.blocks_needed(seq.blocks, seq.length + 1) > len(self.kv.free):
+                break
+            n = min(seq.length - seq.num_computed, budget)
+            self.kv.grow(seq.blocks, seq.num_computed + n)
+            self.waiting.popleft()
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+        return chunks
+
+    def update(self, chunks: list[ScheduledChunk], sampled: list[int]) -> list[Sequence]:
+        """Record computed tokens and sampled ones (one per sampling chunk, in order);
+        returns the sequences that got a token this step."""
+        got = []
+        it = iter(sampled)
+        for c in chunks:
+            seq = c.seq
+            seq.num_computed = c.start + c.count
+            if not c.samples:
+                continue
+            tok = next(it)
+            seq.output.append(tok)
+            p = seq.params
+            if (tok in self.eos and not p.ignore_eos) or (p.stop_token_ids and tok in p.stop_token_ids):
+                seq.finish_reason = "stop"
+            elif len(seq.output) >= p.max_tokens or seq.length >= self.max_model_len:
+                seq.finish_reason = "length"
+            got.append(seq)
+            if seq.finish_reason:
+                self.kv.release(seq.blocks)
+                self.running.remove(seq)
+        return got
