@@ -1,0 +1,81 @@
+"""Command line: `tarragon generate | make-model` (also `python -m tarragon`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in demo model)")
+    p.add_argument("--attention-workers", type=int, default=2)
+    p.add_argument("--expert-workers", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-model-len", type=int, default=2048)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    prompts = args.prompt or ["The quick brown fox", "def fibonacci(n):", "import numpy as np", "class Server:"]
+    with LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers,
+             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len) as llm:
+        print(f"workers: {', '.join(f'{w.name}(pid {w.pid})' for w in llm.workers())}")
+        t0 = time.monotonic()
+        outs = llm.generate(prompts, params)
+        elapsed = time.monotonic() - t0
+    total = 0
+    for o in outs:
+        total += len(o.token_ids)
+        print(f"\n--- prompt: {o.prompt if o.prompt is not None else o.prompt_token_ids}")
+        print(f"tokens ({len(o.token_ids)}, finish={o.finish_reason}): {o.token_ids}")
+        print(f"text: {o.text!r}")
+    print(f"\n{len(outs)} requests, {total} tokens in {elapsed:.2f} s: {total / elapsed:.1f} tokens/s")
+    return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from .make_model import make_model
+
+    out = make_model(args.out, args.family, args.size, seed=args.seed, shard_bytes=args.shard_bytes)
+    print(f"wrote {args.family} ({args.size}) checkpoint to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tarragon", description="Resilient Mixture-of-Experts serving")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text for some prompts on a local cluster")
+    add_cluster_args(g)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("prompt", nargs="*", help="prompts (default: a few built-in ones)")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout")
+    m.add_argument("--family", default="mixtral", choices=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+    m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shard-bytes", type=int, default=None, help="split into shards of about this many bytes")
+    m.add_argument("out")
+    m.set_defaults(func=cmd_make_model)
+
+    args = parser.parse_args(argv)
+    from .config import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (ModelLoadError, ValueError) as e:
+        print(f"tarragon: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The disaggregated core: outputs equal to transformers, worker layouts, sampling, limits."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+import torch
+
+from conftest import Reference, prompts_of_lengths
+from tarragon import LLM, SamplingParams
+
+LENGTHS = [3, 7, 12, 20, 33, 5, 9, 40]
+MAX_TOKENS = 20
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, prompt_logits=True)
+
+
+def wait_for_tokens(reqs, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(len(r.tokens) < n for r in reqs):
+        assert time.monotonic() < deadline, "requests made no progress"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+def test_matches_transformers(tiny_models, family):
+    """2 AWs x 3 EWs: greedy tokens identical to transformers, prompt logits within 1e-4, both
+    for a batch submitted at once and for one submitted in two waves (prefill mixed with decode)."""
+    model_dir = tiny_models[family]
+    ref = Reference(model_dir)
+    prompts = prompts_of_lengths(LENGTHS, 1024, seed=hash(family) % 1000)
+    expected = [ref.greedy(p, MAX_TOKENS) for p in prompts]
+    with LLM(model_dir, attention_workers=2, expert_workers=3) as llm:
+        together = llm.generate(prompts, GREEDY)
+        first = [llm.submit(p, GREEDY) for p in prompts[:4]]
+        wait_for_tokens(first, 3)
+        second = [llm.submit(p, GREEDY) for p in prompts[4:]]
+        staggered = [llm.wait(r, 120) for r in first + second]
+    for outs in (together, staggered):
+        assert [o.token_ids for o in outs] == expected
+        assert all(o.finish_reason == "length" for o in outs)
+    for o, p in zip(together, prompts):
+        assert o.prompt_logits.shape == (len(p), 1024)
+        torch.testing.assert_close(o.prompt_logits, ref.logits(p), atol=1e-4, rtol=0)
+    # The waves really overlapped: a second-wave request started before the first wave ended.
+    assert min(r.times[0] for r in second) < max(r.times[-1] for r in first)
+
+
+@pytest.mark.parametrize("aws,ews", [(1, 1), (4, 4)])
+def test_worker_layouts_match(tiny_models, aws, ews):
+    model_dir = tiny_models["mixtral"]
+    prompts = prompts_of_lengths(LENGTHS, 1024, seed=7)
+    ref = Reference(model_dir)
+    with LLM(model_dir, attention_workers=aws, expert_workers=ews) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        names = sorted(w.name for w in llm.workers())
+    assert names == sorted([f"aw{i}" for i in range(aws)] + [f"ew{j}" for j in range(ews)])
+    assert [o.token_ids for o in outs] == [ref.greedy(p, MAX_TOKENS) for p in prompts]
+
+
+def test_seeded_sampling_is_reproducible(tiny_models):
+    model_dir = tiny_models["olmoe"]
+    prompts = prompts_of_lengths([4, 9, 15, 6], 1024, seed=3)
+    params = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=s, ignore_eos=True) for s in (1, 2, 3, 4)]
+    with LLM(model_dir, attention_workers=2, expert_workers=3) as llm:
+        a = [o.token_ids for o in llm.generate(prompts, params)]
+        b = [o.token_ids for o in llm.generate(prompts, params)]
+        reseeded = [o.token_ids for o in llm.generate(prompts, [msgspec.structs.replace(p, seed=p.seed + 100) for p in params])]
+    with LLM(model_dir, attention_workers=1, expert_workers=1) as llm:
+        c = [o.token_ids for o in llm.generate(prompts, params)]
+    assert a == b == c
+    assert a != reseeded
+
+
+def test_kv_pool_bounded_preempts_and_stays_correct(tiny_models):
+    """A pool far too small for the batch: requests wait or are preempted, outputs unchanged."""
+    model_dir = tiny_models["qwen2_moe"]
+    prompts = prompts_of_lengths([20, 30, 25, 18, 22, 27], 1024, seed=5)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    ref = Reference(model_dir)
+    with LLM(model_dir, attention_workers=1, expert_workers=2, kv_cache_blocks=12, block_size=8) as llm:
+        reqs = [llm.submit(p, params) for p in prompts]
+        peak = 0
+        while not all(r.done.is_set() for r in reqs):
+            aw = next(w for w in llm.workers() if w.role == "attention")
+            peak = max(peak, aw.kv_blocks_used)
+            time.sleep(0.002)
+        outs = [llm.wait(r) for r in reqs]
+        aw = next(w for w in llm.workers() if w.role == "attention")
+        assert aw.kv_blocks_total == 12 and aw.rss_bytes > 0
+        assert llm.max_model_len == 12 * 8
+    assert peak <= 12
+    assert [o.token_ids for o in outs] == [ref.greedy(p, 40) for p in prompts]
+
+
+def test_prompt_beyond_context_is_rejected(tiny_models):
+    with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=1, max_model_len=64) as llm:
+        with pytest.raises(ValueError, match="context limit is 64"):
+            llm.submit(list(range(3, 80)))
+        with pytest.raises(ValueError, match="empty"):
+            llm.submit([])
+        with pytest.raises(ValueError, match="lie in"):
+            llm.submit([5, 99999])
+        out = llm.generate([list(range(3, 60))], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
+        assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 64

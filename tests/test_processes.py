@@ -1,0 +1,111 @@
+"""Processes as failure domains: cleanup when the driver dies, garbage on the datapath."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import zmq
+
+from conftest import prompts_of_lengths
+from tarragon import LLM, SamplingParams
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead: its parent just has not reaped it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_die_with_a_killed_driver(tiny_models):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from tarragon import LLM, SamplingParams
+        llm = LLM({tiny_models['mixtral']!r}, attention_workers=2, expert_workers=3)
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))
+        print(" ".join(str(w.pid) for w in llm.workers()), flush=True)
+        time.sleep(600)
+    """)
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 5 and all(pid_alive(p) for p in pids)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(10)
+        deadline = time.monotonic() + 5.0
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if pid_alive(p)], "workers outlived their driver"
+    finally:
+        driver.kill()
+        for p in pids if "pids" in dir() else []:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_leaving_the_with_block_ends_every_process(tiny_models):
+    with LLM(tiny_models["mixtral"], attention_workers=2, expert_workers=2) as llm:
+        pids = [w.pid for w in llm.workers()]
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_malformed_datapath_messages_are_dropped(tiny_models):
+    """Garbage sent to an expert worker's socket is logged and dropped; serving goes on."""
+    prompts = prompts_of_lengths([6, 11], 1024)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=2) as llm:
+        before = [o.token_ids for o in llm.generate(prompts, params)]
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(llm._launcher.endpoint("ew0"))
+        garbage = [
+            [b"\x00\xff not msgpack"],
+            [b"\x81\xa4type\xadExpertRequest"],  # tag, no fields
+            [b"\xc1"],
+            [],
+        ]
+        from tarragon import protocol as P
+        import torch
+
+        x = torch.zeros(3, 64)
+        bad = P.ExpertRequest(1, 0, [0], [5], P.tensor_meta(x))  # counts disagree with rows
+        garbage.append(P.encode(bad, x))
+        wrong_layer = P.ExpertRequest(2, 99, [0], [3], P.tensor_meta(x))
+        garbage.append(P.encode(wrong_layer, x))
+        short = P.ExpertRequest(3, 0, [0], [3], P.TensorMeta("float32", [3, 64]))
+        garbage.append([P.encode(short)[0], b"\x00" * 17])
+        for msg in garbage:
+            if msg:
+                s.send_multipart(msg)
+        time.sleep(0.3)
+        s.close()
+        ctx.term()
+        assert all(w.alive for w in llm.workers())
+        after = [o.token_ids for o in llm.generate(prompts, params)]
+        log = (llm._launcher.log_path("ew0")).read_text()
+    assert before == after
+    assert log.count("dropped message") >= 6
+
+
+def test_cli_make_model_and_generate(tmp_path):
+    out = tmp_path / "m"
+    r = subprocess.run([sys.executable, "-m", "tarragon", "make-model", "--family", "qwen3_moe", "--size", "tiny", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "tarragon", "generate", "--model", str(out), "--attention-workers", "1",
+                        "--expert-workers", "2", "--max-tokens", "5", "def main():"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "tokens (5, finish=length)" in r.stdout and "tokens/s" in r.stdout
