@@ -60,9 +60,10 @@ class AttentionMetadata:
 
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] flat KV slot each new token is written to
-    decode_tokens: torch.Tensor  # [B] token indices of decode sequences
+    decode_tokens: torch.Tensor | None  # [B] token indices of decode sequences (None: all tokens)
+    num_decode: int
     decode_slots: torch.Tensor  # [B, C] context slots of each decode sequence (padded)
-    decode_mask: torch.Tensor  # [B, 1, 1, C] True where attended
+    decode_mask: torch.Tensor  # [B, 1, 1, C] additive: 0 where attended, -inf on padding
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (start, len, slots, mask|None=causal)
     logits_index: torch.Tensor  # [N] tokens whose next-token logits are needed
 
@@ -166,17 +167,15 @@ class AttentionModel:
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_pool, v_pool = kv_cache.layer(i)
-        k_pool[meta.slot_mapping] = k
-        v_pool[meta.slot_mapping] = v
+        k_pool.index_copy_(0, meta.slot_mapping, k)
+        v_pool.index_copy_(0, meta.slot_mapping, v)
 
-        out = torch.empty_like(q)
         scale = hd**-0.5
-        if meta.decode_tokens.numel():
-            qd = q[meta.decode_tokens].unsqueeze(2)  # [B, nh, 1, hd]
-            kd = k_pool[meta.decode_slots].transpose(1, 2)  # [B, nkv, C, hd]
-            vd = v_pool[meta.decode_slots].transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-            out[meta.decode_tokens] = od.squeeze(2)
+        if meta.decode_tokens is None:  # a pure decode step: no scatter needed
+            return F.linear(self.decode_attention(q, k_pool, v_pool, meta, scale).view(T, -1), L.o, L.o_bias)
+        out = torch.empty_like(q)
+        if meta.num_decode:
+            out[meta.decode_tokens] = self.decode_attention(q[meta.decode_tokens], k_pool, v_pool, meta, scale)
         for start, n, slots, mask in meta.prefills:
             qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
             kp = k_pool[slots].transpose(0, 1).unsqueeze(0)
@@ -184,6 +183,18 @@ class AttentionModel:
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
             out[start : start + n] = op[0].transpose(0, 1)
         return F.linear(out.view(T, -1), L.o, L.o_bias)
+
+    def decode_attention(self, q: torch.Tensor, k_pool, v_pool, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """One new token per sequence against its padded context, grouped-query heads batched:
+        the eager computation (fp32 softmax), without materialising repeated K/V heads."""
+        B, C = meta.decode_slots.shape
+        kvh, hd = self.cfg.num_kv_heads, self.cfg.head_dim
+        flat = meta.decode_slots.reshape(-1)
+        k = k_pool.index_select(0, flat).view(B, C, kvh, hd).permute(0, 2, 3, 1)  # [B, kvh, hd, C]
+        v = v_pool.index_select(0, flat).view(B, C, kvh, hd).transpose(1, 2)  # [B, kvh, C, hd]
+        scores = torch.matmul(q.view(B, kvh, -1, hd), k) * scale + meta.decode_mask  # [B, kvh, g, C]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v).view(B, -1, hd)
 
     # ---- the forward pass -----------------------------------------------------------------
 
@@ -223,7 +234,8 @@ class ExpertBank:
         for layer, e in assigned:
             p = f"model.layers.{layer}.{cfg.expert_prefix}.experts.{e}."
             gate, up, down = (files.get(p + n + ".weight", dtype, device) for n in names)
-            self.experts[(layer, e)] = (torch.cat([gate, up]), down)
+            # Stored transposed: x @ W^T with W^T contiguous is the faster small-batch GEMM on CPU.
+            self.experts[(layer, e)] = (torch.cat([gate, up]).t().contiguous(), down.t().contiguous())
 
     @property
     def nbytes(self) -> int:
@@ -233,4 +245,6 @@ class ExpertBank:
         return key in self.experts
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, *self.experts[(layer, expert)])
+        gate_up_t, down_t = self.experts[(layer, expert)]
+        gate, up = torch.mm(x, gate_up_t).chunk(2, dim=-1)
+        return torch.mm(F.silu(gate) * up, down_t)

@@ -30,46 +30,48 @@ class ModelRunner:
         self.micro_batches = max(1, micro_batches)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
+        bs = self.kv.block_size
         tokens: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[int] = []
+        slots: list[int] = []
         decode_tok, decode_len, decode_tables = [], [], []
         prefills = []
         logits_index = []
         for c in chunks:
             seq, start, n = c.seq, c.start, c.count
             t0 = len(tokens)
-            tokens.extend(seq.tokens[start : start + n])
-            positions.append(torch.arange(start, start + n))
-            slots.append(self.kv.slots(seq.blocks, start, start + n))
+            tokens += seq.token_slice(start, start + n)
+            positions += range(start, start + n)
+            slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             ctx = start + n
             if n == 1 and start > 0:
                 decode_tok.append(t0)
                 decode_len.append(ctx)
                 decode_tables.append(seq.blocks)
             else:
-                ctx_slots = self.kv.slots(seq.blocks, 0, ctx)
                 mask = None
                 if start > 0:  # a later prefill chunk: causal with an offset
                     mask = torch.arange(ctx)[None, :] <= torch.arange(start, ctx)[:, None]
-                prefills.append((t0, n, ctx_slots, mask))
+                prefills.append((t0, n, self.kv.slots(seq.blocks, 0, ctx), mask))
             if c.samples:
                 logits_index.append(t0 + n - 1)
         if decode_tok:
             C = max(decode_len)
-            bs = self.kv.block_size
             nblk = -(-C // bs)
             table = torch.tensor([t[:nblk] + [0] * (nblk - len(t[:nblk])) for t in decode_tables], dtype=torch.long)
             pos = torch.arange(C)
             d_slots = table[:, pos // bs] * bs + pos % bs
-            d_mask = (pos[None, :] < torch.tensor(decode_len)[:, None])[:, None, None, :]
+            valid = pos[None, :] < torch.tensor(decode_len)[:, None]
+            d_mask = torch.zeros(valid.shape, dtype=self.model.dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
         else:
             d_slots = torch.empty(0, 0, dtype=torch.long)
-            d_mask = torch.empty(0, 1, 1, 0, dtype=torch.bool)
+            d_mask = torch.empty(0, 1, 1, 0)
+        all_decode = len(decode_tok) == len(tokens)
         meta = AttentionMetadata(
-            positions=torch.cat(positions),
-            slot_mapping=torch.cat(slots),
-            decode_tokens=torch.tensor(decode_tok, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            decode_tokens=None if all_decode else torch.tensor(decode_tok, dtype=torch.long),
+            num_decode=len(decode_tok),
             decode_slots=d_slots,
             decode_mask=d_mask,
             prefills=prefills,

@@ -16,7 +16,7 @@ from .kv_cache import KVCache
 from .sampling import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field comparison
 class Sequence:
     req_id: str
     prompt: list[int]
@@ -26,9 +26,11 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def token_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt)
+        if start >= n:
+            return self.output[start - n : end - n]
+        return (self.prompt + self.output)[start:end]
 
     @property
     def length(self) -> int:
