@@ -15,8 +15,8 @@ import zmq
 
 from . import protocol as P
 from .config import ModelConfig
-from .forwarding_engine import ForwardingEngine
-from .kv_cache import KVCache, bytes_per_block
+from .forwarding_engine import ForwardingEngine, ShutdownRequested
+from .kv_cache import KVCache
 from .model import AttentionModel
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, Sequence
@@ -25,61 +25,64 @@ from .weights import WeightFiles, torch_dtype
 log = logging.getLogger(__name__)
 
 
-def run(spec, ctx: zmq.Context, control: zmq.Socket) -> None:
+def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
     cfg = ModelConfig.from_dir(spec.model_dir)
     dtype = torch_dtype(spec.dtype)
     with WeightFiles(spec.model_dir) as files:
         model = AttentionModel(cfg, files, dtype, spec.device)
     e = spec.engine
-    blocks = e.kv_cache_blocks or e.kv_cache_bytes // bytes_per_block(cfg, e.block_size, dtype)
-    kv = KVCache(cfg, blocks, e.block_size, dtype, spec.device)
+    kv = KVCache(cfg, e.kv_cache_blocks, e.block_size, dtype, spec.device)
     sched = Scheduler(kv, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len, cfg.eos_token_ids)
-    engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx)
+    engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, orch, spec.probe_endpoints_of_experts,
+                              spec.probe_interval_s, spec.probe_timeout_s)
     runner = ModelRunner(model, kv, engine, e.micro_batches)
-    control.send_multipart(P.encode(P.Ready(spec.name, "attention", os.getpid(), {"kv_blocks": blocks})))
+    driver = ctx.socket(zmq.DEALER)
+    driver.setsockopt(zmq.IDENTITY, spec.name.encode())
+    driver.setsockopt(zmq.LINGER, 0)
+    driver.connect(spec.driver_endpoint)
+    ready = P.Ready(spec.name, "attention", os.getpid(), {"kv_blocks": kv.num_blocks})
+    driver.send_multipart(P.encode(ready))
+    orch.send_multipart(P.encode(ready))
+    poller = zmq.Poller()
+    poller.register(driver, zmq.POLLIN)
+    poller.register(orch, zmq.POLLIN)
     partial_logits: dict[str, list[torch.Tensor]] = {}
+    try:
+        while True:
+            if not sched.has_work():
+                poller.poll()  # idle: sleep until a request or a control message
+            engine.service_control()
+            handle_requests(driver, sched)
+            chunks = sched.schedule()
+            if not chunks:
+                continue
+            out = runner.step(chunks)
+            for c in chunks:  # prompt logits go out once the whole prompt is computed
+                if c.seq.req_id in out.prompt_logits:
+                    partial_logits.setdefault(c.seq.req_id, []).append(out.prompt_logits[c.seq.req_id])
+                    if c.start + c.count >= len(c.seq.prompt):
+                        logits = torch.cat(partial_logits.pop(c.seq.req_id))
+                        driver.send_multipart(P.encode(P.PromptLogits(c.seq.req_id, P.tensor_meta(logits)), logits), copy=False)
+                        c.seq.params.prompt_logits = False  # not again after a preemption
+            got = sched.update(chunks, out.sampled)
+            driver.send_multipart(P.encode(P.Tokens(
+                req_ids=[s.req_id for s in got], tokens=[s.output[-1] for s in got], finish=[s.finish_reason or "" for s in got],
+                kv_used=kv.used, running=len(sched.running), waiting=len(sched.waiting), replayed=engine.replayed,
+            )))
+    except ShutdownRequested:
+        return
 
-    while True:
-        if not handle_control(control, sched, block=not sched.has_work()):
-            return
-        chunks = sched.schedule()
-        if not chunks:
-            continue
-        out = runner.step(chunks)
-        for c in chunks:  # prompt logits go out once the whole prompt is computed
-            if c.seq.req_id in out.prompt_logits:
-                partial_logits.setdefault(c.seq.req_id, []).append(out.prompt_logits[c.seq.req_id])
-                if c.start + c.count >= len(c.seq.prompt):
-                    logits = torch.cat(partial_logits.pop(c.seq.req_id))
-                    control.send_multipart(P.encode(P.PromptLogits(c.seq.req_id, P.tensor_meta(logits)), logits), copy=False)
-                    c.seq.params.prompt_logits = False  # not again after a preemption
-        got = sched.update(chunks, out.sampled)
-        tokens = P.Tokens(
-            req_ids=[s.req_id for s in got],
-            tokens=[s.output[-1] for s in got],
-            finish=[s.finish_reason or "" for s in got],
-            kv_used=kv.used,
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-        )
-        control.send_multipart(P.encode(tokens))
 
-
-def handle_control(control: zmq.Socket, sched: Scheduler, block: bool) -> bool:
-    """Apply every pending control message; False once told to shut down."""
-    timeout = None if block else 0
-    while control.poll(timeout, zmq.POLLIN):
-        timeout = 0
+def handle_requests(driver: zmq.Socket, sched: Scheduler) -> None:
+    """Apply every pending message from the driver."""
+    while driver.poll(0):
         try:
-            msg, _ = P.decode(control.recv_multipart())
+            msg, _ = P.decode(driver.recv_multipart())
         except P.BadMessage as e:
-            log.warning("dropped control message: %s", e)
+            log.warning("dropped driver message: %s", e)
             continue
         if isinstance(msg, P.AddRequest):
             sched.add(Sequence(msg.req_id, list(msg.prompt), msg.params))
         elif isinstance(msg, P.AbortRequest):
             for req_id in msg.req_ids:
                 sched.abort(req_id)
-        elif isinstance(msg, P.Shutdown):
-            return False
-    return True

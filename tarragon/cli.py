@@ -14,6 +14,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--shadows", type=int, default=1, help="inactive copies of each expert on other expert workers")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -22,19 +23,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompts = args.prompt or ["The quick brown fox", "def fibonacci(n):", "import numpy as np", "class Server:"]
     with LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers,
-             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len) as llm:
+             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows) as llm:
         print(f"workers: {', '.join(f'{w.name}(pid {w.pid})' for w in llm.workers())}")
         t0 = time.monotonic()
         outs = llm.generate(prompts, params)
         elapsed = time.monotonic() - t0
-    total = 0
-    for o in outs:
-        total += len(o.token_ids)
-        print(f"\n--- prompt: {o.prompt if o.prompt is not None else o.prompt_token_ids}")
-        print(f"tokens ({len(o.token_ids)}, finish={o.finish_reason}): {o.token_ids}")
-        print(f"text: {o.text!r}")
-    print(f"\n{len(outs)} requests, {total} tokens in {elapsed:.2f} s: {total / elapsed:.1f} tokens/s")
+        total = 0
+        for o in outs:
+            total += len(o.token_ids)
+            print(f"\n--- prompt: {o.prompt if o.prompt is not None else o.prompt_token_ids}")
+            print(f"tokens ({len(o.token_ids)}, finish={o.finish_reason}): {o.token_ids}")
+            print(f"text: {o.text!r}")
+        print(f"\n{len(outs)} requests, {total} tokens in {elapsed:.2f} s: {total / elapsed:.1f} tokens/s")
+        if args.failover:
+            failover_demo(llm, prompts, params, outs)
     return 0
+
+
+def failover_demo(llm, prompts, params, reference) -> None:
+    """Run the same prompts again, SIGKILL an expert worker a third of the way in, report."""
+    def max_gap(times):
+        return max((b - a for t in times for a, b in zip(t, t[1:])), default=0.0)
+
+    victim = next(w.name for w in llm.workers() if w.role == "expert" and w.state == "ready")
+    print(f"\n=== failover: the same prompts again; {victim} gets SIGKILL a third of the way in ===")
+    reqs = [llm.submit(p, params) for p in prompts]
+    while min(len(r.tokens) for r in reqs) < max(1, params.max_tokens // 3):
+        time.sleep(0.001)
+    llm.kill(victim)
+    outs = [llm.wait(r, 300) for r in reqs]
+    same = [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    stall = max_gap([o.token_times for o in outs]) - max_gap([o.token_times for o in reference])
+    for e in llm.events():
+        print(f"  event: {e.kind:<20} {e.worker:<6} {e.detail} {f'({e.ms:.1f} ms)' if e.ms else ''}")
+    print(f"every request finished; tokens identical to the failure-free run: {same}")
+    print(f"stall (largest token gap minus the failure-free run's): {1000 * stall:.1f} ms")
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -56,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--failover", action="store_true", help="then rerun with an expert worker killed mid-generation")
     g.add_argument("prompt", nargs="*", help="prompts (default: a few built-in ones)")
     g.set_defaults(func=cmd_generate)
 

@@ -19,6 +19,7 @@ from . import protocol as P
 from .config import ModelConfig
 from .model import ExpertBank
 from .weights import WeightFiles, torch_dtype
+from .worker import restore_priority
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +66,29 @@ def validate(bank: ExpertBank, hidden_size: int, frames) -> tuple[bytes, P.Exper
     return ident, header, x
 
 
-def run(spec, ctx: zmq.Context, control: zmq.Socket) -> None:
-    """The main loop: drain requests, batch, compute, reply; obey the control channel."""
+def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
+    """The main loop: drain requests, batch, compute (replays first), reply; obey the orchestrator."""
     cfg = ModelConfig.from_dir(spec.model_dir)
     with WeightFiles(spec.model_dir) as files:
         bank = ExpertBank(cfg, files, [tuple(x) for x in spec.experts], torch_dtype(spec.dtype), spec.device)
+    with torch.inference_mode():  # warm every expert (page faults, BLAS set-up) before serving
+        for key in bank.experts:
+            bank.run(*key, torch.zeros(2, cfg.hidden_size, dtype=bank.dtype))
+    shadow = {tuple(x) for x in spec.shadow_experts}
+    shadow_bytes = sum(a.nbytes + b.nbytes for k, (a, b) in bank.experts.items() if k in shadow)
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
     sock.bind(spec.endpoint)
-    control.send_multipart(P.encode(P.Ready(spec.name, "expert", os.getpid(), {"expert_bytes": bank.nbytes})))
+    info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.experts), "shadows": len(shadow)}
+    orch.send_multipart(P.encode(P.Ready(spec.name, "expert", os.getpid(), info)))
+    restore_priority(spec)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    poller.register(control, zmq.POLLIN)
+    poller.register(orch, zmq.POLLIN)
     while True:
         events = dict(poller.poll())
-        if control in events and isinstance(P.decode(control.recv_multipart())[0], P.Shutdown):
+        if orch in events and isinstance(P.decode(orch.recv_multipart())[0], P.Shutdown):
             return
         requests = []
         while sock in events and len(requests) < MAX_DRAIN:
@@ -92,7 +100,9 @@ def run(spec, ctx: zmq.Context, control: zmq.Socket) -> None:
                 requests.append(validate(bank, cfg.hidden_size, frames))
             except (P.BadMessage, IndexError) as e:
                 log.warning("%s: dropped message: %s", spec.name, e)
-        if requests:
-            with torch.inference_mode():
-                for ident, header, out in serve_batch(bank, cfg.hidden_size, requests):
-                    sock.send_multipart([ident, *P.encode(header, out)], copy=False)
+        replays = [r for r in requests if r[1].replay]
+        for batch in (replays, [r for r in requests if not r[1].replay]):
+            if batch:
+                with torch.inference_mode():
+                    for ident, header, out in serve_batch(bank, cfg.hidden_size, batch):
+                        sock.send_multipart([ident, *P.encode(header, out)], copy=False)

@@ -1,18 +1,29 @@
-"""The attention worker's forwarding engine: ships routed tokens to expert workers.
+"""The attention worker's forwarding engine: ships routed tokens to expert workers, and masks
+their failures.
 
-One DEALER socket per expert worker: an independent point-to-point channel per AW-EW pair, no
-collective group, so a dead peer breaks only its own channel. Every dispatch resolves logical
+One DEALER socket per expert worker (EW): an independent point-to-point channel per AW-EW pair,
+no collective group, so a dead peer breaks only its own channel. Every dispatch resolves logical
 experts to physical workers through this worker's own routing table.
+
+Failure handling lives here, on the waiting side:
+- evidence: the channel's socket reports the peer's disconnect (a killed process), or a reply is
+  owed and the peer stays silent past `probe_interval_s`, and then does not answer probes on its
+  control channel for `probe_timeout_s` (a hung process, e.g. SIGSTOP);
+- replay: the outstanding calls' very same hidden rows go to the next live candidate of each
+  expert (a shadow), flagged so that worker serves them first; the orchestrator is told;
+- a late reply of a worker already declared failed is dropped, never applied twice;
+- with no live candidate (no shadows), calls wait for the orchestrator's next routing table.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
 from .model import MoECall
@@ -21,15 +32,26 @@ from .routing_table import RoutingTable
 log = logging.getLogger(__name__)
 
 
-@dataclass
+class ShutdownRequested(Exception):
+    pass
+
+
+@dataclass(eq=False)
 class _Part:
+    """One message to one EW: rows for `experts` (`counts` rows each) of `layer`."""
+
     call_id: int
     worker: str
-    rows: int
+    layer: int
+    experts: list[int]
+    counts: list[int]
+    hidden: torch.Tensor  # kept until answered, for replay
+    sent_at: float
+    redirected: list["_Part"] = field(default_factory=list)  # set when replayed elsewhere
 
 
 class ExpertFuture:
-    """The combined expert output of one MoE call, once every worker has answered."""
+    """The combined expert output of one MoE call, once every part is answered."""
 
     def __init__(self, engine: "ForwardingEngine", parts: list[_Part], token_of_row: torch.Tensor, row_weights: torch.Tensor, like: torch.Tensor):
         self.engine, self.parts = engine, parts
@@ -44,92 +66,248 @@ class ExpertFuture:
 
 
 class ForwardingEngine:
-    def __init__(self, name: str, table: RoutingTable, endpoints: dict[str, str], ctx: zmq.Context, reply_timeout_s: float = 60.0):
-        self.name = name
+    def __init__(self, name: str, table: RoutingTable, endpoints: dict[str, str], ctx: zmq.Context, orch: zmq.Socket,
+                 probe_endpoints: dict[str, str], probe_interval_s: float = 0.01, probe_timeout_s: float = 0.1,
+                 give_up_s: float = 300.0):
+        self.name, self.ctx, self.orch = name, ctx, orch
         self.table = table
-        self.failed: frozenset[str] = frozenset()
-        self.reply_timeout_s = reply_timeout_s
-        self.sockets: dict[str, zmq.Socket] = {}
+        self.failed: set[str] = set()
+        self.probe_interval_s, self.probe_timeout_s, self.give_up_s = probe_interval_s, probe_timeout_s, give_up_s
         self.poller = zmq.Poller()
-        for worker, endpoint in endpoints.items():
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, name.encode())
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-            s.connect(endpoint)
-            self.sockets[worker] = s
-            self.poller.register(s, zmq.POLLIN)
-        self.rank = {w: i for i, w in enumerate(self.sockets)}
+        self.poller.register(orch, zmq.POLLIN)
+        self.data: dict[str, zmq.Socket] = {}
+        self.probes: dict[str, zmq.Socket] = {}
+        self.monitors: dict[zmq.Socket, str] = {}
+        self.owner_of: dict[zmq.Socket, str] = {}
+        self.suspect_since: dict[str, float] = {}  # worker -> first unanswered probe
+        self.last_probe: dict[str, float] = {}
         self.expected: dict[int, _Part] = {}
         self.replies: dict[int, torch.Tensor] = {}
+        self.waiting_for_table: list[_Part] = []
         self.next_id = 0
-        self._owner_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.replayed = 0  # calls replayed to another worker (a metric)
+        self.probe_endpoints = dict(probe_endpoints)
+        for worker, endpoint in endpoints.items():
+            self._connect(worker, endpoint)
 
-    def _owners(self, layer: int) -> tuple[list[str], torch.Tensor]:
-        names = self.table.resolve(layer, self.failed)
-        key = (self.table.version, layer)
-        if key not in self._owner_cache:
-            self._owner_cache[key] = torch.tensor([self.rank[w] for w in names], dtype=torch.long)
-        return names, self._owner_cache[key]
+    # ---- channels -------------------------------------------------------------------------
+
+    def _socket(self, endpoint: str, worker: str) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, self.name.encode())
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        s.connect(endpoint)
+        self.poller.register(s, zmq.POLLIN)
+        self.owner_of[s] = worker
+        return s
+
+    def _connect(self, worker: str, endpoint: str) -> None:
+        s = self._socket(endpoint, worker)
+        mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller.register(mon, zmq.POLLIN)
+        self.monitors[mon] = worker
+        self.data[worker] = s
+        self.probes[worker] = self._socket(self.probe_endpoints[worker], worker)
+
+    def _disconnect(self, worker: str) -> None:
+        s = self.data.pop(worker, None)
+        if s is None:
+            return
+        for mon, w in list(self.monitors.items()):
+            if w == worker:
+                self.poller.unregister(mon)
+                del self.monitors[mon]
+                s.disable_monitor()
+                mon.close(0)
+        for sock in (s, self.probes.pop(worker)):
+            self.poller.unregister(sock)
+            del self.owner_of[sock]
+            sock.close(0)
+
+    def apply_update(self, update: P.TableUpdate) -> None:
+        """Adopt the orchestrator's table if newer: connect to new workers, drop dead ones."""
+        if update.table.version <= self.table.version:
+            return
+        self.table = update.table
+        self.probe_endpoints.update(update.probe_endpoints)
+        for worker, endpoint in update.endpoints.items():
+            if worker not in self.data and worker not in self.failed:
+                self._connect(worker, endpoint)
+        for worker in list(self.data):
+            if worker not in update.endpoints:
+                self._fail(worker, "removed by the orchestrator", report=False)
+        log.info("%s: routing table v%d", self.name, self.table.version)
+        pending, self.waiting_for_table = self.waiting_for_table, []
+        for part in pending:
+            self._replay(part)
+
+    def service_control(self) -> None:
+        """Apply pending orchestrator messages (routing tables; shutdown raises)."""
+        while self.orch.poll(0):
+            self._on_control(self.orch.recv_multipart())
+
+    def _on_control(self, frames) -> None:
+        try:
+            msg, _ = P.decode(frames)
+        except P.BadMessage as e:
+            log.warning("%s: dropped control message: %s", self.name, e)
+            return
+        if isinstance(msg, P.TableUpdate):
+            self.apply_update(msg)
+        elif isinstance(msg, P.Shutdown):
+            raise ShutdownRequested()
+
+    # ---- dispatch -------------------------------------------------------------------------
 
     def dispatch(self, call: MoECall) -> ExpertFuture:
         """Send each expert worker its rows: one message per worker, rows grouped by expert."""
         T, k = call.expert_ids.shape
         E = self.table.num_experts
         flat = call.expert_ids.reshape(-1)
-        names, owner_rank = self._owners(call.layer)
-        order = torch.argsort(owner_rank[flat] * E + flat, stable=True)  # by worker, then expert
-        sorted_experts = flat[order]
-        token_of_row = order // k
-        rows = call.hidden[token_of_row]
+        order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=E).tolist()
+        rows = call.hidden[order // k]
+        parts, offset = [], 0
+        for e in range(E):  # one part per expert here; _send merges runs that share a worker
+            if counts[e]:
+                parts.append((e, counts[e], offset))
+                offset += counts[e]
+        experts, counts = [e for e, _, _ in parts], [c for _, c, _ in parts]
+        sent = self._send_runs(call.layer, experts, counts, rows, replay=False)
+        if not sent:  # some expert has no live copy: hold the call until the routing table changes
+            held = _Part(-1, "", call.layer, experts, counts, rows, time.monotonic())
+            self.waiting_for_table.append(held)
+            sent = [held]
+        return ExpertFuture(self, sent, order // k, call.weights.reshape(-1)[order], call.hidden)
+
+    def _send_runs(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor, replay: bool) -> list[_Part]:
+        """Split rows (grouped by expert, in `experts` order) into contiguous runs served by one
+        worker each, and send every run. Returns the parts in row order, or [] if some expert
+        has no live worker (then nothing is sent)."""
+        owners = self.table.owners(layer, self.failed)
+        if any(owners[e] is None for e in experts):
+            return []
         parts: list[_Part] = []
-        offset = 0
-        for worker in sorted({names[e] for e in range(E) if counts[e]}, key=self.rank.__getitem__):
-            experts = [e for e in range(E) if counts[e] and names[e] == worker]
-            n = sum(counts[e] for e in experts)
-            part = _Part(self.next_id, worker, n)
-            self.next_id += 1
-            hidden = rows[offset : offset + n]
-            header = P.ExpertRequest(part.call_id, call.layer, experts, [counts[e] for e in experts], P.tensor_meta(hidden))
-            self.sockets[worker].send_multipart(P.encode(header, hidden), copy=False)
-            self.expected[part.call_id] = part
-            parts.append(part)
-            offset += n
-        return ExpertFuture(self, parts, token_of_row, call.weights.reshape(-1)[order], call.hidden)
+        now = time.monotonic()
+        for e, n in zip(experts, counts):
+            if parts and parts[-1].worker == owners[e]:
+                parts[-1].experts.append(e)
+                parts[-1].counts.append(n)
+            else:
+                parts.append(_Part(self.next_id, owners[e], layer, [e], [n], rows, now))
+                self.next_id += 1
+        start = 0
+        for p in parts:
+            n = sum(p.counts)
+            p.hidden = rows[start : start + n]
+            start += n
+            header = P.ExpertRequest(p.call_id, layer, p.experts, p.counts, P.tensor_meta(p.hidden), replay)
+            self.data[p.worker].send_multipart(P.encode(header, p.hidden), copy=False)
+            self.expected[p.call_id] = p
+        return parts
+
+    # ---- waiting, detection, replay --------------------------------------------------------
 
     def wait(self, part: _Part) -> torch.Tensor:
-        deadline = time.monotonic() + self.reply_timeout_s
-        while part.call_id not in self.replies:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.name}: expert worker {part.worker} silent for {self.reply_timeout_s:.0f}s")
-            for sock, _ in self.poller.poll(timeout=left * 1000):
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._accept(frames)
-        return self.replies.pop(part.call_id)
+        deadline = time.monotonic() + self.give_up_s
+        while True:
+            if part.call_id in self.replies:
+                return self.replies.pop(part.call_id)
+            if part.redirected:
+                outs = [self.wait(p) for p in part.redirected]
+                return outs[0] if len(outs) == 1 else torch.cat(outs)
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"{self.name}: no expert worker answered layer {part.layer} for {self.give_up_s:.0f}s")
+            if part.worker in self.failed and part not in self.waiting_for_table:
+                self._replay(part)
+                continue
+            self._check_silence(part, now)
+            for sock, _ in self.poller.poll(timeout=self.probe_interval_s * 1000):
+                self._drain(sock)
 
-    def _accept(self, frames) -> None:
+    def _check_silence(self, part: _Part, now: float) -> None:
+        """Probe a worker that owes a reply and is silent; fail it if probes go unanswered."""
+        w = part.worker
+        if w in self.failed or part.call_id not in self.expected or now - part.sent_at < self.probe_interval_s:
+            return
+        since = self.suspect_since.setdefault(w, now)
+        if now - since >= self.probe_timeout_s:
+            self._fail(w, f"no reply and no answer to probes for {(now - since) * 1000:.0f} ms")
+        elif now - self.last_probe.get(w, 0.0) >= self.probe_interval_s:
+            self.last_probe[w] = now
+            self.probes[w].send_multipart(P.encode(P.Probe(int(now * 1e6))))
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        if sock is self.orch:
+            self._on_control(sock.recv_multipart())
+            return
+        if sock in self.monitors:
+            worker = self.monitors[sock]
+            evt = recv_monitor_message(sock)
+            if evt["event"] == zmq.EVENT_DISCONNECTED and worker not in self.failed:
+                self._fail(worker, "channel disconnected")
+            return
+        worker = self.owner_of.get(sock)
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            self.suspect_since.pop(worker, None)  # any answer proves it alive
+            if sock is self.probes.get(worker):
+                continue
+            self._accept(worker, frames)
+
+    def _accept(self, worker: str, frames) -> None:
         try:
             header, bufs = P.decode(frames)
             if not isinstance(header, P.ExpertReply) or len(bufs) != 1:
                 raise P.BadMessage(f"unexpected {type(header).__name__} on the datapath")
-            part = self.expected.pop(header.call_id, None)
-            if part is None:
-                raise P.BadMessage(f"reply to unknown or finished call {header.call_id}")
+            part = self.expected.get(header.call_id)
+            if part is None or part.worker != worker:
+                raise P.BadMessage(f"reply to unknown, replayed or finished call {header.call_id} from {worker}")
             hidden = P.to_tensor(header.hidden, bufs[0])
-            if hidden.dim() != 2 or hidden.shape[0] != part.rows:
-                self.expected[header.call_id] = part
-                raise P.BadMessage(f"reply of shape {list(hidden.shape)} to a call of {part.rows} rows")
+            if hidden.shape != part.hidden.shape or hidden.dtype != part.hidden.dtype:
+                raise P.BadMessage(f"reply of {hidden.dtype}{list(hidden.shape)} to a call of {list(part.hidden.shape)}")
         except P.BadMessage as e:
             log.warning("%s: dropped message: %s", self.name, e)
             return
+        del self.expected[header.call_id]
         self.replies[header.call_id] = hidden
 
+    def _fail(self, worker: str, reason: str, report: bool = True) -> None:
+        """This worker is failed for us: never send it anything again; replay what it owes."""
+        if worker in self.failed:
+            return
+        since = self.suspect_since.pop(worker, None)
+        detect_ms = (time.monotonic() - since) * 1000 if since else 0.0
+        self.failed.add(worker)
+        log.warning("%s: expert worker %s failed: %s", self.name, worker, reason)
+        if report:
+            self.orch.send_multipart(P.encode(P.WorkerFailed(worker, self.name, reason, detect_ms)))
+        owed = [p for p in self.expected.values() if p.worker == worker]
+        self._disconnect(worker)
+        for p in owed:
+            self._replay(p)
+
+    def _replay(self, part: _Part) -> None:
+        """Resend the part's very same rows to the next live candidates of its experts."""
+        self.expected.pop(part.call_id, None)  # a late answer from the failed worker is dropped
+        parts = self._send_runs(part.layer, part.experts, part.counts, part.hidden, replay=True)
+        if not parts:
+            if part not in self.waiting_for_table:
+                log.warning("%s: no live copy of some expert of layer %d: waiting for the orchestrator", self.name, part.layer)
+                self.waiting_for_table.append(part)
+            return
+        self.replayed += 1
+        part.redirected = parts
+        if part in self.waiting_for_table:
+            self.waiting_for_table.remove(part)
+
     def close(self) -> None:
-        for s in self.sockets.values():
-            s.close(0)
+        for w in list(self.data):
+            self._disconnect(w)

@@ -9,28 +9,30 @@ from pathlib import Path
 
 import msgspec
 
-from .worker import WorkerSpec
-
 
 class LocalLauncher:
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
 
     def endpoint(self, name: str) -> str:
         return f"ipc://{self.run_dir / name}.sock"
 
+    def probe_endpoint(self, name: str) -> str:
+        return self.endpoint(f"{name}-probe")
+
     def log_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.log"
 
-    def start(self, spec: WorkerSpec) -> subprocess.Popen:
+    def start(self, module: str, name: str, spec: msgspec.Struct, threads: int = 1) -> subprocess.Popen:
+        """Start `python -m module SPEC_JSON`, its output going to `<run_dir>/<name>.log`."""
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = str(spec.threads)
+            env[var] = str(threads)
         package_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        with open(self.log_path(spec.name), "ab") as log:
+        with open(self.log_path(name), "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "tarragon.worker", msgspec.json.encode(spec).decode()],
+                [sys.executable, "-m", module, msgspec.json.encode(spec).decode()],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

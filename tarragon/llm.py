@@ -11,7 +11,9 @@ import atexit
 import itertools
 import logging
 import os
+import queue
 import secrets
+import signal
 import shutil
 import tempfile
 import threading
@@ -26,11 +28,11 @@ from . import protocol as P
 from .config import EngineConfig, ModelConfig
 from .kv_cache import bytes_per_block
 from .launcher import LocalLauncher
-from .routing_table import RoutingTable
+from .orchestrator import ClusterSpec
+from .shadow_placement import place
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights import WeightFiles, torch_dtype
-from .worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +52,16 @@ class RequestOutput:
 @dataclass
 class WorkerInfo:
     name: str
-    role: str
+    role: str  # "attention" | "expert" | "orchestrator"
     pid: int
-    alive: bool
+    alive: bool  # the process exists (a stopped process is alive)
+    state: str  # the orchestrator's view: "starting" | "ready" | "failed" | "stopped"
     rss_bytes: int
     kv_blocks_used: int | None = None
     kv_blocks_total: int | None = None
-    expert_bytes: int | None = None
+    expert_bytes: int | None = None  # expert weights held, shadows included
+    shadow_bytes: int | None = None  # of which inactive shadow copies
+    replaces: str = ""
 
 
 @dataclass
@@ -75,16 +80,6 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-@dataclass
-class _Worker:
-    name: str
-    role: str
-    proc: object
-    ready: bool = False
-    info: dict = field(default_factory=dict)
-    kv_used: int = 0
-
-
 class LLM:
     def __init__(
         self,
@@ -93,6 +88,12 @@ class LLM:
         expert_workers: int = 3,
         device: str = "cpu",
         dtype: str = "float32",
+        shadows: int = 1,
+        shadow_budget_bytes: int | None = None,
+        replace_failed: bool = True,
+        probe_interval_s: float = 0.01,
+        probe_timeout_s: float = 0.1,
+        heartbeat_timeout_s: float = 1.0,
         startup_timeout: float = 120.0,
         **engine_args,
     ):
@@ -102,6 +103,9 @@ class LLM:
             model = demo_model()
         if attention_workers < 1 or expert_workers < 1:
             raise ValueError("need at least one attention worker and one expert worker")
+        if shadows < 0:
+            raise ValueError(f"shadows must be >= 0, got {shadows}")
+        shadows = min(shadows, expert_workers - 1)  # a shadow never shares its primary's worker
         self.config = EngineConfig(str(model), attention_workers, expert_workers, device, dtype, **engine_args)
         self.model_config = cfg = ModelConfig.from_dir(model)
         WeightFiles(model).close()  # fail here, clearly, on a missing or corrupt checkpoint
@@ -131,47 +135,50 @@ class LLM:
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._closed = False
-        self._workers: dict[str, _Worker] = {}
+        self._state: P.ClusterState | None = None
+        self._hello: set[str] = set()  # attention workers connected to this driver
+        self._kv_used: dict[str, int] = {}
+        self._replayed: dict[str, int] = {}
+        self._replies: queue.Queue = queue.Queue()
 
-        ew_names = [f"ew{j}" for j in range(expert_workers)]
-        self.routing_table = RoutingTable.even(cfg.num_experts, list(cfg.sparse_layers), ew_names)
-        common = dict(model_dir=str(model), dtype=dtype, device=device, driver_endpoint=endpoint, parent_pid=os.getpid(), threads=e.threads_per_worker)
-        specs = [
-            WorkerSpec(name=n, role="expert", endpoint=self._launcher.endpoint(n), experts=self.routing_table.experts_of(n), **common)
-            for n in ew_names
-        ] + [
-            WorkerSpec(
-                name=f"aw{i}", role="attention", table=self.routing_table,
-                expert_endpoints={n: self._launcher.endpoint(n) for n in ew_names}, engine=e, **common,
-            )
-            for i in range(attention_workers)
-        ]
+        expert_bytes = 3 * cfg.hidden_size * cfg.expert_intermediate_size * tdtype.itemsize
+        plan = place(cfg.num_experts, list(cfg.sparse_layers), [f"ew{j}" for j in range(expert_workers)],
+                     shadows, expert_bytes, shadow_budget_bytes)
+        cluster = ClusterSpec(
+            model_dir=str(model), dtype=dtype, device=device, engine=e, plan=plan, attention_workers=attention_workers,
+            run_dir=str(self._run_dir), driver_endpoint=endpoint, parent_pid=os.getpid(), threads=e.threads_per_worker,
+            heartbeat_timeout_s=heartbeat_timeout_s, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s,
+            replace_failed=replace_failed,
+        )
         atexit.register(self.shutdown)
         self._io = threading.Thread(target=self._io_loop, name="tarragon-io", daemon=True)
         self._io.start()
-        for spec in specs:
-            self._workers[spec.name] = _Worker(spec.name, spec.role, self._launcher.start(spec))
+        self._orch = self._launcher.start("tarragon.orchestrator", "orchestrator", cluster)
         try:
-            self._wait_ready(startup_timeout)
+            self._wait_ready(startup_timeout, attention_workers + expert_workers)
         except BaseException:
             self.shutdown()
             raise
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, total: int) -> None:
         from tqdm import tqdm
 
         deadline = time.monotonic() + timeout
-        with tqdm(total=len(self._workers), desc="starting workers", unit="worker", leave=False, disable=None) as bar:
+        with tqdm(total=total, desc="starting workers", unit="worker", leave=False, disable=None) as bar:
             while True:
-                ready = sum(w.ready for w in self._workers.values())
+                state = self._state
+                ready = sum(w.state == "ready" for w in state.workers) if state else 0
                 bar.update(ready - bar.n)
-                if ready == len(self._workers):
+                aws = [w.name for w in state.workers if w.role == "attention"] if state else []
+                if state and state.ready and all(a in self._hello for a in aws):
                     return
-                for w in self._workers.values():
-                    if w.proc.poll() is not None:
-                        raise RuntimeError(f"worker {w.name} exited during start-up:\n{self._launcher.log_tail(w.name)}")
+                if self._orch.poll() is not None:
+                    raise RuntimeError(f"the orchestrator exited during start-up:\n{self._launcher.log_tail('orchestrator')}")
+                for w in state.workers if state else []:
+                    if w.state == "failed":
+                        raise RuntimeError(f"worker {w.name} failed during start-up:\n{self._launcher.log_tail(w.name)}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"workers not ready after {timeout:.0f}s")
                 time.sleep(0.02)
@@ -182,15 +189,15 @@ class LLM:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
-        for name in self._workers:
-            self._send(name, P.Shutdown())
-        deadline = time.monotonic() + 3.0
-        for w in self._workers.values():
-            try:
-                w.proc.wait(max(0.0, deadline - time.monotonic()))
-            except Exception:
-                w.proc.kill()
-                w.proc.wait()
+        self._send("orchestrator", P.Shutdown())
+        try:
+            self._orch.wait(8.0)
+        except Exception:
+            self._orch.kill()
+            self._orch.wait()
+        for w in self._state.workers if self._state else []:  # belt and braces
+            if _pid_alive(w.pid):
+                os.kill(w.pid, signal.SIGKILL)
         with self._lock:
             self._outbox.send_multipart([b""])
             self._outbox.close(0)
@@ -206,6 +213,22 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+    # ---- failures (tests and demos) ---------------------------------------------------------
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to a worker process, e.g. SIGKILL or SIGSTOP (fault injection)."""
+        pid = next((w.pid for w in self.workers() if w.name == name), None)
+        if pid is None:
+            raise KeyError(f"no worker named {name!r}")
+        os.kill(pid, sig)
+
+    def events(self, timeout: float = 5.0) -> list[P.Event]:
+        """The orchestrator's event log: failures, detections, routing updates, replacements."""
+        while not self._replies.empty():
+            self._replies.get_nowait()
+        self._send("orchestrator", P.GetEvents())
+        return self._replies.get(timeout=timeout).events
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -227,7 +250,7 @@ class LLM:
         if params.seed is None:
             params.seed = secrets.randbits(62)
         with self._lock:
-            loads = {n: 0 for n, w in self._workers.items() if w.role == "attention"}
+            loads = {w.name: 0 for w in self._state.workers if w.role == "attention" and w.state == "ready" and w.name in self._hello}
             for r in self._requests.values():
                 loads[r.worker] = loads.get(r.worker, 0) + 1
             worker = min(loads, key=lambda n: (loads[n], n))
@@ -260,17 +283,20 @@ class LLM:
         self._send(req.worker, P.AbortRequest([req.req_id]))
 
     def workers(self) -> list[WorkerInfo]:
-        out = []
-        for w in self._workers.values():
-            pid = w.proc.pid
+        out = [WorkerInfo("orchestrator", "orchestrator", self._orch.pid, _pid_alive(self._orch.pid),
+                          "ready" if self._orch.poll() is None else "stopped", _rss(self._orch.pid))]
+        for w in self._state.workers if self._state else []:
             is_aw = w.role == "attention"
             out.append(WorkerInfo(
-                w.name, w.role, pid, w.proc.poll() is None, _rss(pid),
-                kv_blocks_used=w.kv_used if is_aw else None,
+                w.name, w.role, w.pid, _pid_alive(w.pid), w.state, _rss(w.pid),
+                kv_blocks_used=self._kv_used.get(w.name, 0) if is_aw else None,
                 kv_blocks_total=w.info.get("kv_blocks") if is_aw else None,
-                expert_bytes=w.info.get("expert_bytes"),
+                expert_bytes=w.info.get("expert_bytes"), shadow_bytes=w.info.get("shadow_bytes"), replaces=w.replaces,
             ))
         return out
+
+    def stats(self) -> dict[str, int]:
+        return {"expert_calls_replayed": sum(self._replayed.values())}
 
     # ---- the I/O thread -------------------------------------------------------------------
 
@@ -306,13 +332,15 @@ class LLM:
         except P.BadMessage as e:
             log.warning("dropped message from %s: %s", sender, e)
             return
-        worker = self._workers.get(sender)
-        if worker is None:
-            return
-        if isinstance(msg, P.Ready):
-            worker.info, worker.ready = dict(msg.info), True
+        if isinstance(msg, P.ClusterState):
+            self._state = msg
+        elif isinstance(msg, P.EventLog):
+            self._replies.put(msg)
+        elif isinstance(msg, P.Ready):
+            self._hello.add(sender)
         elif isinstance(msg, P.Tokens):
-            worker.kv_used = msg.kv_used
+            self._kv_used[sender] = msg.kv_used
+            self._replayed[sender] = msg.replayed
             for req_id, tok, finish in zip(msg.req_ids, msg.tokens, msg.finish):
                 req = self._requests.get(req_id)
                 if req is None:
@@ -334,6 +362,15 @@ def msgspec_copy(params: SamplingParams) -> SamplingParams:
     import msgspec
 
     return msgspec.structs.replace(params)
+
+
+def _pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a stopped process is alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _rss(pid: int) -> int:

@@ -15,6 +15,7 @@ from typing import Union
 import msgspec
 import torch
 
+from .routing_table import RoutingTable
 from .sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
@@ -61,6 +62,69 @@ class Shutdown(Msg):
     pass
 
 
+class Heartbeat(Msg):
+    name: str
+
+
+class Probe(Msg):
+    seq: int
+
+
+class Pong(Msg):
+    seq: int
+
+
+class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    role: str
+    pid: int
+    state: str  # "starting" | "ready" | "failed" | "stopped"
+    info: dict[str, int] = {}
+    replaces: str = ""  # the failed worker this one took over from
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=True):
+    t: float  # time.monotonic() in the orchestrator (same clock as the driver's on one host)
+    kind: str
+    worker: str
+    detail: str = ""
+    ms: float = 0.0
+
+
+class ClusterState(Msg):
+    """Orchestrator -> driver, on every change."""
+
+    workers: list[WorkerRecord]
+    table_version: int
+    ready: bool
+
+
+class GetEvents(Msg):
+    pass
+
+
+class EventLog(Msg):
+    events: list[Event]
+
+
+class WorkerFailed(Msg):
+    """A worker's own evidence that a peer failed (sent to the orchestrator)."""
+
+    worker: str
+    reporter: str
+    reason: str
+    detect_ms: float
+
+
+class TableUpdate(Msg):
+    """Orchestrator -> attention workers: the authoritative routing table and where to reach
+    every expert worker it names."""
+
+    table: RoutingTable
+    endpoints: dict[str, str]
+    probe_endpoints: dict[str, str]
+
+
 class Tokens(Msg):
     """One attention-worker step's new tokens; finish[i] is "" while request i goes on."""
 
@@ -70,6 +134,7 @@ class Tokens(Msg):
     kv_used: int
     running: int
     waiting: int
+    replayed: int = 0  # expert calls this worker has replayed after failures, in total
 
 
 class PromptLogits(Msg):
@@ -81,13 +146,15 @@ class PromptLogits(Msg):
 
 
 class ExpertRequest(Msg):
-    """Rows of `hidden` grouped by expert: counts[i] rows for experts[i] of `layer`."""
+    """Rows of `hidden` grouped by expert: counts[i] rows for experts[i] of `layer`. A replay
+    (the same rows, resent after a worker failed) is served ahead of normal requests."""
 
     call_id: int
     layer: int
     experts: list[int]
     counts: list[int]
     hidden: TensorMeta
+    replay: bool = False
 
 
 class ExpertReply(Msg):
@@ -95,7 +162,10 @@ class ExpertReply(Msg):
     hidden: TensorMeta
 
 
-Message = Union[Ready, AddRequest, AbortRequest, Shutdown, Tokens, PromptLogits, ExpertRequest, ExpertReply]
+Message = Union[
+    Ready, AddRequest, AbortRequest, Shutdown, Heartbeat, Probe, Pong, ClusterState, GetEvents, EventLog,
+    WorkerFailed, TableUpdate, Tokens, PromptLogits, ExpertRequest, ExpertReply,
+]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

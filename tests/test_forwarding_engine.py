@@ -1,0 +1,63 @@
+"""The forwarding engine against scripted expert workers: a hung worker is probed, failed and
+replayed around; its late answer is never applied."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import zmq
+
+from tarragon import protocol as P
+from tarragon.forwarding_engine import ForwardingEngine
+from tarragon.model import MoECall
+from tarragon.routing_table import RoutingTable
+
+
+def test_silent_worker_is_failed_and_its_calls_replayed(tmp_path):
+    ctx = zmq.Context()
+    ep = {w: f"ipc://{tmp_path}/{w}.sock" for w in ("ew0", "ew1", "ew0-probe", "ew1-probe", "orch")}
+    fake = {}
+    for name in ep:
+        s = ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind(ep[name])
+        fake[name] = s
+    orch = ctx.socket(zmq.DEALER)
+    orch.setsockopt(zmq.IDENTITY, b"aw0")
+    orch.connect(ep["orch"])
+    table = RoutingTable(0, 2, [0], [[["ew0", "ew1"], ["ew1", "ew0"]]])  # expert 0: primary ew0, shadow ew1
+    engine = ForwardingEngine("aw0", table, {"ew0": ep["ew0"], "ew1": ep["ew1"]}, ctx, orch,
+                              {"ew0": ep["ew0-probe"], "ew1": ep["ew1-probe"]}, probe_interval_s=0.01, probe_timeout_s=0.03)
+    hidden = torch.randn(3, 8)
+    call = MoECall(0, hidden, torch.zeros(3, 1, dtype=torch.long), torch.full((3, 1), 0.5))
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(out=engine.dispatch(call).result()))
+    waiter.start()
+    try:
+        first = fake["ew0"].recv_multipart()  # ew0 gets the call and never answers, nor its probes
+        req, _ = P.decode(first[1:])
+        assert isinstance(req, P.ExpertRequest) and not req.replay
+        assert fake["ew1"].poll(5000), "the call was not replayed to the shadow"
+        frames = fake["ew1"].recv_multipart()
+        replay, bufs = P.decode(frames[1:])
+        assert replay.replay and replay.experts == [0] and replay.counts == [3]
+        rows = P.to_tensor(replay.hidden, memoryview(bufs[0]))
+        assert torch.equal(rows, hidden)  # the very same hidden states
+        fake["ew1"].send_multipart([frames[0], *P.encode(P.ExpertReply(replay.call_id, P.tensor_meta(rows)), rows * 2)])
+        late = torch.full_like(rows, 999.0)  # ew0 wakes up and answers after all
+        fake["ew0"].send_multipart([first[0], *P.encode(P.ExpertReply(req.call_id, P.tensor_meta(late)), late)])
+        waiter.join(5)
+        assert not waiter.is_alive()
+        torch.testing.assert_close(result["out"], hidden * 2 * 0.5)
+        assert fake["orch"].poll(1000)
+        report, _ = P.decode(fake["orch"].recv_multipart()[1:])
+        assert isinstance(report, P.WorkerFailed) and report.worker == "ew0" and "probes" in report.reason
+        assert fake["ew0-probe"].poll(0), "ew0 was never probed"
+        assert engine.replayed == 1
+    finally:
+        engine.close()
+        orch.close(0)
+        for s in fake.values():
+            s.close(0)
+        ctx.term()
