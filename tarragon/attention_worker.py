@@ -2,13 +2,17 @@
 
 It owns a disjoint set of requests: their KV cache, their scheduling, their sampling. Each step it
 runs attention for every scheduled token and sends routed tokens to the expert workers through
-its forwarding engine. Requests arrive from, and tokens go back to, the control channel.
+its forwarding engine. Requests arrive from, and tokens go back to, the driver. Each step's new
+KV leaves for the checkpoint store without blocking (ZMQ's I/O thread sends it; a full queue drops
+the write and the store keeps the committed prefix). Requests of a failed AW arrive here as
+resumptions: their KV is fetched from the store and installed beside the running requests.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import zmq
@@ -19,70 +23,152 @@ from .forwarding_engine import ForwardingEngine, ShutdownRequested
 from .kv_cache import KVCache
 from .model import AttentionModel
 from .model_runner import ModelRunner
-from .scheduler import Scheduler, Sequence
+from .scheduler import ScheduledChunk, Scheduler, Sequence
 from .weights import WeightFiles, torch_dtype
+from .worker import restore_priority
 
 log = logging.getLogger(__name__)
 
 
-def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
-    cfg = ModelConfig.from_dir(spec.model_dir)
-    dtype = torch_dtype(spec.dtype)
-    with WeightFiles(spec.model_dir) as files:
-        model = AttentionModel(cfg, files, dtype, spec.device)
-    e = spec.engine
-    kv = KVCache(cfg, e.kv_cache_blocks, e.block_size, dtype, spec.device)
-    sched = Scheduler(kv, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len, cfg.eos_token_ids)
-    engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, orch, spec.probe_endpoints_of_experts,
-                              spec.probe_interval_s, spec.probe_timeout_s)
-    runner = ModelRunner(model, kv, engine, e.micro_batches)
-    driver = ctx.socket(zmq.DEALER)
-    driver.setsockopt(zmq.IDENTITY, spec.name.encode())
-    driver.setsockopt(zmq.LINGER, 0)
-    driver.connect(spec.driver_endpoint)
-    ready = P.Ready(spec.name, "attention", os.getpid(), {"kv_blocks": kv.num_blocks})
-    driver.send_multipart(P.encode(ready))
-    orch.send_multipart(P.encode(ready))
-    poller = zmq.Poller()
-    poller.register(driver, zmq.POLLIN)
-    poller.register(orch, zmq.POLLIN)
-    partial_logits: dict[str, list[torch.Tensor]] = {}
-    try:
+class AttentionWorker:
+    def __init__(self, spec, ctx: zmq.Context, orch: zmq.Socket):
+        self.spec, self.orch = spec, orch
+        cfg = ModelConfig.from_dir(spec.model_dir)
+        dtype = torch_dtype(spec.dtype)
+        with WeightFiles(spec.model_dir) as files:
+            model = AttentionModel(cfg, files, dtype, spec.device)
+        e = self.engine_cfg = spec.engine
+        self.kv = KVCache(cfg, e.kv_cache_blocks, e.block_size, dtype, spec.device)
+        self.sched = Scheduler(self.kv, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len, cfg.eos_token_ids)
+        self.engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, orch, spec.probe_endpoints_of_experts,
+                                       spec.probe_interval_s, spec.probe_timeout_s)
+        self.runner = ModelRunner(model, self.kv, self.engine, e.micro_batches)
+        self.driver = self._socket(ctx, spec.driver_endpoint)
+        self.store = None
+        if spec.store_endpoint:
+            self.store = self._socket(ctx, spec.store_endpoint)
+            self.store.setsockopt(zmq.SNDHWM, e.checkpoint_queue)
+        self.poller = zmq.Poller()
+        for s in (self.driver, orch, self.store):
+            if s is not None:
+                self.poller.register(s, zmq.POLLIN)
+        self.write_seq = 0
+        self.finished: list[str] = []  # to tell the store with the next write
+        self.restoring: dict[str, tuple[Sequence, float]] = {}
+        self.partial_logits: dict[str, list[torch.Tensor]] = {}
+
+    def _socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, self.spec.name.encode())
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        s.connect(endpoint)
+        return s
+
+    def run(self) -> None:
+        ready = P.Ready(self.spec.name, "attention", os.getpid(), {"kv_blocks": self.kv.num_blocks})
+        self.driver.send_multipart(P.encode(ready))
+        self.orch.send_multipart(P.encode(ready))
+        restore_priority(self.spec)
         while True:
-            if not sched.has_work():
-                poller.poll()  # idle: sleep until a request or a control message
-            engine.service_control()
-            handle_requests(driver, sched)
-            chunks = sched.schedule()
-            if not chunks:
+            if not self.sched.has_work():
+                self.poller.poll(100 if self.restoring else None)  # idle: sleep until a message
+            self.engine.service_control()
+            self.handle_driver()
+            self.handle_store()
+            chunks = self.sched.schedule()
+            if chunks:
+                self.step(chunks)
+
+    def step(self, chunks: list[ScheduledChunk]) -> None:
+        out = self.runner.step(chunks)
+        for c in chunks:  # prompt logits go out once the whole prompt is computed
+            if c.seq.req_id in out.prompt_logits:
+                self.partial_logits.setdefault(c.seq.req_id, []).append(out.prompt_logits[c.seq.req_id])
+                if c.start + c.count >= len(c.seq.prompt):
+                    logits = torch.cat(self.partial_logits.pop(c.seq.req_id))
+                    self.driver.send_multipart(P.encode(P.PromptLogits(c.seq.req_id, P.tensor_meta(logits)), logits), copy=False)
+                    c.seq.params.prompt_logits = False  # not again after a preemption
+        got = self.sched.update(chunks, out.sampled)
+        self.checkpoint(chunks, out.slots, [s.req_id for s in got if s.finish_reason])
+        self.driver.send_multipart(P.encode(P.Tokens(
+            req_ids=[s.req_id for s in got], tokens=[s.output[-1] for s in got], finish=[s.finish_reason or "" for s in got],
+            kv_used=self.kv.used, running=len(self.sched.running), waiting=len(self.sched.waiting), replayed=self.engine.replayed,
+        )))
+
+    def checkpoint(self, chunks: list[ScheduledChunk], slots: torch.Tensor, finished: list[str]) -> None:
+        """Queue this step's new KV for the store; never blocks (a full queue drops the write)."""
+        self.finished += finished
+        if self.store is None or not self.engine_cfg.checkpoint:
+            return
+        k, v = self.kv.k.index_select(1, slots), self.kv.v.index_select(1, slots)
+        msg = P.KVWrite(self.write_seq, [c.seq.req_id for c in chunks], [c.start for c in chunks], [c.count for c in chunks],
+                        P.tensor_meta(k), P.tensor_meta(v), self.finished)
+        self.write_seq += 1
+        try:
+            self.store.send_multipart(P.encode(msg, k, v), flags=zmq.NOBLOCK, copy=False)
+            self.finished = []
+        except zmq.Again:
+            pass  # the store is slow or gone: inference goes on, those requests' checkpoints stop
+
+    def handle_driver(self) -> None:
+        while self.driver.poll(0):
+            try:
+                msg, _ = P.decode(self.driver.recv_multipart())
+            except P.BadMessage as e:
+                log.warning("dropped driver message: %s", e)
                 continue
-            out = runner.step(chunks)
-            for c in chunks:  # prompt logits go out once the whole prompt is computed
-                if c.seq.req_id in out.prompt_logits:
-                    partial_logits.setdefault(c.seq.req_id, []).append(out.prompt_logits[c.seq.req_id])
-                    if c.start + c.count >= len(c.seq.prompt):
-                        logits = torch.cat(partial_logits.pop(c.seq.req_id))
-                        driver.send_multipart(P.encode(P.PromptLogits(c.seq.req_id, P.tensor_meta(logits)), logits), copy=False)
-                        c.seq.params.prompt_logits = False  # not again after a preemption
-            got = sched.update(chunks, out.sampled)
-            driver.send_multipart(P.encode(P.Tokens(
-                req_ids=[s.req_id for s in got], tokens=[s.output[-1] for s in got], finish=[s.finish_reason or "" for s in got],
-                kv_used=kv.used, running=len(sched.running), waiting=len(sched.waiting), replayed=engine.replayed,
-            )))
+            if isinstance(msg, P.AddRequest):
+                self.sched.add(Sequence(msg.req_id, list(msg.prompt), msg.params))
+            elif isinstance(msg, P.ResumeRequest):
+                seq = Sequence(msg.req_id, list(msg.prompt), msg.params, output=list(msg.output))
+                if msg.restore and self.store is not None:
+                    self.restoring[msg.req_id] = (seq, time.monotonic())
+                    self.store.send_multipart(P.encode(P.RestoreRequest(msg.req_id)))
+                else:
+                    self.sched.add(seq, front=True)  # recompute: prefill prompt + output
+            elif isinstance(msg, P.AbortRequest):
+                for req_id in msg.req_ids:
+                    self.sched.abort(req_id)
+                    self.finished.append(req_id)
+
+    def handle_store(self) -> None:
+        """Install restored KV; requests whose restore is overdue are recomputed instead."""
+        while self.store is not None and self.store.poll(0):
+            frames = self.store.recv_multipart(copy=False)
+            try:
+                msg, bufs = P.decode(frames)
+                if not isinstance(msg, P.RestoreData) or len(bufs) != 2:
+                    raise P.BadMessage(f"unexpected {type(msg).__name__} from the store")
+                entry = self.restoring.pop(msg.req_id, None)
+                if entry is not None:
+                    self.install(entry[0], msg, P.to_tensor(msg.k, bufs[0]), P.to_tensor(msg.v, bufs[1]), entry[1])
+            except P.BadMessage as e:
+                log.warning("dropped store message: %s", e)
+        now = time.monotonic()
+        for req_id, (seq, t0) in list(self.restoring.items()):
+            if now - t0 > self.engine_cfg.restore_timeout_s:
+                del self.restoring[req_id]
+                self.report("restore_timeout", f"{req_id}: store silent, recomputing", (now - t0) * 1000)
+                self.sched.add(seq, front=True)
+
+    def install(self, seq: Sequence, msg: P.RestoreData, k: torch.Tensor, v: torch.Tensor, t0: float) -> None:
+        # Keep at least the last known token to compute: its logits give the next token.
+        n = min(msg.committed, seq.length - 1)
+        if n > 0 and k.dim() == 4 and k.shape[1] >= n and self.kv.grow(seq.blocks, n):
+            slots = self.kv.slots(seq.blocks, 0, n)
+            self.kv.k.index_copy_(1, slots, k[:, :n])
+            self.kv.v.index_copy_(1, slots, v[:, :n])
+            seq.num_computed = n
+        self.sched.add(seq, front=True)
+        self.report("restored", f"{seq.req_id}: {seq.num_computed} of {seq.length} tokens from the store", (time.monotonic() - t0) * 1000)
+
+    def report(self, kind: str, detail: str, ms: float) -> None:
+        self.orch.send_multipart(P.encode(P.Report(kind, self.spec.name, detail, ms)))
+
+
+def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
+    try:
+        AttentionWorker(spec, ctx, orch).run()
     except ShutdownRequested:
         return
-
-
-def handle_requests(driver: zmq.Socket, sched: Scheduler) -> None:
-    """Apply every pending message from the driver."""
-    while driver.poll(0):
-        try:
-            msg, _ = P.decode(driver.recv_multipart())
-        except P.BadMessage as e:
-            log.warning("dropped driver message: %s", e)
-            continue
-        if isinstance(msg, P.AddRequest):
-            sched.add(Sequence(msg.req_id, list(msg.prompt), msg.params))
-        elif isinstance(msg, P.AbortRequest):
-            for req_id in msg.req_ids:
-                sched.abort(req_id)

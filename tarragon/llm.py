@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import torch
 import zmq
 
@@ -78,6 +79,7 @@ class Request:
     finish_reason: str | None = None
     prompt_logits: torch.Tensor | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    skip: int = 0  # tokens to drop: a rerun from the prompt regenerates what the client has
 
 
 class LLM:
@@ -93,7 +95,8 @@ class LLM:
         replace_failed: bool = True,
         probe_interval_s: float = 0.01,
         probe_timeout_s: float = 0.1,
-        heartbeat_timeout_s: float = 1.0,
+        heartbeat_timeout_s: float = 0.5,
+        recovery: str = "tarragon",
         startup_timeout: float = 120.0,
         **engine_args,
     ):
@@ -103,6 +106,9 @@ class LLM:
             model = demo_model()
         if attention_workers < 1 or expert_workers < 1:
             raise ValueError("need at least one attention worker and one expert worker")
+        if recovery not in ("tarragon", "recompute", "restart"):
+            raise ValueError(f"recovery must be tarragon, recompute or restart, not {recovery!r}")
+        self.recovery = recovery
         if shadows < 0:
             raise ValueError(f"shadows must be >= 0, got {shadows}")
         shadows = min(shadows, expert_workers - 1)  # a shadow never shares its primary's worker
@@ -140,6 +146,8 @@ class LLM:
         self._kv_used: dict[str, int] = {}
         self._replayed: dict[str, int] = {}
         self._replies: queue.Queue = queue.Queue()
+        self._orphans: list[Request] = []  # requests waiting for a live attention worker
+        self._epoch = 0
 
         expert_bytes = 3 * cfg.hidden_size * cfg.expert_intermediate_size * tdtype.itemsize
         plan = place(cfg.num_experts, list(cfg.sparse_layers), [f"ew{j}" for j in range(expert_workers)],
@@ -148,7 +156,7 @@ class LLM:
             model_dir=str(model), dtype=dtype, device=device, engine=e, plan=plan, attention_workers=attention_workers,
             run_dir=str(self._run_dir), driver_endpoint=endpoint, parent_pid=os.getpid(), threads=e.threads_per_worker,
             heartbeat_timeout_s=heartbeat_timeout_s, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s,
-            replace_failed=replace_failed,
+            replace_failed=replace_failed, recovery=recovery,
         )
         atexit.register(self.shutdown)
         self._io = threading.Thread(target=self._io_loop, name="tarragon-io", daemon=True)
@@ -250,12 +258,16 @@ class LLM:
         if params.seed is None:
             params.seed = secrets.randbits(62)
         with self._lock:
-            loads = {w.name: 0 for w in self._state.workers if w.role == "attention" and w.state == "ready" and w.name in self._hello}
+            loads = {name: 0 for name in self._live_attention()}
             for r in self._requests.values():
-                loads[r.worker] = loads.get(r.worker, 0) + 1
-            worker = min(loads, key=lambda n: (loads[n], n))
+                if r.worker in loads:
+                    loads[r.worker] += 1
+            worker = min(loads, key=lambda n: (loads[n], n)) if loads else ""
             req = Request(f"req-{next(self._ids)}", text, ids, params, worker)
             self._requests[req.req_id] = req
+            if not worker:  # no attention worker up right now: placed as soon as one is
+                self._orphans.append(req)
+                return req
         self._send(worker, P.AddRequest(req.req_id, ids, params))
         return req
 
@@ -295,6 +307,55 @@ class LLM:
             ))
         return out
 
+    # ---- recovery (runs on the I/O thread) ----------------------------------------------
+
+    def _on_cluster_state(self, state: P.ClusterState) -> None:
+        old = {w.name: w.state for w in self._state.workers} if self._state else {}
+        self._state = state
+        if state.epoch != self._epoch:  # `restart`: every worker is new; rerun everything
+            self._epoch = state.epoch
+            self._hello.clear()
+            with self._lock:
+                orphans = list(self._requests.values())
+            for req in orphans:
+                req.skip = len(req.tokens)
+            self._orphans = orphans
+            return
+        for w in state.workers:
+            if w.role == "attention" and w.state == "failed" and old.get(w.name) != "failed":
+                with self._lock:
+                    self._orphans += [r for r in self._requests.values() if r.worker == w.name]
+        self._place_orphans()
+
+    def _live_attention(self) -> list[str]:
+        if not self._state or (self._epoch and not self._state.ready):
+            return []
+        return [w.name for w in self._state.workers if w.role == "attention" and w.state == "ready" and w.name in self._hello]
+
+    def _place_orphans(self) -> None:
+        """Reassign requests of failed attention workers round-robin to healthy ones."""
+        live = self._live_attention()
+        if not self._orphans or not live:
+            return
+        if self._epoch and len(live) < sum(w.role == "attention" for w in self._state.workers):
+            return  # after a restart, rerun everything once every attention worker is back
+        store_ok = any(w.role == "store" and w.state == "ready" for w in self._state.workers)
+        with self._lock:
+            orphans, self._orphans = sorted(self._orphans, key=lambda r: int(r.req_id.split("-")[1])), []
+        for i, req in enumerate(orphans):
+            if req.done.is_set():
+                continue
+            req.worker = live[i % len(live)]
+            params = msgspec.structs.replace(req.params, prompt_logits=False)
+            if req.skip:  # `restart`: from the prompt, as if new
+                msg = P.AddRequest(req.req_id, req.prompt_ids, params)
+            else:
+                restore = self.recovery == "tarragon" and store_ok
+                msg = P.ResumeRequest(req.req_id, req.prompt_ids, list(req.tokens), params, restore)
+            self._router.send_multipart([req.worker.encode(), *P.encode(msg)])
+        self._router.send_multipart([b"orchestrator", *P.encode(P.Report(
+            "requests_reassigned", "driver", f"{len(orphans)} requests to {', '.join(live)} ({self.recovery})", 0.0))])
+
     def stats(self) -> dict[str, int]:
         return {"expert_calls_replayed": sum(self._replayed.values())}
 
@@ -333,17 +394,21 @@ class LLM:
             log.warning("dropped message from %s: %s", sender, e)
             return
         if isinstance(msg, P.ClusterState):
-            self._state = msg
+            self._on_cluster_state(msg)
         elif isinstance(msg, P.EventLog):
             self._replies.put(msg)
         elif isinstance(msg, P.Ready):
             self._hello.add(sender)
+            self._place_orphans()
         elif isinstance(msg, P.Tokens):
             self._kv_used[sender] = msg.kv_used
             self._replayed[sender] = msg.replayed
             for req_id, tok, finish in zip(msg.req_ids, msg.tokens, msg.finish):
                 req = self._requests.get(req_id)
-                if req is None:
+                if req is None or req.worker != sender:  # e.g. an answer from before a failover
+                    continue
+                if req.skip:
+                    req.skip -= 1
                     continue
                 req.tokens.append(tok)
                 req.times.append(now)
@@ -359,8 +424,6 @@ class LLM:
 
 
 def msgspec_copy(params: SamplingParams) -> SamplingParams:
-    import msgspec
-
     return msgspec.structs.replace(params)
 
 

@@ -20,6 +20,7 @@ from .scheduler import ScheduledChunk
 class StepOutput:
     sampled: list[int]  # one per sampling chunk, in chunk order
     prompt_logits: dict[str, torch.Tensor]  # req_id -> [n, V] logits of prompt positions computed
+    slots: torch.Tensor  # KV slots written this step, in chunk order (what gets checkpointed)
 
 
 class ModelRunner:
@@ -123,7 +124,7 @@ class ModelRunner:
                 logits = logits[meta.logits_index]
             rows = [c for c in part if c.samples]
             sampled += sample(logits, [c.seq.params for c in rows], [len(c.seq.output) for c in rows])
-        return StepOutput(sampled, prompt_logits)
+        return StepOutput(sampled, prompt_logits, torch.cat([meta.slot_mapping for _, meta in metas]))
 
     def _advance(self, i, gen, value, pending, results) -> None:
         try:

@@ -47,6 +47,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     probe_interval_s: float = 0.01
     probe_timeout_s: float = 0.1
     replace_failed: bool = True
+    recovery: str = "tarragon"  # "tarragon" | "recompute" | "restart"
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Worker:
     proc: subprocess.Popen
     spec: WorkerSpec
     slot: str  # the planned worker whose place it holds (itself, or the one it replaced)
+    replacement: bool = False  # started to replace a failed worker
     state: str = "starting"
     info: dict = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -82,7 +84,9 @@ class Orchestrator:
         self.version = 0
         self.events: collections.deque[P.Event] = collections.deque(maxlen=2000)
         self.ready_announced = False
-        self.next_index = {"expert": len(ew_slots), "attention": spec.attention_workers}
+        self.next_index = {"expert": len(ew_slots), "attention": spec.attention_workers, "store": 1}
+        self.epoch = 0
+        self.restart_t0 = 0.0
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -92,18 +96,27 @@ class Orchestrator:
                     probe_endpoint=self.launcher.probe_endpoint(name), parent_pid=os.getpid(), threads=s.threads,
                     heartbeat_s=s.heartbeat_s, probe_interval_s=s.probe_interval_s, probe_timeout_s=s.probe_timeout_s)
 
-    def start_expert(self, name: str, slot: str) -> None:
+    def start_expert(self, name: str, slot: str, replacement: bool = False) -> None:
         spec = WorkerSpec(role="expert", endpoint=self.launcher.endpoint(name), experts=self.plan.experts_of(slot),
-                          shadow_experts=self.plan.shadows_of(slot), nice=10 if name != slot else 0, **self.common(name))
-        self.workers[name] = Worker(name, "expert", self.launcher.start("tarragon.worker", name, spec, self.spec.threads), spec, slot)
+                          shadow_experts=self.plan.shadows_of(slot), nice=10 if replacement else 0, **self.common(name))
+        self.workers[name] = Worker(name, "expert", self.launcher.start("tarragon.worker", name, spec, self.spec.threads), spec, slot,
+                                    replacement=replacement)
 
-    def start_attention(self, name: str) -> None:
+    def start_store(self, name: str, slot: str, replacement: bool = False) -> None:
+        spec = WorkerSpec(role="store", endpoint=self.launcher.endpoint("store"), store_max_bytes=self.spec.engine.store_max_bytes,
+                          nice=10 if replacement else 0, **self.common(name))
+        self.workers[name] = Worker(name, "store", self.launcher.start("tarragon.worker", name, spec), spec, slot, replacement=replacement)
+
+    def start_attention(self, name: str, slot: str, replacement: bool = False) -> None:
         live = self.live_experts()
-        spec = WorkerSpec(role="attention", driver_endpoint=self.spec.driver_endpoint, table=self.table(),
+        store = self.launcher.endpoint("store") if self.spec.engine.checkpoint else ""
+        spec = WorkerSpec(role="attention", driver_endpoint=self.spec.driver_endpoint, table=self.table(), store_endpoint=store,
+                          nice=10 if replacement else 0,
                           expert_endpoints={w: self.launcher.endpoint(w) for w in live},
                           probe_endpoints_of_experts={w: self.launcher.probe_endpoint(w) for w in live},
                           engine=self.spec.engine, **self.common(name))
-        self.workers[name] = Worker(name, "attention", self.launcher.start("tarragon.worker", name, spec, self.spec.threads), spec, name)
+        self.workers[name] = Worker(name, "attention", self.launcher.start("tarragon.worker", name, spec, self.spec.threads), spec, slot,
+                                    replacement=replacement)
 
     def live_experts(self) -> list[str]:
         return [w for w in self.current.values() if w]
@@ -134,11 +147,13 @@ class Orchestrator:
             pass
 
     def publish(self) -> None:
-        records = [P.WorkerRecord(w.name, w.role, w.proc.pid, w.state, w.info, w.slot if w.slot != w.name else "")
+        records = [P.WorkerRecord(w.name, w.role, w.proc.pid, w.state, w.info, w.slot if w.replacement else "")
                    for w in self.workers.values()]
-        initial_ready = all(w.state == "ready" for w in self.workers.values() if w.slot == w.name)
+        initial_ready = all(w.state == "ready" for w in self.workers.values() if not w.replacement)
+        if initial_ready and not self.ready_announced and self.epoch:
+            self.event("restart_ready", "", f"epoch {self.epoch}: every worker up again", (time.monotonic() - self.restart_t0) * 1000)
         self.ready_announced |= initial_ready
-        self.driver.send_multipart(P.encode(P.ClusterState(records, self.version, self.ready_announced)))
+        self.driver.send_multipart(P.encode(P.ClusterState(records, self.version, self.ready_announced, self.epoch)))
 
     # ---- failures ---------------------------------------------------------------------------
 
@@ -150,22 +165,54 @@ class Orchestrator:
         w.state = "failed"
         if w.proc.poll() is None:  # fence it: a hung worker must never come back
             w.proc.send_signal(signal.SIGKILL)
-        self.event("worker_failed", name, f"{reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
+        self.event("worker_failed", name, f"{w.role}: {reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
+        if self.spec.recovery == "restart":
+            return self.restart_all(t0)
         if w.role == "expert":
             self.current[w.slot] = None
             self.push_table()
-            if self.spec.replace_failed:
-                new = f"ew{self.next_index['expert']}"
-                self.next_index["expert"] += 1
-                self.start_expert(new, w.slot)
-                self.event("replacement_started", new, f"for {name}", (time.monotonic() - t0) * 1000)
+        if self.spec.replace_failed:
+            new = f"{'ew' if w.role == 'expert' else 'aw' if w.role == 'attention' else 'store'}{self.next_index[w.role]}"
+            self.next_index[w.role] += 1
+            {"expert": self.start_expert, "attention": self.start_attention, "store": self.start_store}[w.role](new, w.slot, True)
+            self.event("replacement_started", new, f"for {name}", (time.monotonic() - t0) * 1000)
+        self.publish()
+
+    def restart_all(self, t0: float) -> None:
+        """The `restart` baseline: what engines built on collectives do when any worker dies.
+        Every process is new (and newly named, so nothing from before is mistaken for it)."""
+        for w in self.workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
+            w.proc.wait()
+        self.workers.clear()
+        self.version += 1
+        self.epoch += 1
+        self.restart_t0 = t0
+        self.ready_announced = False
+        self.publish()  # tell the driver first: its in-flight requests must be rerun
+        self.start_all()
+        self.event("restart_started", "", f"epoch {self.epoch}: every worker restarted", (time.monotonic() - t0) * 1000)
+
+    def start_all(self) -> None:
+        suffix = f"-r{self.epoch}" if self.epoch else ""
+        self.start_store("store" + suffix, "store" + suffix)
+        for slot in self.current:
+            self.current[slot] = slot + suffix
+            self.start_expert(slot + suffix, slot)
+        for i in range(self.spec.attention_workers):
+            self.start_attention(f"aw{i}{suffix}", f"aw{i}{suffix}")
         self.publish()
 
     def on_ready(self, w: Worker, msg: P.Ready) -> None:
+        first = w.state != "ready"
         w.state, w.info = "ready", dict(msg.info)
-        if w.slot != w.name and w.role == "expert":
+        if not first:  # a periodic update (the store's byte accounting)
+            return self.publish()
+        if w.replacement:
+            self.event("replacement_ready", w.name, f"in place of {w.slot}", (time.monotonic() - w.started) * 1000)
+        if w.replacement and w.role == "expert":
             self.current[w.slot] = w.name
-            self.event("replacement_ready", w.name, f"replaces {w.slot}'s experts", (time.monotonic() - w.started) * 1000)
             self.push_table()
         elif w.role == "attention" and w.spec.table.version < self.version:
             self.push_table()  # it started with an older table
@@ -174,6 +221,8 @@ class Orchestrator:
     def check_liveness(self) -> None:
         now = time.monotonic()
         for w in list(self.workers.values()):
+            if self.workers.get(w.name) is not w:  # replaced by a restart during this loop
+                continue
             if w.state in ("failed", "stopped"):
                 w.proc.poll()  # reap
                 continue
@@ -185,11 +234,7 @@ class Orchestrator:
     # ---- main loop --------------------------------------------------------------------------
 
     def run(self) -> None:
-        for slot in self.current:
-            self.start_expert(slot, slot)
-        for i in range(self.spec.attention_workers):
-            self.start_attention(f"aw{i}")
-        self.publish()
+        self.start_all()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.driver, zmq.POLLIN)
@@ -218,6 +263,8 @@ class Orchestrator:
             self.on_ready(w, msg)
         elif isinstance(msg, P.WorkerFailed):
             self.fail(msg.worker, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
+        elif isinstance(msg, P.Report):
+            self.event(msg.kind, msg.worker, msg.detail, msg.ms)
 
     def on_driver(self, frames) -> bool:
         try:
@@ -227,6 +274,8 @@ class Orchestrator:
             return True
         if isinstance(msg, P.GetEvents):
             self.driver.send_multipart(P.encode(P.EventLog(list(self.events))))
+        elif isinstance(msg, P.Report):
+            self.event(msg.kind, msg.worker, msg.detail, msg.ms)
         elif isinstance(msg, P.Shutdown):
             return False
         return True

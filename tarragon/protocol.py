@@ -62,6 +62,30 @@ class Shutdown(Msg):
     pass
 
 
+class ResumeRequest(Msg):
+    """Driver -> attention worker: take over a request of a failed worker. `output` holds every
+    token the client already has; with `restore`, fetch its KV from the checkpoint store first."""
+
+    req_id: str
+    prompt: list[int]
+    output: list[int]
+    params: SamplingParams
+    restore: bool
+
+
+class Report(Msg):
+    """Worker or driver -> orchestrator: a recovery step for the event log."""
+
+    kind: str
+    worker: str
+    detail: str
+    ms: float
+
+
+class RestartAll(Msg):
+    """Driver -> orchestrator (the `restart` recovery policy): stop and start every worker."""
+
+
 class Heartbeat(Msg):
     name: str
 
@@ -97,6 +121,7 @@ class ClusterState(Msg):
     workers: list[WorkerRecord]
     table_version: int
     ready: bool
+    epoch: int = 0  # bumped by a full restart: every in-flight request must be rerun
 
 
 class GetEvents(Msg):
@@ -162,9 +187,40 @@ class ExpertReply(Msg):
     hidden: TensorMeta
 
 
+# ---- checkpointing: attention worker <-> checkpoint store ----------------------------------
+
+
+class KVWrite(Msg):
+    """One step's new KV of an attention worker: for each request, `counts[i]` positions from
+    `starts[i]`, every layer. All layers arrive in one message, so its arrival commits them.
+    Frames: k and v, each [layers, sum(counts), kv_heads, head_dim]."""
+
+    seq: int  # per-worker write number (gaps: writes dropped under back-pressure)
+    req_ids: list[str]
+    starts: list[int]
+    counts: list[int]
+    k: TensorMeta
+    v: TensorMeta
+    finished: list[str]  # requests done: their checkpoints can be dropped
+
+
+class RestoreRequest(Msg):
+    req_id: str
+
+
+class RestoreData(Msg):
+    """KV of positions [0, committed) of a request (committed 0: nothing restorable)."""
+
+    req_id: str
+    committed: int
+    k: TensorMeta
+    v: TensorMeta
+
+
 Message = Union[
     Ready, AddRequest, AbortRequest, Shutdown, Heartbeat, Probe, Pong, ClusterState, GetEvents, EventLog,
-    WorkerFailed, TableUpdate, Tokens, PromptLogits, ExpertRequest, ExpertReply,
+    WorkerFailed, TableUpdate, Tokens, PromptLogits, ExpertRequest, ExpertReply, ResumeRequest, Report, RestartAll,
+    KVWrite, RestoreRequest, RestoreData,
 ]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

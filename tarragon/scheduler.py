@@ -59,8 +59,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Queue a request; `front` for resumed ones, which have waited long enough."""
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def abort(self, req_id: str) -> None:
         for seq in [s for s in self.running if s.req_id == req_id]:
@@ -72,7 +76,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.kv.release(seq.blocks)
+        self.kv.release(seq.blocks)  # its KV is recomputed from its tokens when it runs again
         seq.num_computed = 0
         self.running.remove(seq)
         self.waiting.appendleft(seq)

@@ -27,7 +27,7 @@ from .routing_table import RoutingTable
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
     name: str
-    role: str  # "attention" | "expert"
+    role: str  # "attention" | "expert" | "store"
     model_dir: str
     dtype: str
     device: str
@@ -39,6 +39,8 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     endpoint: str = ""  # expert worker: where it binds
     experts: list[tuple[int, int]] = []  # expert worker: (layer, expert) pairs it loads
     shadow_experts: list[tuple[int, int]] = []  # expert worker: which of them are shadows
+    store_endpoint: str = ""  # attention worker: the checkpoint store ("" = no checkpointing)
+    store_max_bytes: int = 1 << 30  # checkpoint store: its memory budget
     driver_endpoint: str = ""  # attention worker: where requests come from
     expert_endpoints: dict[str, str] = {}  # attention worker: expert worker name -> endpoint
     probe_endpoints_of_experts: dict[str, str] = {}  # attention worker: where to probe each one
@@ -124,6 +126,8 @@ def main(argv: list[str]) -> None:
     start_liveness(ctx, spec.name, spec.probe_endpoint, spec.orch_endpoint, spec.heartbeat_s)
     if spec.role == "expert":
         from .expert_worker import run
+    elif spec.role == "store":
+        from .checkpoint_store import run
     else:
         from .attention_worker import run
     try:
