@@ -121,7 +121,7 @@ class AttentionWorker:
             if isinstance(msg, P.AddRequest):
                 self.sched.add(Sequence(msg.req_id, list(msg.prompt), msg.params))
             elif isinstance(msg, P.ResumeRequest):
-                seq = Sequence(msg.req_id, list(msg.prompt), msg.params, output=list(msg.output))
+                seq = Sequence(msg.req_id, list(msg.prompt), msg.params, output=list(msg.output), max_chunk=1 if msg.tokenwise else None)
                 if msg.restore and self.store is not None:
                     self.restoring[msg.req_id] = (seq, time.monotonic())
                     self.store.send_multipart(P.encode(P.RestoreRequest(msg.req_id)))

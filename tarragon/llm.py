@@ -37,6 +37,11 @@ from .weights import WeightFiles, torch_dtype
 
 log = logging.getLogger(__name__)
 
+# tarragon: restore KV from the checkpoint store; recompute: re-prefill prompt + output elsewhere
+# (request migration); restart: restart every worker and rerun from the prompts; replay:
+# recompute token by token (a baseline for the restore benchmark).
+RECOVERY_POLICIES = ("tarragon", "recompute", "restart", "replay")
+
 
 @dataclass
 class RequestOutput:
@@ -106,8 +111,8 @@ class LLM:
             model = demo_model()
         if attention_workers < 1 or expert_workers < 1:
             raise ValueError("need at least one attention worker and one expert worker")
-        if recovery not in ("tarragon", "recompute", "restart"):
-            raise ValueError(f"recovery must be tarragon, recompute or restart, not {recovery!r}")
+        if recovery not in RECOVERY_POLICIES:
+            raise ValueError(f"recovery must be one of {', '.join(RECOVERY_POLICIES)}, not {recovery!r}")
         self.recovery = recovery
         if shadows < 0:
             raise ValueError(f"shadows must be >= 0, got {shadows}")
@@ -351,7 +356,7 @@ class LLM:
                 msg = P.AddRequest(req.req_id, req.prompt_ids, params)
             else:
                 restore = self.recovery == "tarragon" and store_ok
-                msg = P.ResumeRequest(req.req_id, req.prompt_ids, list(req.tokens), params, restore)
+                msg = P.ResumeRequest(req.req_id, req.prompt_ids, list(req.tokens), params, restore, self.recovery == "replay")
             self._router.send_multipart([req.worker.encode(), *P.encode(msg)])
         self._router.send_multipart([b"orchestrator", *P.encode(P.Report(
             "requests_reassigned", "driver", f"{len(orphans)} requests to {', '.join(live)} ({self.recovery})", 0.0))])

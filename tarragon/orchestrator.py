@@ -47,7 +47,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     probe_interval_s: float = 0.01
     probe_timeout_s: float = 0.1
     replace_failed: bool = True
-    recovery: str = "tarragon"  # "tarragon" | "recompute" | "restart"
+    recovery: str = "tarragon"  # see llm.RECOVERY_POLICIES
 
 
 @dataclass

@@ -71,6 +71,7 @@ class ResumeRequest(Msg):
     output: list[int]
     params: SamplingParams
     restore: bool
+    tokenwise: bool = False  # recompute one token per step (the `replay` baseline)
 
 
 class Report(Msg):

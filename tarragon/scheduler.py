@@ -25,6 +25,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the cache
     blocks: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    max_chunk: int | None = None  # 1: recompute token by token (the `replay` baseline)
 
     def token_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt)
@@ -87,7 +88,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:  # preempted below to make room for an older one
                 continue
-            n = min(seq.length - seq.num_computed, budget)
+            n = min(seq.length - seq.num_computed, budget, seq.max_chunk or budget)
             if n <= 0:
                 continue
             while not self.kv.grow(seq.blocks, seq.num_computed + n):
@@ -103,7 +104,7 @@ class Scheduler:
             # Admit only if the whole known context fits now, so admissions do not thrash.
             if self.kv.blocks_needed(seq.blocks, seq.length + 1) > len(self.kv.free):
                 break
-            n = min(seq.length - seq.num_computed, budget)
+            n = min(seq.length - seq.num_computed, budget, seq.max_chunk or budget)
             self.kv.grow(seq.blocks, seq.num_computed + n)
             self.waiting.popleft()
             self.running.append(seq)
