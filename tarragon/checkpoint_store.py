@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Checkpoint:
     owner: str
-    k: list[torch.Tensor] = field(default_factory=list)  # chunks [layers, n, kv_heads, head_dim]
+    # Views [layers, n, kv_heads, head_dim] into whole writes: a write is copied once, not per request.
+    k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
     committed: int = 0
     frozen: bool = False
@@ -52,6 +53,8 @@ class CheckpointStore:
         if last is not None and msg.seq > last + 1:
             self.gaps += msg.seq - last - 1
         self.last_seq[owner] = msg.seq
+        if self.bytes + 2 * k.nbytes <= self.max_bytes:
+            k, v = k.clone(), v.clone()  # out of the network buffer, once for the whole write
         offset = 0
         for req_id, start, n in zip(msg.req_ids, msg.starts, msg.counts):
             kc, vc = k[:, offset : offset + n], v[:, offset : offset + n]
@@ -64,16 +67,12 @@ class CheckpointStore:
             cp.owner = owner
             if start < cp.committed:
                 self._truncate(cp, start)
-            if cp.frozen or start > cp.committed:
-                cp.frozen = True
+            if cp.frozen or start > cp.committed or self.bytes + 2 * kc.nbytes > self.max_bytes:
+                cp.frozen = True  # a hole, or over budget: restorable up to its committed prefix
                 self.refused += 1
                 continue
-            if self.bytes + 2 * kc.nbytes > self.max_bytes:
-                cp.frozen = True
-                self.refused += 1
-                continue
-            cp.k.append(kc.clone())  # copy out of the network buffer
-            cp.v.append(vc.clone())
+            cp.k.append(kc)
+            cp.v.append(vc)
             cp.committed += n
             self.bytes += 2 * kc.nbytes
         for req_id in msg.finished:

@@ -60,6 +60,21 @@ def failover_demo(llm, prompts, params, reference) -> None:
     print(f"stall (largest token gap minus the failure-free run's): {1000 * stall:.1f} ms")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import LLM
+    from .server import serve
+
+    with LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
+             dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery) as llm:
+        name = args.served_model_name or (Path(args.model).name if args.model else "tarragon-demo")
+        print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with "
+              f"{', '.join(f'{w.name}(pid {w.pid})' for w in llm.workers())}", flush=True)
+        serve(llm, name, args.host, args.port, args.api_key, args.max_queue)
+    return 0
+
+
 def cmd_make_model(args: argparse.Namespace) -> int:
     from .make_model import make_model
 
@@ -82,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--failover", action="store_true", help="then rerun with an expert worker killed mid-generation")
     g.add_argument("prompt", nargs="*", help="prompts (default: a few built-in ones)")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server on a local cluster")
+    add_cluster_args(s)
+    s.add_argument("--recovery", default="tarragon", choices=["tarragon", "recompute", "restart"])
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout")
     m.add_argument("--family", default="mixtral", choices=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class WorkerInfo:
     expert_bytes: int | None = None  # expert weights held, shadows included
     shadow_bytes: int | None = None  # of which inactive shadow copies
     replaces: str = ""
+    info: dict = field(default_factory=dict)  # what the worker reports (e.g. the store's byte accounting)
 
 
 @dataclass
@@ -85,6 +87,8 @@ class Request:
     prompt_logits: torch.Tensor | None = None
     done: threading.Event = field(default_factory=threading.Event)
     skip: int = 0  # tokens to drop: a rerun from the prompt regenerates what the client has
+    submitted: float = field(default_factory=time.monotonic)
+    listener: Callable[[], None] | None = None  # called (on the I/O thread) at each token and at the end
 
 
 class LLM:
@@ -100,7 +104,7 @@ class LLM:
         replace_failed: bool = True,
         probe_interval_s: float = 0.01,
         probe_timeout_s: float = 0.1,
-        heartbeat_timeout_s: float = 0.5,
+        heartbeat_timeout_s: float = 1.0,
         recovery: str = "tarragon",
         startup_timeout: float = 120.0,
         **engine_args,
@@ -117,6 +121,7 @@ class LLM:
         if shadows < 0:
             raise ValueError(f"shadows must be >= 0, got {shadows}")
         shadows = min(shadows, expert_workers - 1)  # a shadow never shares its primary's worker
+        self.shadows = shadows
         self.config = EngineConfig(str(model), attention_workers, expert_workers, device, dtype, **engine_args)
         self.model_config = cfg = ModelConfig.from_dir(model)
         WeightFiles(model).close()  # fail here, clearly, on a missing or corrupt checkpoint
@@ -153,6 +158,10 @@ class LLM:
         self._replies: queue.Queue = queue.Queue()
         self._orphans: list[Request] = []  # requests waiting for a live attention worker
         self._epoch = 0
+        self._stall_watch: list[tuple[dict[str, float], list[float]]] = []  # per failure: last token times, max gap
+        self.stalls: list[float] = []  # per failure: the largest token gap it caused across streams
+        self.failures: dict[str, int] = {}  # failures seen, by role
+        self.reassigned: dict[str, int] = {"restored": 0, "recomputed": 0, "rerun": 0}
 
         expert_bytes = 3 * cfg.hidden_size * cfg.expert_intermediate_size * tdtype.itemsize
         plan = place(cfg.num_experts, list(cfg.sparse_layers), [f"ew{j}" for j in range(expert_workers)],
@@ -191,7 +200,8 @@ class LLM:
                     raise RuntimeError(f"the orchestrator exited during start-up:\n{self._launcher.log_tail('orchestrator')}")
                 for w in state.workers if state else []:
                     if w.state == "failed":
-                        raise RuntimeError(f"worker {w.name} failed during start-up:\n{self._launcher.log_tail(w.name)}")
+                        raise RuntimeError(f"worker {w.name} failed during start-up:\n{self._launcher.log_tail(w.name)}\n"
+                                           f"{self._launcher.log_tail('orchestrator')}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"workers not ready after {timeout:.0f}s")
                 time.sleep(0.02)
@@ -297,6 +307,9 @@ class LLM:
             self._requests.pop(req.req_id, None)
         req.finish_reason = req.finish_reason or "abort"
         req.done.set()
+        self._send("", P.AbortRequest([req.req_id]))  # tells the I/O thread (below) to stop watching it
+        if req.listener:
+            req.listener()
         self._send(req.worker, P.AbortRequest([req.req_id]))
 
     def workers(self) -> list[WorkerInfo]:
@@ -309,6 +322,7 @@ class LLM:
                 kv_blocks_used=self._kv_used.get(w.name, 0) if is_aw else None,
                 kv_blocks_total=w.info.get("kv_blocks") if is_aw else None,
                 expert_bytes=w.info.get("expert_bytes"), shadow_bytes=w.info.get("shadow_bytes"), replaces=w.replaces,
+                info=dict(w.info),
             ))
         return out
 
@@ -317,6 +331,16 @@ class LLM:
     def _on_cluster_state(self, state: P.ClusterState) -> None:
         old = {w.name: w.state for w in self._state.workers} if self._state else {}
         self._state = state
+        newly_failed = [w for w in state.workers if w.state == "failed" and old.get(w.name, "failed") != "failed"]
+        if newly_failed or state.epoch != self._epoch:
+            with self._lock:  # measure this failure's stall: each stream's gap across it
+                last = {r.req_id: (r.times[-1] if r.times else r.submitted) for r in self._requests.values()}
+            if last:
+                self._stall_watch.append((last, [0.0]))
+            for w in newly_failed:
+                self.failures[w.role] = self.failures.get(w.role, 0) + 1
+            if state.epoch != self._epoch:
+                self.failures["any (restart)"] = self.failures.get("any (restart)", 0) + 1
         if state.epoch != self._epoch:  # `restart`: every worker is new; rerun everything
             self._epoch = state.epoch
             self._hello.clear()
@@ -331,6 +355,17 @@ class LLM:
                 with self._lock:
                     self._orphans += [r for r in self._requests.values() if r.worker == w.name]
         self._place_orphans()
+
+    def _watch_stall(self, req_id: str, now: float, counts: bool = True) -> None:
+        for last, worst in list(self._stall_watch):
+            if req_id in last:
+                gap = now - last.pop(req_id)
+                worst[0] = max(worst[0], gap if counts else 0.0)
+                if not last:
+                    self._stall_watch.remove((last, worst))
+                    self.stalls.append(worst[0])
+                    self._router.send_multipart([b"orchestrator", *P.encode(P.Report(
+                        "stall", "driver", "largest token gap across the failure, over all streams", worst[0] * 1000))])
 
     def _live_attention(self) -> list[str]:
         if not self._state or (self._epoch and not self._state.ready):
@@ -354,8 +389,10 @@ class LLM:
             params = msgspec.structs.replace(req.params, prompt_logits=False)
             if req.skip:  # `restart`: from the prompt, as if new
                 msg = P.AddRequest(req.req_id, req.prompt_ids, params)
+                self.reassigned["rerun"] += 1
             else:
                 restore = self.recovery == "tarragon" and store_ok
+                self.reassigned["restored" if restore else "recomputed"] += 1
                 msg = P.ResumeRequest(req.req_id, req.prompt_ids, list(req.tokens), params, restore, self.recovery == "replay")
             self._router.send_multipart([req.worker.encode(), *P.encode(msg)])
         self._router.send_multipart([b"orchestrator", *P.encode(P.Report(
@@ -381,6 +418,10 @@ class LLM:
                 frames = self._outbox_in.recv_multipart()
                 if frames == [b""]:  # shutdown() is done with the workers
                     break
+                if frames[0] == b"":  # an aborted request: not a stream to measure any more
+                    for req_id in P.decode(frames[1:])[0].req_ids:
+                        self._watch_stall(req_id, time.monotonic(), counts=False)
+                    continue
                 try:
                     self._router.send_multipart(frames)
                 except zmq.ZMQError as e:  # that worker is gone: nothing to deliver to
@@ -417,11 +458,14 @@ class LLM:
                     continue
                 req.tokens.append(tok)
                 req.times.append(now)
+                self._watch_stall(req_id, now)
                 if finish:
                     req.finish_reason = finish
                     with self._lock:
                         del self._requests[req_id]
                     req.done.set()
+                if req.listener:
+                    req.listener()
         elif isinstance(msg, P.PromptLogits):
             req = self._requests.get(msg.req_id)
             if req is not None and len(bufs) == 1:

@@ -153,7 +153,8 @@ class Orchestrator:
         if initial_ready and not self.ready_announced and self.epoch:
             self.event("restart_ready", "", f"epoch {self.epoch}: every worker up again", (time.monotonic() - self.restart_t0) * 1000)
         self.ready_announced |= initial_ready
-        self.driver.send_multipart(P.encode(P.ClusterState(records, self.version, self.ready_announced, self.epoch)))
+        self.driver.send_multipart(P.encode(P.ClusterState(records, self.version, self.ready_announced, self.epoch,
+                                                           len(self.table().unavailable()))))
 
     # ---- failures ---------------------------------------------------------------------------
 
@@ -239,13 +240,15 @@ class Orchestrator:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.driver, zmq.POLLIN)
         while True:
-            for sock, _ in poller.poll(timeout=10):
-                if sock is self.driver:
-                    if not self.on_driver(self.driver.recv_multipart()):
-                        return self.shutdown()
-                else:
-                    frames = self.sock.recv_multipart()
-                    self.on_worker(frames[0].decode(errors="replace"), frames[1:])
+            poller.poll(timeout=10)
+            # Drain everything queued before judging liveness: a heartbeat waiting in the queue
+            # behind other messages (a busy moment) is a heartbeat received.
+            while self.driver.poll(0):
+                if not self.on_driver(self.driver.recv_multipart()):
+                    return self.shutdown()
+            while self.sock.poll(0):
+                frames = self.sock.recv_multipart()
+                self.on_worker(frames[0].decode(errors="replace"), frames[1:])
             self.check_liveness()
 
     def on_worker(self, sender: str, frames) -> None:

@@ -123,6 +123,7 @@ class ClusterState(Msg):
     table_version: int
     ready: bool
     epoch: int = 0  # bumped by a full restart: every in-flight request must be rerun
+    unavailable_experts: int = 0  # (layer, expert) pairs with no live copy right now
 
 
 class GetEvents(Msg):
