@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Sets up, then generates on the demo model with 2 attention and 3 expert workers.
-# Extra arguments go to `tarragon generate` (e.g. --model DIR, prompts).
+#   ./demo.sh [--failover] [--model DIR] [PROMPT...]   text generation (+ an expert worker killed mid-way)
+#   ./demo.sh serve [--port 8000] [--api-key KEY]       the OpenAI-compatible server on the same cluster
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
+if [ "${1:-}" = "serve" ]; then
+  shift
+  exec .venv/bin/tarragon serve --attention-workers 2 --expert-workers 3 "$@"
+fi
 exec .venv/bin/tarragon generate --attention-workers 2 --expert-workers 3 "$@"
