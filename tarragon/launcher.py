@@ -28,6 +28,8 @@ class LocalLauncher:
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
+        # Idle OpenMP threads sleep instead of spinning: workers take turns on the same cores.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         package_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         with open(self.log_path(name), "ab") as log:

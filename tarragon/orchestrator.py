@@ -260,9 +260,8 @@ class Orchestrator:
         w = self.workers.get(sender.removesuffix("#hb"))
         if w is None:
             return
-        if isinstance(msg, P.Heartbeat):
-            w.last_beat = time.monotonic()
-        elif isinstance(msg, P.Ready):
+        w.last_beat = time.monotonic()  # any message is a sign of life (Ready may beat the first heartbeat)
+        if isinstance(msg, P.Ready):
             self.on_ready(w, msg)
         elif isinstance(msg, P.WorkerFailed):
             self.fail(msg.worker, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
