@@ -333,8 +333,8 @@ class LLM:
         self._state = state
         newly_failed = [w for w in state.workers if w.state == "failed" and old.get(w.name, "failed") != "failed"]
         if newly_failed or state.epoch != self._epoch:
-            with self._lock:  # measure this failure's stall: each stream's gap across it
-                last = {r.req_id: (r.times[-1] if r.times else r.submitted) for r in self._requests.values()}
+            with self._lock:  # measure this failure's stall: each streaming request's gap across it
+                last = {r.req_id: r.times[-1] for r in self._requests.values() if r.times}
             if last:
                 self._stall_watch.append((last, [0.0]))
             for w in newly_failed:

@@ -113,7 +113,7 @@ class ModelRunner:
 
         sampled: list[int] = []
         prompt_logits: dict[str, torch.Tensor] = {}
-        for part, (tok, meta), logits, w in zip(parts, metas, results, want_prompt):
+        for part, (_tok, meta), logits, w in zip(parts, metas, results, want_prompt):
             if w:
                 t0 = 0
                 for c in part:

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Union
+from functools import cache
+from typing import TYPE_CHECKING, Union
 
 import msgspec
-import torch
 
 from .routing_table import RoutingTable
 from .sampling import SamplingParams
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "int64")
+
+
+@cache
+def _dtypes() -> dict:
+    """name -> torch dtype; torch is imported only where tensors are (not in the orchestrator)."""
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES}
 MAX_MESSAGE_BYTES = 1 << 30
 # Received tensors view zmq's read-only frames on purpose (no copy); receivers never write them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")  # set as ZMQ_MAXMSGSIZE: larger messages are dropped by libzmq
@@ -229,11 +239,13 @@ _decoder = msgspec.msgpack.Decoder(Message)
 
 
 def tensor_meta(t: torch.Tensor) -> TensorMeta:
-    return TensorMeta(DTYPE_NAMES[t.dtype], list(t.shape))
+    return TensorMeta(str(t.dtype).removeprefix("torch."), list(t.shape))
 
 
 def tensor_frame(t: torch.Tensor):
     """Zero-copy view of a tensor's bytes, to send with copy=False."""
+    import torch
+
     return t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
 
 
@@ -256,7 +268,9 @@ def decode(frames: list) -> tuple[Msg, list[memoryview]]:
 def to_tensor(meta: TensorMeta, buf: memoryview) -> torch.Tensor:
     """The tensor a frame holds, after checking the frame matches its declared dtype and shape.
     The result shares the frame's (read-only) memory."""
-    dtype = DTYPES.get(meta.dtype)
+    import torch
+
+    dtype = _dtypes().get(meta.dtype)
     if dtype is None:
         raise BadMessage(f"unknown dtype {meta.dtype!r}")
     if len(meta.shape) > 4 or any(d < 0 for d in meta.shape):

@@ -7,8 +7,12 @@ and on whichever attention worker it runs (a request can move between workers on
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -41,6 +45,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
     """One token per row of `logits` [N, V] (fp32); `positions[i]` is the index of the token
     being generated (its count of earlier output tokens), which seeds random sampling."""
+    import torch
+
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if p.greedy:

@@ -97,7 +97,7 @@ def test_stream_survives_expert_then_attention_failure(served):
     args = dict(model=MODEL, prompt="class Server:", max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
     expected = c.completions.create(**args).choices[0].text
     pieces, times = [], []
-    for i, ch in enumerate(c.completions.create(stream=True, **args)):
+    for _i, ch in enumerate(c.completions.create(stream=True, **args)):
         if ch.choices and ch.choices[0].text:
             pieces.append(ch.choices[0].text)
             times.append(time.monotonic())
