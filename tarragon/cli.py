@@ -15,6 +15,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--shadows", type=int, default=1, help="inactive copies of each expert on other expert workers")
+    p.add_argument("--recovery", default="tarragon", choices=["tarragon", "recompute", "restart"],
+                   help="what an attention worker's failure costs: restore KV, re-prefill, or restart everything")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -23,7 +25,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompts = args.prompt or ["The quick brown fox", "def fibonacci(n):", "import numpy as np", "class Server:"]
     with LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers,
-             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows) as llm:
+             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows,
+             recovery=args.recovery) as llm:
         print(f"workers: {', '.join(f'{w.name}(pid {w.pid})' for w in llm.workers())}")
         t0 = time.monotonic()
         outs = llm.generate(prompts, params)
@@ -41,23 +44,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def failover_demo(llm, prompts, params, reference) -> None:
-    """Run the same prompts again, SIGKILL an expert worker a third of the way in, report."""
+    """Run the same prompts twice more: SIGKILL an expert worker, then an attention worker, a
+    third of the way in; report what happened and the stall."""
     def max_gap(times):
         return max((b - a for t in times for a, b in zip(t, t[1:])), default=0.0)
 
-    victim = next(w.name for w in llm.workers() if w.role == "expert" and w.state == "ready")
-    print(f"\n=== failover: the same prompts again; {victim} gets SIGKILL a third of the way in ===")
-    reqs = [llm.submit(p, params) for p in prompts]
-    while min(len(r.tokens) for r in reqs) < max(1, params.max_tokens // 3):
-        time.sleep(0.001)
-    llm.kill(victim)
-    outs = [llm.wait(r, 300) for r in reqs]
-    same = [o.token_ids for o in outs] == [o.token_ids for o in reference]
-    stall = max_gap([o.token_times for o in outs]) - max_gap([o.token_times for o in reference])
-    for e in llm.events():
-        print(f"  event: {e.kind:<20} {e.worker:<6} {e.detail} {f'({e.ms:.1f} ms)' if e.ms else ''}")
-    print(f"every request finished; tokens identical to the failure-free run: {same}")
-    print(f"stall (largest token gap minus the failure-free run's): {1000 * stall:.1f} ms")
+    for role in ("expert", "attention"):
+        reqs = [llm.submit(p, params) for p in prompts]
+        while min(len(r.tokens) for r in reqs) < max(1, params.max_tokens // 3):
+            time.sleep(0.001)
+        busy = {r.worker for r in reqs if not r.done.is_set()}
+        victim = next(w.name for w in llm.workers() if w.role == role and w.state == "ready" and (role == "expert" or w.name in busy))
+        print(f"\n=== failover: the same prompts again; {victim} ({role} worker) gets SIGKILL a third of the way in ===")
+        seen = len(llm.events())
+        llm.kill(victim)
+        outs = [llm.wait(r, 300) for r in reqs]
+        same = [o.token_ids for o in outs] == [o.token_ids for o in reference]
+        stall = max_gap([o.token_times for o in outs]) - max_gap([o.token_times for o in reference])
+        for e in llm.events()[seen:]:
+            print(f"  event: {e.kind:<20} {e.worker:<8} {e.detail} {f'({e.ms:.1f} ms)' if e.ms else ''}")
+        print(f"every request finished; tokens identical to the failure-free run: {same}")
+        print(f"stall (largest token gap minus the failure-free run's): {1000 * stall:.1f} ms")
+        while any(w.state == "starting" for w in llm.workers()):  # let the replacement join
+            time.sleep(0.05)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -94,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--failover", action="store_true", help="then rerun with an expert worker killed mid-generation")
+    g.add_argument("--failover", action="store_true", help="then rerun twice: an expert, then an attention worker killed mid-way")
     g.add_argument("prompt", nargs="*", help="prompts (default: a few built-in ones)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server on a local cluster")
     add_cluster_args(s)
-    s.add_argument("--recovery", default="tarragon", choices=["tarragon", "recompute", "restart"])
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
