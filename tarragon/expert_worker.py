@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MAX_DRAIN = 256  # requests batched per pass at most
 
 
-def serve_batch(bank: ExpertBank, hidden_size: int, requests: list[tuple[bytes, P.ExpertRequest, torch.Tensor]]):
+def serve_batch(bank: ExpertBank, requests: list[tuple[bytes, P.ExpertRequest, torch.Tensor]]):
     """Run the experts over all requests' rows; returns (identity, reply header, output) triples."""
     outputs = [torch.empty_like(x) for _, _, x in requests]
     work: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)  # key -> (request, start, rows)
@@ -104,5 +104,5 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
         for batch in (replays, [r for r in requests if not r[1].replay]):
             if batch:
                 with torch.inference_mode():
-                    for ident, header, out in serve_batch(bank, cfg.hidden_size, batch):
+                    for ident, header, out in serve_batch(bank, batch):
                         sock.send_multipart([ident, *P.encode(header, out)], copy=False)

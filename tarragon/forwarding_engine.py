@@ -167,13 +167,9 @@ class ForwardingEngine:
         flat = call.expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=E).tolist()
-        rows = call.hidden[order // k]
-        parts, offset = [], 0
-        for e in range(E):  # one part per expert here; _send merges runs that share a worker
-            if counts[e]:
-                parts.append((e, counts[e], offset))
-                offset += counts[e]
-        experts, counts = [e for e, _, _ in parts], [c for _, c, _ in parts]
+        rows = call.hidden[order // k]  # grouped by expert, experts in increasing order
+        experts = [e for e in range(E) if counts[e]]
+        counts = [counts[e] for e in experts]
         sent = self._send_runs(call.layer, experts, counts, rows, replay=False)
         if not sent:  # some expert has no live copy: hold the call until the routing table changes
             held = _Part(-1, "", call.layer, experts, counts, rows, time.monotonic())
