@@ -39,7 +39,7 @@ def test_workers_die_with_a_killed_driver(tiny_models):
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in driver.stdout.readline().split()]
-        assert len(pids) == 7 and all(pid_alive(p) for p in pids)  # orchestrator, store, 2 AWs, 3 EWs
+        assert sum(pid_alive(p) for p in pids) >= 7  # orchestrator, store, 2 AWs, 3 EWs (+ any replacement)
         driver.send_signal(signal.SIGKILL)
         driver.wait(10)
         deadline = time.monotonic() + 5.0

@@ -203,6 +203,7 @@ bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_val
     lambda d: {**d, "max_tokens": d["max_tokens"]} if isinstance(d.get("max_tokens"), int) and 0 < d["max_tokens"] < 8 else {**d, "max_tokens": 2})
 
 
+@pytest.mark.timeout(1200)
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=bodies, raw=st.booleans())
 def test_fuzzing_never_gives_5xx(served, path, body, raw):
