@@ -98,9 +98,9 @@ class AttentionWorker:
 
     def checkpoint(self, chunks: list[ScheduledChunk], slots: torch.Tensor, finished: list[str]) -> None:
         """Queue this step's new KV for the store; never blocks (a full queue drops the write)."""
-        self.finished += finished
-        if self.store is None or not self.engine_cfg.checkpoint:
+        if self.store is None:  # checkpointing off: nothing to write, nothing to collect
             return
+        self.finished += finished
         k, v = self.kv.k.index_select(1, slots), self.kv.v.index_select(1, slots)
         msg = P.KVWrite(self.write_seq, [c.seq.req_id for c in chunks], [c.start for c in chunks], [c.count for c in chunks],
                         P.tensor_meta(k), P.tensor_meta(v), self.finished)
@@ -130,7 +130,8 @@ class AttentionWorker:
             elif isinstance(msg, P.AbortRequest):
                 for req_id in msg.req_ids:
                     self.sched.abort(req_id)
-                    self.finished.append(req_id)
+                    if self.store is not None:
+                        self.finished.append(req_id)
 
     def handle_store(self) -> None:
         """Install restored KV; requests whose restore is overdue are recomputed instead."""

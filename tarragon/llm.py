@@ -259,7 +259,7 @@ class LLM:
         """Start one request; returns at once. `generate` is built on this."""
         if self._closed:
             raise RuntimeError("this LLM has been shut down")
-        params = msgspec_copy(params or SamplingParams())
+        params = msgspec.structs.replace(params or SamplingParams())  # the caller's object stays untouched
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -470,10 +470,6 @@ class LLM:
             req = self._requests.get(msg.req_id)
             if req is not None and len(bufs) == 1:
                 req.prompt_logits = P.to_tensor(msg.logits, bufs[0]).clone()
-
-
-def msgspec_copy(params: SamplingParams) -> SamplingParams:
-    return msgspec.structs.replace(params)
 
 
 def _pid_alive(pid: int) -> bool:
