@@ -157,9 +157,10 @@ class AttentionWorker:
         # Keep at least the last known token to compute: its logits give the next token.
         n = min(msg.committed, seq.length - 1)
         if n > 0 and k.dim() == 4 and k.shape[1] >= n and self.kv.grow(seq.blocks, n):
-            slots = self.kv.slots(seq.blocks, 0, n)
-            self.kv.k.index_copy_(1, slots, k[:, :n])
-            self.kv.v.index_copy_(1, slots, v[:, :n])
+            device = self.kv.k.device
+            slots = self.kv.slots(seq.blocks, 0, n).to(device)
+            self.kv.k.index_copy_(1, slots, P.to_device(k[:, :n], device))
+            self.kv.v.index_copy_(1, slots, P.to_device(v[:, :n], device))
             seq.num_computed = n
         self.sched.add(seq, front=True)
         self.report("restored", f"{seq.req_id}: {seq.num_computed} of {seq.length} tokens from the store", (time.monotonic() - t0) * 1000)

@@ -27,8 +27,10 @@ MAX_DRAIN = 256  # requests batched per pass at most
 
 
 def serve_batch(bank: ExpertBank, requests: list[tuple[bytes, P.ExpertRequest, torch.Tensor]]):
-    """Run the experts over all requests' rows; returns (identity, reply header, output) triples."""
-    outputs = [torch.empty_like(x) for _, _, x in requests]
+    """Run the experts over all requests' rows; returns (identity, reply header, output) triples.
+    Rows arrive and leave in host memory; they are computed where the bank is."""
+    inputs = [P.to_device(x, bank.device) for _, _, x in requests]
+    outputs = [torch.empty_like(x) for x in inputs]
     work: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)  # key -> (request, start, rows)
     for r, (_, req, _) in enumerate(requests):
         start = 0
@@ -38,13 +40,14 @@ def serve_batch(bank: ExpertBank, requests: list[tuple[bytes, P.ExpertRequest, t
     for key, pieces in work.items():
         if len(pieces) == 1:
             r, s, n = pieces[0]
-            outputs[r][s : s + n] = bank.run(*key, requests[r][2][s : s + n])
+            outputs[r][s : s + n] = bank.run(*key, inputs[r][s : s + n])
             continue
-        y = bank.run(*key, torch.cat([requests[r][2][s : s + n] for r, s, n in pieces]))
+        y = bank.run(*key, torch.cat([inputs[r][s : s + n] for r, s, n in pieces]))
         offset = 0
         for r, s, n in pieces:
             outputs[r][s : s + n] = y[offset : offset + n]
             offset += n
+    outputs = [P.to_host(out) for out in outputs]
     return [(ident, P.ExpertReply(req.call_id, P.tensor_meta(out)), out) for (ident, req, _), out in zip(requests, outputs)]
 
 
@@ -73,7 +76,7 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
         bank = ExpertBank(cfg, files, [tuple(x) for x in spec.experts], torch_dtype(spec.dtype), spec.device)
     with torch.inference_mode():  # warm every expert (page faults, BLAS set-up) before serving
         for key in bank.experts:
-            bank.run(*key, torch.zeros(2, cfg.hidden_size, dtype=bank.dtype))
+            bank.run(*key, torch.zeros(2, cfg.hidden_size, dtype=bank.dtype, device=bank.device))
     shadow = {tuple(x) for x in spec.shadow_experts}
     shadow_bytes = sum(a.nbytes + b.nbytes for k, (a, b) in bank.experts.items() if k in shadow)
     sock = ctx.socket(zmq.ROUTER)

@@ -59,7 +59,7 @@ class ExpertFuture:
 
     def result(self) -> torch.Tensor:
         outs = [self.engine.wait(p) for p in self.parts]
-        rows = outs[0] if len(outs) == 1 else torch.cat(outs)
+        rows = P.to_device(outs[0] if len(outs) == 1 else torch.cat(outs), self.like.device)
         combined = torch.zeros_like(self.like)
         combined.index_add_(0, self.token_of_row, (rows * self.row_weights[:, None]).to(combined.dtype))
         return combined
@@ -167,7 +167,7 @@ class ForwardingEngine:
         flat = call.expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=E).tolist()
-        rows = call.hidden[order // k]  # grouped by expert, experts in increasing order
+        rows = P.to_host(call.hidden[order // k])  # grouped by expert; kept on the host for replay
         experts = [e for e in range(E) if counts[e]]
         counts = [counts[e] for e in experts]
         sent = self._send_runs(call.layer, experts, counts, rows, replay=False)

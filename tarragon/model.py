@@ -67,6 +67,15 @@ class AttentionMetadata:
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (start, len, slots, mask|None=causal)
     logits_index: torch.Tensor  # [N] tokens whose next-token logits are needed
 
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        """Built on the host (small tensors from Python lists), used where the KV cache is."""
+        if device.type == "cpu":
+            return self
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        return AttentionMetadata(
+            move(self.positions), move(self.slot_mapping), move(self.decode_tokens), self.num_decode, move(self.decode_slots),
+            move(self.decode_mask), [(s, n, move(slots), move(mask)) for s, n, slots, mask in self.prefills], move(self.logits_index))
+
 
 @dataclass
 class AttentionLayer:
@@ -229,6 +238,7 @@ class ExpertBank:
     def __init__(self, cfg: ModelConfig, files: WeightFiles, assigned: list[tuple[int, int]], dtype: torch.dtype, device: str = "cpu"):
         self.cfg = cfg
         self.dtype = dtype
+        self.device = torch.device(device)
         self.experts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         for layer, e in assigned:

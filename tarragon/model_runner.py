@@ -78,7 +78,8 @@ class ModelRunner:
             prefills=prefills,
             logits_index=torch.tensor(logits_index, dtype=torch.long),
         )
-        return torch.tensor(tokens, dtype=torch.long), meta
+        device = self.kv.k.device
+        return torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True), meta.to(device)
 
     def split(self, chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
         """Micro-batches of about equal token counts (whole chunks each)."""

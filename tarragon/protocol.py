@@ -242,11 +242,35 @@ def tensor_meta(t: torch.Tensor) -> TensorMeta:
     return TensorMeta(str(t.dtype).removeprefix("torch."), list(t.shape))
 
 
-def tensor_frame(t: torch.Tensor):
-    """Zero-copy view of a tensor's bytes, to send with copy=False."""
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` in host memory: itself on CPU; from a GPU, a copy into pinned (page-locked) memory,
+    which the GPU copies into by DMA. torch's caching host allocator recycles those buffers."""
     import torch
 
-    return t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)  # synchronous: the bytes are there when this returns
+    return host
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A received (host) tensor on `device`: staged through pinned memory, copied asynchronously
+    (the caching host allocator keeps the staging buffer until the copy is done)."""
+    import torch
+
+    if device.type == "cpu":
+        return t
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True)
+
+
+def tensor_frame(t: torch.Tensor):
+    """Zero-copy view of a (host) tensor's bytes, to send with copy=False."""
+    import torch
+
+    return to_host(t).contiguous().view(torch.uint8).numpy() if t.numel() else b""
 
 
 def encode(header: Msg, *tensors: torch.Tensor) -> list:

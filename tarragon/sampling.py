@@ -51,7 +51,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = logits[i] / p.temperature
+        row = logits[i].cpu() / p.temperature  # on the host: the same draw whatever the device
         if 0 < p.top_k < row.numel():
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))
