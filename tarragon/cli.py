@@ -1,4 +1,4 @@
-"""Command line: `tarragon generate | make-model` (also `python -m tarragon`)."""
+"""Command line: `tarragon generate | serve | bench | make-model` (also `python -m tarragon`)."""
 
 from __future__ import annotations
 
@@ -17,16 +17,26 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shadows", type=int, default=1, help="inactive copies of each expert on other expert workers")
     p.add_argument("--recovery", default="tarragon", choices=["tarragon", "recompute", "restart"],
                    help="what an attention worker's failure costs: restore KV, re-prefill, or restart everything")
+    p.add_argument("--no-checkpoint", action="store_true", help="no KV checkpointing (an attention worker's failure re-prefills)")
+    p.add_argument("--probe-interval-s", type=float, default=0.01,
+                   help="probe a silent expert worker after this long (a large value turns probing off)")
+
+
+def start_llm(args: argparse.Namespace):
+    """The cluster that `add_cluster_args` describes."""
+    from . import LLM
+
+    return LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
+               dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery,
+               checkpoint=not args.no_checkpoint, probe_interval_s=args.probe_interval_s)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import LLM, SamplingParams
+    from . import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompts = args.prompt or ["The quick brown fox", "def fibonacci(n):", "import numpy as np", "class Server:"]
-    with LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers,
-             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows,
-             recovery=args.recovery) as llm:
+    with start_llm(args) as llm:
         print(f"workers: {', '.join(f'{w.name}(pid {w.pid})' for w in llm.workers())}")
         t0 = time.monotonic()
         outs = llm.generate(prompts, params)
@@ -72,15 +82,13 @@ def failover_demo(llm, prompts, params, reference) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import LLM
     from .server import serve
 
-    with LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
-             dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery) as llm:
+    with start_llm(args) as llm:
         name = args.served_model_name or (Path(args.model).name if args.model else "tarragon-demo")
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with "
               f"{', '.join(f'{w.name}(pid {w.pid})' for w in llm.workers())}", flush=True)
-        serve(llm, name, args.host, args.port, args.api_key, args.max_queue)
+        serve(llm, name, args.host, args.port, args.api_key, args.max_queue, args.enable_fault_injection)
     return 0
 
 
@@ -114,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    s.add_argument("--enable-fault-injection", action="store_true",
+                   help="expose POST /tarragon/fault (SIGKILL/SIGSTOP a worker) and GET /tarragon/events, for `tarragon bench`")
     s.set_defaults(func=cmd_serve)
+
+    from .bench import add_bench_args, cmd_bench
+
+    b = sub.add_parser("bench", help="load a server (a running one, or one it starts) with optional faults; report latencies and stalls")
+    add_cluster_args(b)
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout")
     m.add_argument("--family", default="mixtral", choices=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])

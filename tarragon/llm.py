@@ -162,6 +162,10 @@ class LLM:
         self.stalls: list[float] = []  # per failure: the largest token gap it caused across streams
         self.failures: dict[str, int] = {}  # failures seen, by role
         self.reassigned: dict[str, int] = {"restored": 0, "recomputed": 0, "rerun": 0}
+        # Per reassignment (one per failure): when, how many requests, and the tokens computed again
+        # to resume them: prompt + output for `recompute`/`replay` and for `restart` reruns. A
+        # restore's uncommitted tail is known only to its new worker, which reports it ("restored").
+        self.recomputed: list[dict] = []
 
         expert_bytes = 3 * cfg.hidden_size * cfg.expert_intermediate_size * tdtype.itemsize
         plan = place(cfg.num_experts, list(cfg.sparse_layers), [f"ew{j}" for j in range(expert_workers)],
@@ -382,11 +386,13 @@ class LLM:
         store_ok = any(w.role == "store" and w.state == "ready" for w in self._state.workers)
         with self._lock:
             orphans, self._orphans = sorted(self._orphans, key=lambda r: int(r.req_id.split("-")[1])), []
+        recomputed = 0
         for i, req in enumerate(orphans):
             if req.done.is_set():
                 continue
             req.worker = live[i % len(live)]
             params = msgspec.structs.replace(req.params, prompt_logits=False)
+            restore = False
             if req.skip:  # `restart`: from the prompt, as if new
                 msg = P.AddRequest(req.req_id, req.prompt_ids, params)
                 self.reassigned["rerun"] += 1
@@ -394,7 +400,10 @@ class LLM:
                 restore = self.recovery == "tarragon" and store_ok
                 self.reassigned["restored" if restore else "recomputed"] += 1
                 msg = P.ResumeRequest(req.req_id, req.prompt_ids, list(req.tokens), params, restore, self.recovery == "replay")
+            if req.tokens and not restore:
+                recomputed += len(req.prompt_ids) + len(req.tokens)
             self._router.send_multipart([req.worker.encode(), *P.encode(msg)])
+        self.recomputed.append({"t": time.monotonic(), "requests": len(orphans), "tokens": recomputed, "policy": self.recovery})
         self._router.send_multipart([b"orchestrator", *P.encode(P.Report(
             "requests_reassigned", "driver", f"{len(orphans)} requests to {', '.join(live)} ({self.recovery})", 0.0))])
 

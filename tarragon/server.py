@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
 import time
 from typing import Annotated, Any, Literal
 
@@ -71,6 +72,15 @@ class ChatMessage(BaseModel):
 
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+
+
+class FaultBody(BaseModel):
+    """POST /tarragon/fault: which live worker to hit, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["expert", "attention"]
+    index: int = Field(default=0, ge=0, description="the index-th live worker of that role, in registry order")
+    action: Literal["kill", "hang"] = "kill"
 
 
 class Metrics:
@@ -149,7 +159,8 @@ def health(llm: LLM) -> tuple[bool, str]:
     return True, "ok"
 
 
-def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
+               fault_injection: bool = False) -> FastAPI:
     app = FastAPI(title="Tarragon", version="0.1.0")
     metrics = Metrics(llm)
     created = int(time.time())
@@ -174,7 +185,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
     @app.middleware("http")
     async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path.startswith(("/v1/", "/tarragon/")):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "invalid or missing API key", "authentication_error")
@@ -203,6 +214,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             "routing_table_version": state.table_version if state else 0,
             "shadows": llm.shadows,
             "recovery": llm.recovery,
+            "vocab_size": llm.model_config.vocab_size,
             "events": [{"t": e.t, "kind": e.kind, "worker": e.worker, "detail": e.detail, "ms": e.ms} for e in llm.events()[-100:]],
         }
 
@@ -338,10 +350,41 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             raise APIError(400, f"chat template: {e}", param="messages") from None
         return await run(body, text, "chat.completion")
 
+    if fault_injection:
+        add_fault_injection(app, llm)
     return app
 
 
-def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_queue: int = 256) -> None:
+def add_fault_injection(app: FastAPI, llm: LLM) -> None:
+    """Opt-in endpoints for `tarragon bench`: a real SIGKILL / SIGSTOP of a worker, and the event
+    log with the driver's per-failure figures. Times are this host's time.monotonic()."""
+
+    @app.post("/tarragon/fault")
+    async def _fault(body: FaultBody):
+        live = [w for w in llm.workers() if w.role == body.role and w.state == "ready" and w.alive]
+        if body.index >= len(live):
+            raise APIError(409, f"there are {len(live)} live {body.role} workers now; index {body.index} is out of range", param="index")
+        victim = live[body.index]
+        t = time.monotonic()
+        llm.kill(victim.name, signal.SIGKILL if body.action == "kill" else signal.SIGSTOP)  # a hung worker is fenced by SIGKILL
+        return {"victim": victim.name, "pid": victim.pid, "role": body.role, "action": body.action, "t": t}
+
+    @app.get("/tarragon/events")
+    async def _events():
+        events = await asyncio.to_thread(llm.events)  # waits on the orchestrator: keep the streams flowing meanwhile
+        return {
+            "now": time.monotonic(),
+            "recovery": llm.recovery,
+            "events": [{"t": e.t, "kind": e.kind, "worker": e.worker, "detail": e.detail, "ms": e.ms} for e in events],
+            "stalls_s": list(llm.stalls),
+            "failures": dict(llm.failures),
+            "reassigned": dict(llm.reassigned),
+            "recomputed": list(llm.recomputed),
+        }
+
+
+def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_queue: int = 256,
+          fault_injection: bool = False) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(llm, model_name, api_key, max_queue), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(llm, model_name, api_key, max_queue, fault_injection), host=host, port=port, log_level="warning")

@@ -1,0 +1,629 @@
+"""`tarragon bench`: load an OpenAI-compatible server with streaming requests, inject worker
+faults on a schedule, and report what the clients saw.
+
+The report follows `vllm bench serve` (throughput; mean / median / p99 of TTFT, TPOT, ITL, E2EL)
+and adds, per fault, what the cluster did about it (from the server's event log) and the stall
+the clients saw. Everything is timed on the client; server times are only compared with each
+other (event minus fault), so the server may be on another host. Fault injection needs a server
+started with `--enable-fault-injection`; `tarragon bench` without `--base-url` starts one itself.
+
+The experiment scripts under bench/ are built from the functions here: `Server`,
+`make_requests`, `run_load`, `summarize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILTIN_DATASET = Path(__file__).parent / "data" / "conversations.json"
+BIN_S = 0.25  # timeline bin width
+SETTLE_S = 1.0  # a token gap that starts this soon after a fault counts towards its stall
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    """`expert:1@20s`: SIGKILL the expert worker at index 1 (of those live then) 20 s into the
+    run; `hang:attention:0@5s` sends SIGSTOP instead."""
+
+    role: str
+    index: int
+    at_s: float
+    action: str = "kill"
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        m = re.fullmatch(r"(?:(kill|hang):)?(expert|attention):(\d+)@(\d+(?:\.\d*)?)(s|ms)?", spec.strip())
+        if not m:
+            raise ValueError(f"bad --fault {spec!r}: expected [kill:|hang:]expert|attention:INDEX@SECONDS, e.g. expert:1@20s")
+        action, role, index, at, unit = m.groups()
+        return cls(role, int(index), float(at) / (1000 if unit == "ms" else 1), action or "kill")
+
+    def __str__(self) -> str:
+        return f"{'hang:' if self.action == 'hang' else ''}{self.role}:{self.index}@{self.at_s:g}s"
+
+
+@dataclass
+class BenchRequest:
+    prompt: str | list[int]  # text, or token ids (the random dataset)
+    prompt_len: int
+    output_len: int
+
+
+def random_requests(n: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0) -> list[BenchRequest]:
+    """Token-id prompts of a fixed length (ids from 3 up, clear of the usual special tokens)."""
+    rng = random.Random(seed)
+    return [BenchRequest([rng.randrange(3, vocab_size) for _ in range(input_len)], input_len, output_len) for _ in range(n)]
+
+
+def sharegpt_requests(path: str | Path, n: int, tokenizer, max_model_len: int, output_len: int | None = None,
+                      seed: int = 0) -> list[BenchRequest]:
+    """The first human turn of each conversation as the prompt; the reply's length in tokens as
+    the output length (or `output_len`). Conversations too long for the context are skipped."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the dataset {path}: {e}") from None
+    pairs = []
+    for conv in data if isinstance(data, list) else []:
+        turns = conv.get("conversations") if isinstance(conv, dict) else None
+        if isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2]):
+            pairs.append((turns[0]["value"], turns[1]["value"]))
+    if not pairs:
+        raise ValueError(f"{path}: no conversations in ShareGPT format ([{{'conversations': [{{'from', 'value'}}, ...]}}, ...])")
+    random.Random(seed).shuffle(pairs)
+    out = []
+    for prompt, reply in pairs:
+        plen = len(tokenizer.encode(prompt))
+        olen = output_len or max(4, len(tokenizer.encode(reply, add_special_tokens=False)))
+        if plen and plen + olen <= max_model_len:
+            out.append(BenchRequest(prompt, plen, olen))
+    if not out:
+        raise ValueError(f"{path}: every conversation is longer than the context ({max_model_len} tokens)")
+    return [out[i % len(out)] for i in range(n)]  # repeat the set if asked for more
+
+
+def arrival_offsets(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
+    """When each request is sent, in seconds from the start: gamma-distributed gaps with mean
+    1/rate (burstiness 1 is Poisson; lower is burstier, higher more regular); rate inf: all at once."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+    return out
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    start: float  # client time.monotonic() when sent
+    prompt_len: int
+    output_len: int  # tokens received (the server's usage count)
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each streamed chunk with text
+    end: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class FaultRecord:
+    fault: Fault
+    client_t: float  # client time.monotonic(), midway through the POST
+    server_t: float = 0.0  # the server's time.monotonic() at the signal
+    victim: str = ""
+    error: str = ""
+
+
+@dataclass
+class BenchRun:
+    start: float
+    end: float
+    requests: list[RequestResult]
+    faults: list[FaultRecord]
+    server: dict | None = None  # GET /tarragon/events after the run
+
+
+async def _stream_one(client, url: str, headers: dict, model: str, req: BenchRequest) -> RequestResult:
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    res = RequestResult(False, time.monotonic(), req.prompt_len, 0)
+    finish = None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.monotonic()
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    res.prompt_len = chunk["usage"]["prompt_tokens"]
+                    res.output_len = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    if choice.get("text"):
+                        res.chunk_times.append(now)
+                    finish = choice.get("finish_reason") or finish
+    except Exception as e:  # a dropped connection is a failed request, not a crashed benchmark
+        res.error = f"{type(e).__name__}: {e}"
+        return res
+    finally:
+        res.end = time.monotonic()
+    if finish is None:
+        res.error = "the stream ended without a finish reason"
+    elif res.output_len != req.output_len:
+        res.error = f"{res.output_len} tokens instead of {req.output_len}"
+    res.ok = not res.error
+    return res
+
+
+async def _inject(client, base_url: str, headers: dict, fault: Fault, t0: float) -> FaultRecord:
+    await asyncio.sleep(max(0.0, t0 + fault.at_s - time.monotonic()))
+    sent = time.monotonic()
+    rec = FaultRecord(fault, sent)
+    try:
+        r = await client.post(f"{base_url}/tarragon/fault", json={"role": fault.role, "index": fault.index, "action": fault.action},
+                              headers=headers)
+        rec.client_t = (sent + time.monotonic()) / 2
+        if r.status_code == 200:
+            rec.server_t, rec.victim = r.json()["t"], r.json()["victim"]
+        else:
+            rec.error = f"HTTP {r.status_code}: {r.text[:200]}"
+    except Exception as e:
+        rec.error = f"{type(e).__name__}: {e}"
+    return rec
+
+
+async def run_load(base_url: str, requests: list[BenchRequest], rate: float = math.inf, burstiness: float = 1.0,
+                   max_concurrency: int | None = None, faults: list[Fault] = (), duration: float | None = None,
+                   api_key: str | None = None, seed: int = 0, progress: bool = True) -> BenchRun:
+    """Send `requests` at the given arrival rate (stopping new sends after `duration` seconds, if
+    given), fire `faults` on schedule, and collect every stream's chunk arrival times."""
+    import httpx
+    from tqdm import tqdm
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = httpx.Timeout(None, connect=30.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
+        model = (await client.get(f"{base_url}/v1/models", headers=headers)).json()["data"][0]["id"]
+        gate = asyncio.Semaphore(max_concurrency or len(requests) or 1)
+        bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not progress)
+
+        async def one(req: BenchRequest, at: float) -> RequestResult | None:
+            await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            if duration is not None and time.monotonic() - t0 > duration:
+                return None
+            async with gate:
+                res = await _stream_one(client, f"{base_url}/v1/completions", headers, model, req)
+            bar.update(1)
+            return res
+
+        t0 = time.monotonic()
+        fault_tasks = [asyncio.create_task(_inject(client, base_url, headers, f, t0)) for f in faults]
+        offsets = arrival_offsets(len(requests), rate, burstiness, seed)
+        results = [r for r in await asyncio.gather(*(one(q, at) for q, at in zip(requests, offsets))) if r is not None]
+        end = max((r.end for r in results), default=time.monotonic())
+        records = list(await asyncio.gather(*fault_tasks))
+        bar.close()
+        server = None
+        if faults:
+            r = await client.get(f"{base_url}/tarragon/events", headers=headers)
+            server = r.json() if r.status_code == 200 else None
+    return BenchRun(t0, end, results, records, server)
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo = math.floor(k)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
+
+
+def _stats_ms(xs: list[float]) -> dict[str, float]:
+    ms = [1000 * x for x in xs]
+    return {"mean": statistics.fmean(ms) if ms else float("nan"), "median": percentile(ms, 50), "p99": percentile(ms, 99)}
+
+
+def itl_samples(reqs: list[RequestResult]) -> list[float]:
+    return [b - a for r in reqs for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+
+
+def summarize(run: BenchRun) -> dict[str, Any]:
+    """`vllm bench serve`'s figures, plus one record per fault."""
+    ok = [r for r in run.requests if r.ok]
+    duration = run.end - run.start
+    out_tokens = sum(r.output_len for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    ttft = [r.chunk_times[0] - r.start for r in ok if r.chunk_times]
+    tpot = [(r.end - r.chunk_times[0]) / (r.output_len - 1) for r in ok if r.chunk_times and r.output_len > 1]
+    return {
+        "successful_requests": len(ok),
+        "failed_requests": len(run.requests) - len(ok),
+        "errors": sorted({r.error for r in run.requests if r.error})[:5],
+        "duration_s": duration,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration if duration else 0.0,
+        "output_throughput": out_tokens / duration if duration else 0.0,
+        "total_token_throughput": (in_tokens + out_tokens) / duration if duration else 0.0,
+        "ttft_ms": _stats_ms(ttft),
+        "tpot_ms": _stats_ms(tpot),
+        "itl_ms": _stats_ms(itl_samples(ok)),
+        "e2el_ms": _stats_ms([r.end - r.start for r in ok]),
+        "faults": [fault_report(run, i) for i in range(len(run.faults))],
+    }
+
+
+def fault_report(run: BenchRun, i: int) -> dict[str, Any]:
+    """What one fault cost: detection, the recovery steps until the next fault, the largest token
+    gap of the streams in flight at it (as the client saw it), and the tokens computed again."""
+    rec = run.faults[i]
+    out: dict[str, Any] = {"fault": str(rec.fault), "victim": rec.victim, "at_s": rec.client_t - run.start, "error": rec.error}
+    if rec.error:
+        return out
+    tf = rec.client_t
+    # Streams that had started streaming (a request still in its prefill shows up in TTFT).
+    in_flight = [r for r in run.requests if r.chunk_times and r.chunk_times[0] < tf < r.end]
+    stall, before = 0.0, 0.0
+    for r in in_flight:
+        for a, b in zip(r.chunk_times, r.chunk_times[1:]):
+            if b > tf and a < tf + SETTLE_S:
+                stall = max(stall, b - a)
+            elif b <= tf:
+                before = max(before, b - a)
+    out.update(streams_in_flight=len(in_flight), stall_ms=1000 * stall, largest_gap_before_ms=1000 * before)
+    if run.server is None:
+        return out
+    # The server's own clock from here on: events between this fault and the next one.
+    t_end = min((f.server_t for f in run.faults[i + 1:] if f.server_t > rec.server_t), default=math.inf)
+    events = [e for e in run.server["events"] if rec.server_t <= e["t"] < t_end]
+    steps = [{"after_ms": 1000 * (e["t"] - rec.server_t), **{k: e[k] for k in ("kind", "worker", "detail", "ms")}} for e in events]
+    detected = next((s for s in steps if s["kind"] == "worker_failed" and s["worker"] == rec.victim), None)
+    tail = 0  # a restore's uncommitted tail, as its new worker reported it
+    for s in steps:
+        m = re.search(r"(\d+) of (\d+) tokens", s["detail"]) if s["kind"] == "restored" else None
+        if m:
+            tail += int(m[2]) - int(m[1])
+    recomputed = sum(x["tokens"] for x in run.server.get("recomputed", []) if rec.server_t <= x["t"] < t_end)
+    out.update(detect_ms=detected["after_ms"] if detected else None, detection=detected["detail"] if detected else "not detected",
+               tokens_recomputed=tail + recomputed, steps=steps)
+    return out
+
+
+def _step_lines(steps: list[dict]) -> list[str]:
+    """Recovery steps, one line per kind (a restore is one event per request)."""
+    kinds: dict[str, list[dict]] = {}
+    for s in steps:
+        kinds.setdefault(s["kind"], []).append(s)
+    lines = []
+    for kind, ss in kinds.items():
+        when = f"{ss[0]['after_ms']:.0f} ms" if len(ss) == 1 else f"{ss[0]['after_ms']:.0f}-{ss[-1]['after_ms']:.0f} ms"
+        took = f", took {statistics.median(s['ms'] for s in ss):.0f} ms{' (median)' if len(ss) > 1 else ''}" if any(s["ms"] for s in ss) else ""
+        lines.append(f"    +{when:<16} {kind}{f' x{len(ss)}' if len(ss) > 1 else ''}: {ss[0]['worker']} {ss[0]['detail'][:70]}{took}")
+    return lines
+
+
+def format_report(s: dict[str, Any], title: str = "Serving Benchmark Result") -> str:
+    """The summary as `vllm bench serve` prints it, then the faults."""
+    rows = [("Successful requests:", s["successful_requests"]), ("Failed requests:", s["failed_requests"]),
+            ("Benchmark duration (s):", f"{s['duration_s']:.2f}"), ("Total input tokens:", s["total_input_tokens"]),
+            ("Total generated tokens:", s["total_output_tokens"]), ("Request throughput (req/s):", f"{s['request_throughput']:.2f}"),
+            ("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}"),
+            ("Total token throughput (tok/s):", f"{s['total_token_throughput']:.2f}")]
+    lines = [f"{' ' + title + ' ':=^60}", *(f"{k:<40}{v:<20}" for k, v in rows)]
+    for key, name in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st token)"),
+                      ("itl_ms", "Inter-token Latency"), ("e2el_ms", "End-to-end Latency")):
+        lines.append(f"{name:-^60}")
+        short = key.split("_")[0].upper()
+        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
+            lines.append(f"{f'{label} {short} (ms):':<40}{s[key][stat]:<20.2f}")
+    for e in s["errors"]:
+        lines.append(f"error: {e}")
+    for f in s["faults"]:
+        lines.append(f"{' Fault ' + f['fault'] + ' ':-^60}")
+        if f["error"]:
+            lines.append(f"not injected: {f['error']}")
+            continue
+        lines.append(f"{'Victim:':<40}{f['victim']} at {f['at_s']:.2f} s")
+        if "detect_ms" in f:
+            lines.append(f"{'Time to detect (ms):':<40}{f['detect_ms']:.1f}" if f["detect_ms"] is not None else "Not detected")
+        lines.append(f"{'Stall (ms):':<40}{f['stall_ms']:.1f}  ({f['streams_in_flight']} streams; largest gap before: "
+                     f"{f['largest_gap_before_ms']:.0f} ms)")
+        if "tokens_recomputed" in f:
+            lines.append(f"{'Tokens recomputed:':<40}{f['tokens_recomputed']}")
+            lines.append("Recovery steps (after the fault):")
+            lines += _step_lines(f["steps"])
+    lines.append("=" * 60)
+    return "\n".join(lines)
+
+
+def timeline(run: BenchRun) -> dict[str, list[float]]:
+    """Output tokens/s in BIN_S bins and each inter-chunk gap at its arrival, from the run's start
+    (a chunk carries output_len / chunks tokens: almost always one)."""
+    end = run.end - run.start
+    bins = [0.0] * (int(end / BIN_S) + 1)
+    itl_t, itl = [], []
+    for r in run.requests:
+        if not r.chunk_times:
+            continue
+        per_chunk = r.output_len / len(r.chunk_times) if r.ok else 1.0
+        for j, t in enumerate(r.chunk_times):
+            bins[min(int((t - run.start) / BIN_S), len(bins) - 1)] += per_chunk / BIN_S
+            if j:
+                itl_t.append(t - run.start)
+                itl.append(1000 * (t - r.chunk_times[j - 1]))
+    return {"t": [BIN_S * i for i in range(len(bins))], "tokens_per_s": bins, "itl_t": itl_t, "itl_ms": itl,
+            "faults": [f.client_t - run.start for f in run.faults if not f.error],
+            "fault_labels": [f"{f.fault.action} {f.victim}" for f in run.faults if not f.error]}
+
+
+def plot_timelines(panels: list[tuple[str, BenchRun]], path: str | Path, title: str = "") -> bool:
+    """One column per run: output tokens/s (top) and inter-token latency (bottom) over time,
+    faults as vertical lines, like the paper's failover figure. False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install 'tarragon[bench]'): no plot", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels) + 1, 5.5), sharex="col", sharey="row", squeeze=False)
+    for col, (name, run) in enumerate(panels):
+        tl = timeline(run)
+        top, bottom = axes[0][col], axes[1][col]
+        top.step(tl["t"], tl["tokens_per_s"], where="post", lw=1)
+        bottom.scatter(tl["itl_t"], tl["itl_ms"], s=2, alpha=0.5)
+        bottom.set_yscale("log")
+        for x, label in zip(tl["faults"], tl["fault_labels"]):
+            for ax in (top, bottom):
+                ax.axvline(x, color="red", ls="--", lw=1)
+            top.annotate(label, (x, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7, color="red")
+        top.set_title(name, fontsize=10)
+        bottom.set_xlabel("time (s)")
+    axes[0][0].set_ylabel(f"output tokens/s ({int(1000 * BIN_S)} ms bins)")
+    axes[1][0].set_ylabel("inter-token latency (ms)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """JSON with inf/nan written as null (strict JSON has neither)."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(clean(obj), indent=1, default=str))
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_json(run: BenchRun, detail: bool = False) -> dict[str, Any]:
+    """The summary, and with `detail` every request's chunk times (relative to the start)."""
+    out = {"summary": summarize(run)}
+    if detail:
+        out["requests"] = [{**asdict(r), "start": r.start - run.start, "end": r.end - run.start,
+                            "chunk_times": [t - run.start for t in r.chunk_times]} for r in run.requests]
+    return out
+
+
+# ---- a server of our own ------------------------------------------------------------------------
+
+
+class Server:
+    """`tarragon serve ARGS --enable-fault-injection` on a free local port, in its own process
+    group, stopped (with its whole cluster) on exit."""
+
+    def __init__(self, args: list[str], startup_timeout: float = 300.0, api_key: str | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.api_key = api_key
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="tarragon-bench-server-", suffix=".log", delete=False)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+        cmd = [sys.executable, "-m", "tarragon", "serve", *args, "--host", "127.0.0.1", "--port", str(port), "--enable-fault-injection"]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            self.roles = wait_healthy(self.url, timeout=startup_timeout, proc=self.proc, log=self.log.name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # uvicorn exits, `tarragon serve` shuts the cluster down
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the workers die with their parents (parent-death signal)
+                self.proc.wait()
+        self.log.close()
+        os.unlink(self.log.name)
+
+    def heal(self, timeout: float = 180.0) -> None:
+        """Wait until the cluster is back to its size at start (after a fault's replacement)."""
+        wait_healthy(self.url, self.roles, timeout, self.proc, self.log.name)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_healthy(base_url: str, roles: dict[str, int] | None = None, timeout: float = 180.0, proc=None, log: str = "") -> dict[str, int]:
+    """Poll until /health says ok, no worker is starting and (if given) as many workers per role
+    are ready as `roles` says; returns the ready workers per role."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = Path(log).read_text()[-3000:] if log else ""
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n{tail}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                workers = httpx.get(f"{base_url}/v1/cluster", timeout=10).json()["workers"]
+                ready: dict[str, int] = {}
+                for w in workers:
+                    ready[w["role"]] = ready.get(w["role"], 0) + (w["state"] == "ready")
+                if not any(w["state"] == "starting" for w in workers) and (roles is None or all(ready.get(k, 0) >= n for k, n in roles.items())):
+                    return ready
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base_url} not healthy after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def server_info(base_url: str, api_key: str | None = None) -> dict[str, Any]:
+    """/v1/models' entry and /v1/cluster (vocabulary size, recovery policy), where there is one."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    info = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30).json()["data"][0]
+    r = httpx.get(f"{base_url}/v1/cluster", headers=headers, timeout=30)
+    if r.status_code == 200:
+        info.update({k: v for k, v in r.json().items() if k in ("vocab_size", "recovery", "shadows")})
+    return info
+
+
+def make_requests(args: argparse.Namespace, info: dict[str, Any], n: int) -> list[BenchRequest]:
+    """The dataset that --dataset-name / --dataset-path / --random-* ask for."""
+    if args.dataset_name == "random":
+        vocab = info.get("vocab_size") or _tokenizer(args).vocab_size
+        return random_requests(n, args.random_input_len, args.random_output_len, vocab, args.seed)
+    path = BUILTIN_DATASET if args.dataset_name == "builtin" else args.dataset_path
+    if not path:
+        raise ValueError("--dataset-name sharegpt needs --dataset-path FILE")
+    return sharegpt_requests(path, n, _tokenizer(args), info.get("max_model_len", 2048), args.sharegpt_output_len, args.seed)
+
+
+def _tokenizer(args: argparse.Namespace):
+    """The model's tokenizer, to measure prompts and replies (the demo model's by default)."""
+    from .make_model import demo_model
+    from .tokenizer import Tokenizer
+
+    return Tokenizer(args.tokenizer or args.model or demo_model())
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default=None, help="a running server (default: start one with the cluster arguments above)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin"],
+                   help="random token ids of fixed lengths; a ShareGPT JSON file (--dataset-path); a small built-in conversation set")
+    p.add_argument("--dataset-path", default=None)
+    p.add_argument("--tokenizer", default=None, help="checkpoint folder whose tokenizer measures text prompts (default: --model)")
+    p.add_argument("--random-input-len", type=int, default=10)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--sharegpt-output-len", type=int, default=None, help="override each reply's length")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--duration", type=float, default=None, help="stop sending new requests after this many seconds")
+    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 is Poisson")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--fault", action="append", default=[], metavar="[hang:]ROLE:INDEX@TIME",
+                   help="e.g. expert:1@20s, attention:0@40s, hang:expert:2@30s (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-file", default=None, help="write the report (and every request's chunk times) as JSON")
+    p.add_argument("--plot", default=None, help="write a PNG timeline: output tokens/s and inter-token latency, faults marked")
+
+
+def cluster_argv(args: argparse.Namespace) -> list[str]:
+    """The `tarragon serve` arguments that reproduce the cluster arguments given to bench."""
+    from .cli import add_cluster_args
+
+    p = argparse.ArgumentParser(add_help=False)
+    add_cluster_args(p)
+    argv = []
+    for a in p._actions:
+        value = getattr(args, a.dest)
+        if value != a.default:
+            argv += [a.option_strings[0]] if isinstance(value, bool) else [a.option_strings[0], str(value)]
+    return argv
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        faults = sorted((Fault.parse(f) for f in args.fault), key=lambda f: f.at_s)
+    except ValueError as e:
+        print(f"tarragon bench: error: {e}", file=sys.stderr)
+        return 2
+    if args.request_rate <= 0 or args.burstiness <= 0 or args.num_prompts < 1 or (args.max_concurrency or 1) < 1:
+        print("tarragon bench: error: --request-rate, --burstiness, --num-prompts and --max-concurrency must be positive", file=sys.stderr)
+        return 2
+    server = None if args.base_url else Server(cluster_argv(args), api_key=args.api_key)
+    try:
+        url = args.base_url.rstrip("/") if args.base_url else server.url
+        info = server_info(url, args.api_key)
+        timed = args.duration is not None and not math.isinf(args.request_rate)
+        n = math.ceil(args.request_rate * args.duration) if timed else args.num_prompts  # --duration: as many as fit
+        reqs = make_requests(args, info, n)
+        run = asyncio.run(run_load(url, reqs, args.request_rate, args.burstiness, args.max_concurrency, faults, args.duration,
+                                   args.api_key, args.seed))
+    finally:
+        if server:
+            server.stop()
+    summary = summarize(run)
+    print(format_report(summary))
+    if args.result_file:
+        record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "server": info,
+                  "args": {k: v for k, v in vars(args).items() if k != "func" and k != "api_key"}, **run_json(run, detail=True)}
+        write_json(record, args.result_file)
+        print(f"wrote {args.result_file}")
+    if args.plot and plot_timelines([(f"{info['id']}, {info.get('recovery', '')}", run)], args.plot):
+        print(f"wrote {args.plot}")
+    return 0 if summary["successful_requests"] else 1
