@@ -109,6 +109,23 @@ class Pong(Msg):
     seq: int
 
 
+class Join(Msg):
+    """A worker started by hand (`tarragon worker --join`) -> orchestrator: it offers to fill a
+    planned slot of `role` and has reserved these addresses on its host."""
+
+    role: str
+    pid: int
+    endpoint: str
+    probe_endpoint: str
+
+
+class Assign(Msg):
+    """Orchestrator -> a worker that joined: the slot it fills, as a WorkerSpec in JSON (decoded
+    and validated as one, like the command line of a worker the orchestrator starts itself)."""
+
+    spec: str
+
+
 class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     role: str
@@ -232,7 +249,7 @@ class RestoreData(Msg):
 Message = Union[
     Ready, AddRequest, AbortRequest, Shutdown, Heartbeat, Probe, Pong, ClusterState, GetEvents, EventLog,
     WorkerFailed, TableUpdate, Tokens, PromptLogits, ExpertRequest, ExpertReply, ResumeRequest, Report, RestartAll,
-    KVWrite, RestoreRequest, RestoreData,
+    KVWrite, RestoreRequest, RestoreData, Join, Assign,
 ]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
