@@ -11,7 +11,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in demo model)")
     p.add_argument("--attention-workers", type=int, default=2)
     p.add_argument("--expert-workers", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--shadows", type=int, default=1, help="inactive copies of each expert on other expert workers")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout")
     m.add_argument("--family", default="mixtral", choices=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
-    m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    m.add_argument("--size", default="tiny", choices=["tiny", "bench", "gpu"])
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shard-bytes", type=int, default=None, help="split into shards of about this many bytes")
     m.add_argument("out")

@@ -98,7 +98,7 @@ class LLM:
         attention_workers: int = 2,
         expert_workers: int = 3,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",
         shadows: int = 1,
         shadow_budget_bytes: int | None = None,
         replace_failed: bool = True,
@@ -122,6 +122,8 @@ class LLM:
             raise ValueError(f"shadows must be >= 0, got {shadows}")
         shadows = min(shadows, expert_workers - 1)  # a shadow never shares its primary's worker
         self.shadows = shadows
+        if dtype == "auto":  # bf16 where the hardware is built for it; fp32 on CPUs, where bf16 is slower here
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
         self.config = EngineConfig(str(model), attention_workers, expert_workers, device, dtype, **engine_args)
         self.model_config = cfg = ModelConfig.from_dir(model)
         WeightFiles(model).close()  # fail here, clearly, on a missing or corrupt checkpoint
