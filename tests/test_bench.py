@@ -1,0 +1,115 @@
+"""`tarragon bench` end to end against a server it starts, with real faults of every kind, and
+the four experiment scripts under bench/ in their --short form."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tarragon.bench import Fault
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group and kill the whole group if it overruns or the
+    test fails, so no server or worker outlives the test."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def test_fault_specs():
+    assert Fault.parse("expert:1@20s") == Fault("expert", 1, 20.0, "kill")
+    assert Fault.parse("hang:attention:0@500ms") == Fault("attention", 0, 0.5, "hang")
+    for bad in ("expert@1s", "gpu:0@1s", "hang:expert:x@1s", "expert:0"):
+        with pytest.raises(ValueError):
+            Fault.parse(bad)
+    r = run([sys.executable, "-m", "tarragon", "bench", "--fault", "disk:0@1s"], timeout=60)
+    assert r.returncode == 2 and "bad --fault" in r.stdout
+
+
+@pytest.mark.timeout(150)
+def test_bench_cli_with_every_fault_kind(tiny_models, tmp_path):
+    result, png = tmp_path / "r.json", tmp_path / "r.png"
+    # shadows=2: every expert has a copy on each of the 3 expert workers, so a second expert
+    # failure before the first one's replacement has joined still leaves a live copy.
+    r = run([sys.executable, "-m", "tarragon", "bench", "--model", tiny_models["mixtral"], "--max-model-len", "512", "--shadows", "2",
+             "--num-prompts", "30", "--request-rate", "6", "--random-output-len", "48",
+             "--fault", "expert:0@1.5s", "--fault", "attention:0@3s", "--fault", "hang:expert:0@4.5s",
+             "--result-file", str(result), "--plot", str(png)], timeout=140)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "Successful requests:" in r.stdout and "Time to detect (ms):" in r.stdout
+    s = json.loads(result.read_text())["summary"]
+    assert s["successful_requests"] == 30 and s["failed_requests"] == 0, s["errors"]
+    assert s["total_output_tokens"] == 30 * 48
+    assert s["ttft_ms"]["median"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["median"] > 0
+    kill_ew, kill_aw, hang_ew = s["faults"]
+    for f in s["faults"]:
+        assert not f["error"] and f["victim"], f
+        assert f["detect_ms"] is not None and 0 <= f["detect_ms"] < 3000, f
+        assert f["streams_in_flight"] > 0 and 0 < f["stall_ms"] < 5000, f
+        assert any(step["kind"] == "worker_failed" and step["worker"] == f["victim"] for step in f["steps"])
+    assert kill_ew["victim"].startswith("ew") and kill_aw["victim"].startswith("aw") and hang_ew["victim"].startswith("ew")
+    assert kill_ew["tokens_recomputed"] == 0  # an expert failure replays one layer's expert calls, no tokens
+    assert any(step["kind"] == "restored" for step in kill_aw["steps"])
+    assert 0 < kill_aw["tokens_recomputed"] < s["total_output_tokens"]
+    # A hung worker answers nothing: it is found by probes (a dead one by its socket at once),
+    # so detection and the stall take at least about the probe timeout (100 ms).
+    assert hang_ew["detect_ms"] >= 50 and hang_ew["stall_ms"] >= 50, hang_ew
+    assert "no answer to probes" in next(st["detail"] for st in hang_ew["steps"] if st["kind"] == "worker_failed")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SCRIPTS = ("failover", "resilience_cost", "checkpoint_cost", "restore")
+
+
+@pytest.mark.timeout(200)
+def test_experiment_scripts_short(tiny_models, tmp_path):
+    """All four side by side: they spend most of their time waiting for restarts and
+    replacements, so together they take little longer than the slowest alone."""
+    procs = {}
+    try:
+        for script in SCRIPTS:
+            procs[script] = subprocess.Popen([sys.executable, f"bench/{script}.py", "--short", "--model", tiny_models["mixtral"],
+                                              "--out", str(tmp_path / f"{script}.json")], cwd=ROOT, stdout=subprocess.PIPE,
+                                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        outputs = {script: proc.communicate(timeout=180)[0] for script, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for script, proc in procs.items():
+        assert proc.returncode == 0, f"{script}:\n{outputs[script][-3000:]}"
+        record = json.loads((tmp_path / f"{script}.json").read_text())
+        assert record["machine"]["cpus"] and record["model"] == tiny_models["mixtral"] and record["load"]
+        check_record(script, record, tmp_path)
+
+
+def check_record(script: str, record: dict, folder: Path) -> None:
+    if script == "failover":
+        att = record["table"]["attention"]
+        assert all(row["failed_requests"] == 0 for row in att.values())
+        assert att["restart"]["stall_ms"] > att["tarragon"]["stall_ms"]  # a restart reruns everything: seconds, not ms
+        assert att["restart"]["tokens_recomputed"] > att["recompute"]["tokens_recomputed"] > att["tarragon"]["tokens_recomputed"]
+        assert (folder / "failover_attention.png").stat().st_size > 0
+    elif script == "restore":
+        (ctx,) = record["median_gap_ms"].values()
+        assert all(v > 0 for v in ctx.values())
+        assert (folder / "restore.png").stat().st_size > 0
+    else:
+        (res,) = record["results"].values()
+        assert set(res["median"]) == {"on", "off"} and res["ratio_median"]["on/off"]["output_tok_s"] > 0
+        assert all(r["failed"] == 0 for v in res["runs"].values() for r in v)
