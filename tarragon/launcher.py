@@ -1,13 +1,51 @@
-"""Local launcher: every worker is its own OS process on this machine."""
+"""Launchers: how the orchestrator gets a worker process, and where that worker can be reached.
+
+Three fit the same `Launcher` protocol, so the orchestrator treats them alike:
+- `LocalLauncher` (the default): every worker a child process on this machine, on IPC sockets;
+- `RayLauncher` (`ray_launcher.py`): every worker a Ray actor that Ray places on a node, on TCP;
+- `ManualLauncher`: workers started by hand (`tarragon worker --join ADDR`) fill planned slots.
+Each hands back a `WorkerHandle`: the part of `subprocess.Popen` the orchestrator uses.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
+
+from . import protocol as P
+from .worker import WorkerSpec
+
+
+class WorkerHandle(Protocol):
+    """A started worker: `subprocess.Popen` is one; the Ray and manual launchers give look-alikes."""
+
+    pid: int  # 0 while not known yet (a Ray actor being placed, a slot nobody has joined)
+    returncode: int | None
+
+    def poll(self) -> int | None: ...  # None while it runs
+    def kill(self) -> None: ...  # fence it: a hung worker must never come back
+    def wait(self, timeout: float | None = None) -> int: ...  # raises subprocess.TimeoutExpired
+
+
+class Launcher(Protocol):
+    def start_worker(self, spec: WorkerSpec, node: str = "") -> WorkerHandle:
+        """Start a worker of `spec` (on `node`, where the launcher places workers); the launcher
+        fills in the addresses the worker binds when the spec leaves them empty."""
+        ...
+
+    def endpoint(self, name: str) -> str | None:
+        """Where a started worker serves (None: not known yet)."""
+        ...
+
+    def probe_endpoint(self, name: str) -> str | None: ...
+
+    def log_tail(self, name: str, lines: int = 15) -> str: ...
 
 
 class LocalLauncher:
@@ -22,6 +60,11 @@ class LocalLauncher:
 
     def log_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.log"
+
+    def start_worker(self, spec: WorkerSpec, node: str = "") -> subprocess.Popen:
+        spec = msgspec.structs.replace(spec, endpoint=spec.endpoint or self.endpoint(spec.name),
+                                       probe_endpoint=self.probe_endpoint(spec.name))
+        return self.start("tarragon.worker", spec.name, spec, spec.threads)
 
     def start(self, module: str, name: str, spec: msgspec.Struct, threads: int = 1) -> subprocess.Popen:
         """Start `python -m module SPEC_JSON`, its output going to `<run_dir>/<name>.log`."""
@@ -47,3 +90,85 @@ class LocalLauncher:
             return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+class JoinedWorker:
+    """A slot for a worker started by hand. There is no process to watch: its failure is seen by
+    heartbeats (and by its peers' probes); fencing asks it to shut down, should it ever wake up."""
+
+    def __init__(self, spec: WorkerSpec, send: Callable[[str, P.Msg], None]):
+        self.spec, self.send = spec, send
+        self.pid = 0
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def kill(self) -> None:
+        self.send(self.spec.name, P.Shutdown())
+        self.returncode = -9
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode or 0  # its exit is its own host's business
+
+
+class ManualLauncher:
+    """Planned slots wait for workers that join (`tarragon worker --role R --join ADDR`): each
+    joiner fills the oldest open slot of its role, at the addresses it reserved on its host."""
+
+    def __init__(self, send: Callable[[str, P.Msg], None]):
+        self.send = send
+        self.slots: dict[str, JoinedWorker] = {}  # by worker name, joined or not
+        self.joiners: list[tuple[str, P.Join]] = []  # (identity, offer) waiting for a slot of their role
+
+    def start_worker(self, spec: WorkerSpec, node: str = "") -> JoinedWorker:
+        self.slots[spec.name] = slot = JoinedWorker(spec, self.send)
+        self.match()
+        return slot
+
+    def join(self, identity: str, offer: P.Join) -> None:
+        self.joiners.append((identity, offer))
+        self.match()
+
+    def match(self) -> None:
+        for slot in self.slots.values():
+            joiner = next((j for j in self.joiners if not slot.pid and j[1].role == slot.spec.role), None)
+            if joiner is None:
+                continue
+            self.joiners.remove(joiner)
+            identity, offer = joiner
+            slot.pid = offer.pid
+            slot.spec = msgspec.structs.replace(slot.spec, endpoint=slot.spec.endpoint or offer.endpoint,
+                                                probe_endpoint=offer.probe_endpoint)
+            self.send(identity, P.Assign(msgspec.json.encode(slot.spec).decode()))
+
+    def endpoint(self, name: str) -> str | None:
+        slot = self.slots.get(name)
+        return slot.spec.endpoint if slot and slot.pid else None
+
+    def probe_endpoint(self, name: str) -> str | None:
+        slot = self.slots.get(name)
+        return slot.spec.probe_endpoint if slot and slot.pid else None
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        return ""  # on the worker's own host
+
+
+def control_host(launcher: str, ray_address: str | None, join_address: str | None, cpus: int) -> tuple[str, str, bool]:
+    """Where the driver and orchestrator bind for a launcher: (host, Ray's GCS address, whether
+    Ray was started here). Local: "" (IPC in the run folder); manual: the join address's host;
+    ray: 127.0.0.1 on a one-host cluster, else this node's address."""
+    if launcher == "local":
+        return "", "", False
+    if launcher == "manual":
+        if not (join_address or "").startswith("tcp://"):
+            raise ValueError("launcher='manual' needs join_address='tcp://HOST:PORT' (where workers join)")
+        return join_address.removeprefix("tcp://").rsplit(":", 1)[0], "", False
+    if launcher != "ray":
+        raise ValueError(f"launcher must be 'local', 'ray' or 'manual', not {launcher!r}")
+    try:
+        from .ray_launcher import connect
+    except ImportError:
+        raise ValueError("launcher='ray' needs Ray: pip install 'tarragon[ray]'") from None
+    gcs, host, started = connect(ray_address, cpus)
+    return host, gcs, started

@@ -29,7 +29,7 @@ import zmq
 from . import protocol as P
 from .config import EngineConfig, ModelConfig
 from .kv_cache import bytes_per_block
-from .launcher import LocalLauncher
+from .launcher import LocalLauncher, control_host
 from .orchestrator import ClusterSpec
 from .shadow_placement import place
 from .sampling import SamplingParams
@@ -107,6 +107,10 @@ class LLM:
         heartbeat_timeout_s: float = 1.0,
         recovery: str = "tarragon",
         startup_timeout: float = 120.0,
+        launcher: str = "local",
+        ray_address: str | None = None,
+        join_address: str | None = None,
+        nodes: dict[str, str] | None = None,
         **engine_args,
     ):
         if model is None:
@@ -135,6 +139,9 @@ class LLM:
         limits = [e.max_model_len, cfg.max_position_embeddings, kv_blocks * e.block_size]
         self.max_model_len = e.max_model_len = min(limits + ([cfg.sliding_window] if cfg.sliding_window else []))
 
+        # Workers on other hosts reach the driver over TCP (ray, manual); local ones over IPC.
+        host, ray_address, self._ray_started = control_host(launcher, ray_address, join_address,
+                                                            (attention_workers + expert_workers + 1) * e.threads_per_worker)
         self._run_dir = Path(tempfile.mkdtemp(prefix="tarragon-"))
         self._launcher = LocalLauncher(self._run_dir)
         self._ctx = zmq.Context()
@@ -142,8 +149,9 @@ class LLM:
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        endpoint = self._launcher.endpoint("driver")
-        self._router.bind(endpoint)
+        self._router.bind(f"tcp://{host}:*" if host else self._launcher.endpoint("driver"))
+        self._local = not host
+        endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._outbox_addr = f"inproc://outbox-{id(self)}"
         self._outbox_in = self._ctx.socket(zmq.PULL)
         self._outbox_in.bind(self._outbox_addr)
@@ -171,12 +179,14 @@ class LLM:
 
         expert_bytes = 3 * cfg.hidden_size * cfg.expert_intermediate_size * tdtype.itemsize
         plan = place(cfg.num_experts, list(cfg.sparse_layers), [f"ew{j}" for j in range(expert_workers)],
-                     shadows, expert_bytes, shadow_budget_bytes)
+                     shadows, expert_bytes, shadow_budget_bytes, nodes)
+        self.plan = plan  # version 0 of the routing table: primaries and shadows
         cluster = ClusterSpec(
             model_dir=str(model), dtype=dtype, device=device, engine=e, plan=plan, attention_workers=attention_workers,
             run_dir=str(self._run_dir), driver_endpoint=endpoint, parent_pid=os.getpid(), threads=e.threads_per_worker,
             heartbeat_timeout_s=heartbeat_timeout_s, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s,
-            replace_failed=replace_failed, recovery=recovery,
+            replace_failed=replace_failed, recovery=recovery, launcher=launcher, host=host, ray_address=ray_address,
+            join_address=join_address or "", nodes=nodes or {},
         )
         atexit.register(self.shutdown)
         self._io = threading.Thread(target=self._io_loop, name="tarragon-io", daemon=True)
@@ -224,7 +234,7 @@ class LLM:
         except Exception:
             self._orch.kill()
             self._orch.wait()
-        for w in self._state.workers if self._state else []:  # belt and braces
+        for w in self._state.workers if self._state and self._local else []:  # belt and braces (pids of this host)
             if _pid_alive(w.pid):
                 os.kill(w.pid, signal.SIGKILL)
         with self._lock:
@@ -236,6 +246,10 @@ class LLM:
         else:
             self._ctx.term()
         shutil.rmtree(self._run_dir, ignore_errors=True)
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
 
     def __enter__(self) -> "LLM":
         return self

@@ -13,18 +13,18 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import zmq
 
 from . import protocol as P
 from .config import EngineConfig
-from .launcher import LocalLauncher
+from .launcher import Launcher, LocalLauncher, ManualLauncher, WorkerHandle
 from .routing_table import RoutingTable
 from .worker import WorkerSpec, die_with_parent
 
@@ -48,13 +48,18 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     probe_timeout_s: float = 0.1
     replace_failed: bool = True
     recovery: str = "tarragon"  # see llm.RECOVERY_POLICIES
+    launcher: str = "local"  # "local" | "ray" | "manual" (workers join by hand)
+    host: str = ""  # ray, manual: the address the orchestrator binds (tcp)
+    ray_address: str = ""  # ray: the cluster's GCS address
+    join_address: str = ""  # manual: where workers join (tcp://HOST:PORT)
+    nodes: dict[str, str] = {}  # planned worker -> its node (ray: a resource only that node has)
 
 
 @dataclass
 class Worker:
     name: str
     role: str
-    proc: subprocess.Popen
+    proc: WorkerHandle
     spec: WorkerSpec
     slot: str  # the planned worker whose place it holds (itself, or the one it replaced)
     replacement: bool = False  # started to replace a failed worker
@@ -67,12 +72,11 @@ class Worker:
 class Orchestrator:
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
-        self.launcher = LocalLauncher(spec.run_dir)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.endpoint = self.launcher.endpoint("orchestrator")
-        self.sock.bind(self.endpoint)
+        self.launcher = self.make_launcher()
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.driver = self.ctx.socket(zmq.DEALER)
         self.driver.setsockopt(zmq.IDENTITY, b"orchestrator")
         self.driver.setsockopt(zmq.LINGER, 1000)
@@ -87,36 +91,66 @@ class Orchestrator:
         self.next_index = {"expert": len(ew_slots), "attention": spec.attention_workers, "store": 1}
         self.epoch = 0
         self.restart_t0 = 0.0
+        self.store_name = ""  # the first store: every later one takes over its address
+        self.waiting: dict[str, tuple[str, bool]] = {}  # attention workers waiting for peers' addresses
 
     # ---- workers ------------------------------------------------------------------------
+
+    def make_launcher(self) -> Launcher:
+        """Binds the orchestrator's socket where the launcher's workers can reach it."""
+        s = self.spec
+        if s.launcher == "local":
+            local = LocalLauncher(s.run_dir)
+            self.sock.bind(local.endpoint("orchestrator"))
+            return local
+        if s.launcher == "manual":
+            self.sock.bind(s.join_address)
+            return ManualLauncher(self.send)
+        import ray
+
+        from .ray_launcher import RayLauncher
+
+        ray.init(address=s.ray_address, namespace=Path(s.run_dir).name, logging_level="WARNING")
+        self.sock.bind(f"tcp://{s.host}:*")
+        return RayLauncher(s.host, Path(s.run_dir).name)
 
     def common(self, name: str) -> dict:
         s = self.spec
         return dict(name=name, model_dir=s.model_dir, dtype=s.dtype, device=s.device, orch_endpoint=self.endpoint,
-                    probe_endpoint=self.launcher.probe_endpoint(name), parent_pid=os.getpid(), threads=s.threads,
+                    parent_pid=os.getpid(), threads=s.threads,
                     heartbeat_s=s.heartbeat_s, probe_interval_s=s.probe_interval_s, probe_timeout_s=s.probe_timeout_s)
 
+    def launch(self, spec: WorkerSpec, slot: str, replacement: bool) -> None:
+        proc = self.launcher.start_worker(spec, self.spec.nodes.get(slot, ""))  # a replacement goes where its slot was
+        self.workers[spec.name] = Worker(spec.name, spec.role, proc, spec, slot, replacement=replacement)
+
     def start_expert(self, name: str, slot: str, replacement: bool = False) -> None:
-        spec = WorkerSpec(role="expert", endpoint=self.launcher.endpoint(name), experts=self.plan.experts_of(slot),
-                          shadow_experts=self.plan.shadows_of(slot), nice=10 if replacement else 0, **self.common(name))
-        self.workers[name] = Worker(name, "expert", self.launcher.start("tarragon.worker", name, spec, self.spec.threads), spec, slot,
-                                    replacement=replacement)
+        spec = WorkerSpec(role="expert", experts=self.plan.experts_of(slot), shadow_experts=self.plan.shadows_of(slot),
+                          nice=10 if replacement else 0, **self.common(name))
+        self.launch(spec, slot, replacement)
 
     def start_store(self, name: str, slot: str, replacement: bool = False) -> None:
-        spec = WorkerSpec(role="store", endpoint=self.launcher.endpoint("store"), store_max_bytes=self.spec.engine.store_max_bytes,
+        endpoint = self.launcher.endpoint(self.store_name) if self.store_name else ""
+        self.store_name = self.store_name or name
+        spec = WorkerSpec(role="store", endpoint=endpoint or "", store_max_bytes=self.spec.engine.store_max_bytes,
                           nice=10 if replacement else 0, **self.common(name))
-        self.workers[name] = Worker(name, "store", self.launcher.start("tarragon.worker", name, spec), spec, slot, replacement=replacement)
+        self.launch(spec, slot, replacement)
 
     def start_attention(self, name: str, slot: str, replacement: bool = False) -> None:
+        """It connects to the store and to every live expert worker: it starts once their
+        addresses are known (at once locally; once placed by Ray or joined by hand otherwise)."""
         live = self.live_experts()
-        store = self.launcher.endpoint("store") if self.spec.engine.checkpoint else ""
+        store = self.launcher.endpoint(self.store_name) if self.spec.engine.checkpoint else ""
+        experts = {w: self.launcher.endpoint(w) for w in live}
+        if store is None or None in experts.values():
+            self.waiting[name] = (slot, replacement)
+            return
+        self.waiting.pop(name, None)
         spec = WorkerSpec(role="attention", driver_endpoint=self.spec.driver_endpoint, table=self.table(), store_endpoint=store,
-                          nice=10 if replacement else 0,
-                          expert_endpoints={w: self.launcher.endpoint(w) for w in live},
+                          nice=10 if replacement else 0, expert_endpoints=experts,
                           probe_endpoints_of_experts={w: self.launcher.probe_endpoint(w) for w in live},
                           engine=self.spec.engine, **self.common(name))
-        self.workers[name] = Worker(name, "attention", self.launcher.start("tarragon.worker", name, spec, self.spec.threads), spec, slot,
-                                    replacement=replacement)
+        self.launch(spec, slot, replacement)
 
     def live_experts(self) -> list[str]:
         return [w for w in self.current.values() if w]
@@ -126,7 +160,7 @@ class Orchestrator:
 
     def push_table(self) -> None:
         self.version += 1
-        live = self.live_experts()
+        live = [w for w in self.live_experts() if self.launcher.endpoint(w)]  # not yet placed: not reachable either
         update = P.TableUpdate(self.table(), {w: self.launcher.endpoint(w) for w in live},
                                {w: self.launcher.probe_endpoint(w) for w in live})
         for w in self.workers.values():
@@ -149,7 +183,7 @@ class Orchestrator:
     def publish(self) -> None:
         records = [P.WorkerRecord(w.name, w.role, w.proc.pid, w.state, w.info, w.slot if w.replacement else "")
                    for w in self.workers.values()]
-        initial_ready = all(w.state == "ready" for w in self.workers.values() if not w.replacement)
+        initial_ready = not self.waiting and all(w.state == "ready" for w in self.workers.values() if not w.replacement)
         if initial_ready and not self.ready_announced and self.epoch:
             self.event("restart_ready", "", f"epoch {self.epoch}: every worker up again", (time.monotonic() - self.restart_t0) * 1000)
         self.ready_announced |= initial_ready
@@ -165,7 +199,7 @@ class Orchestrator:
         t0 = time.monotonic()
         w.state = "failed"
         if w.proc.poll() is None:  # fence it: a hung worker must never come back
-            w.proc.send_signal(signal.SIGKILL)
+            w.proc.kill()
         self.event("worker_failed", name, f"{w.role}: {reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
         if self.spec.recovery == "restart":
             return self.restart_all(t0)
@@ -187,6 +221,7 @@ class Orchestrator:
                 w.proc.kill()
             w.proc.wait()
         self.workers.clear()
+        self.waiting.clear()
         self.version += 1
         self.epoch += 1
         self.restart_t0 = t0
@@ -249,6 +284,8 @@ class Orchestrator:
             while self.sock.poll(0):
                 frames = self.sock.recv_multipart()
                 self.on_worker(frames[0].decode(errors="replace"), frames[1:])
+            for name, (slot, replacement) in list(self.waiting.items()):
+                self.start_attention(name, slot, replacement)
             self.check_liveness()
 
     def on_worker(self, sender: str, frames) -> None:
@@ -257,6 +294,8 @@ class Orchestrator:
         except P.BadMessage as e:
             log.warning("dropped message from %s: %s", sender, e)
             return
+        if isinstance(msg, P.Join) and isinstance(self.launcher, ManualLauncher):
+            return self.launcher.join(sender, msg)
         w = self.workers.get(sender.removesuffix("#hb"))
         if w is None:
             return

@@ -1,8 +1,10 @@
-"""Entry point of every worker process: `python -m tarragon.worker SPEC_JSON`.
+"""Entry point of every worker process: `python -m tarragon.worker SPEC_JSON` (the local
+launcher), a Ray actor's `run` (the Ray launcher), or `tarragon worker --join ADDR` (by hand).
 
 Imports only torch, safetensors, zmq and msgspec (never transformers), so workers start fast.
-A worker dies with the process that launched it: Linux's parent-death signal covers a parent
-killed by SIGKILL, and the parent pid check covers a parent that died before the signal was set.
+A local worker dies with the process that launched it: Linux's parent-death signal covers a parent
+killed by SIGKILL, and the parent pid check covers a parent that died before the signal was set. A
+Ray actor dies with its owner, the orchestrator, by Ray's own fate-sharing.
 
 Beside its main loop every worker runs a liveness thread: it answers probes at once (peers probe
 a worker that owes them a reply and stays silent) and sends the orchestrator heartbeats. A
@@ -12,9 +14,11 @@ stopped process (SIGSTOP) does neither, so it is detected like a dead one.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,11 +36,11 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     dtype: str
     device: str
     orch_endpoint: str
-    probe_endpoint: str
+    probe_endpoint: str = ""  # where it answers probes (filled in by the launcher)
     parent_pid: int
     threads: int = 1
     heartbeat_s: float = 0.05
-    endpoint: str = ""  # expert worker: where it binds
+    endpoint: str = ""  # expert worker, store: where it binds ("": the launcher picks)
     experts: list[tuple[int, int]] = []  # expert worker: (layer, expert) pairs it loads
     shadow_experts: list[tuple[int, int]] = []  # expert worker: which of them are shadows
     store_endpoint: str = ""  # attention worker: the checkpoint store ("" = no checkpointing)
@@ -104,9 +108,58 @@ def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, hear
     return t
 
 
-def main(argv: list[str]) -> None:
-    spec = msgspec.json.decode(argv[0], type=WorkerSpec)
-    die_with_parent(spec.parent_pid)
+def reserve_endpoints(host: str, endpoint: str = "") -> tuple[str, str, list[socket.socket]]:
+    """Two TCP addresses on this host for a worker's sockets (its datapath and its probes), known
+    before its spec is written, so nobody guesses a port: each is held by a bound, not listening,
+    SO_REUSEADDR socket that only the worker's own ZMQ socket (SO_REUSEADDR too) can bind beside.
+    `endpoint` asks for that exact address (a new checkpoint store takes over its predecessor's).
+    Keep the returned sockets open while the worker runs."""
+    held = []
+    for addr in (endpoint, ""):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, int(addr.rsplit(":", 1)[1])) if addr else (host, 0))
+        held.append(s)
+    return *(f"tcp://{host}:{s.getsockname()[1]}" for s in held), held
+
+
+def host_towards(address: str) -> str:
+    """This host's address on the route to `address` (tcp://HOST:PORT); loopback stays loopback."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    if ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, int(port)))  # UDP: picks the route, sends nothing
+        return s.getsockname()[0]
+
+
+def join(address: str, role: str, host: str | None = None, timeout_s: float = 600.0) -> int:
+    """`tarragon worker --join ADDR`: offer this process to the orchestrator at ADDR for a planned
+    slot of `role`, then serve as the worker it assigns; returns the exit status."""
+    import zmq
+
+    from . import protocol as P
+
+    endpoint, probe_endpoint, _held = reserve_endpoints(host or host_towards(address))  # held while this runs
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, f"join-{socket.gethostname()}-{os.getpid()}".encode())
+    s.connect(address)
+    s.send_multipart(P.encode(P.Join(role, os.getpid(), endpoint, probe_endpoint)))
+    answered = s.poll(timeout_s * 1000)
+    msg = P.decode(s.recv_multipart())[0] if answered else None
+    ctx.destroy(linger=0)
+    if not isinstance(msg, P.Assign):
+        print(f"tarragon worker: no {role} slot assigned by {address} within {timeout_s:.0f} s", file=sys.stderr)
+        return 1
+    spec = msgspec.json.decode(msg.spec, type=WorkerSpec)
+    print(f"tarragon worker: joined as {spec.name}, serving on {spec.endpoint or spec.probe_endpoint}", flush=True)
+    return serve(spec)
+
+
+def serve(spec: WorkerSpec) -> int:
+    """Run one worker until the orchestrator shuts it down; returns its exit status. How the
+    process then ends is the caller's business (a subprocess exits, a Ray actor reports it)."""
     if spec.nice:  # start-up (imports, weight loading) only in CPU time nobody else wants
         os.nice(spec.nice)
         try:
@@ -134,8 +187,14 @@ def main(argv: list[str]) -> None:
         run(spec, ctx, orch)
     except Exception:
         logging.exception("worker failed")
-        os._exit(1)
-    os._exit(0)  # the liveness thread's sockets need no orderly close
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> None:
+    spec = msgspec.json.decode(argv[0], type=WorkerSpec)
+    die_with_parent(spec.parent_pid)
+    os._exit(serve(spec))  # the liveness thread's sockets need no orderly close
 
 
 if __name__ == "__main__":
