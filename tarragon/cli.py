@@ -1,4 +1,4 @@
-"""Command line: `tarragon generate | serve | bench | make-model` (also `python -m tarragon`)."""
+"""Command line: `tarragon generate | serve | bench | worker | make-model` (also `python -m tarragon`)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checkpoint", action="store_true", help="no KV checkpointing (an attention worker's failure re-prefills)")
     p.add_argument("--probe-interval-s", type=float, default=0.01,
                    help="probe a silent expert worker after this long (a large value turns probing off)")
+    p.add_argument("--launcher", default="local", choices=["local", "ray", "manual"],
+                   help="local: worker processes here; ray: Ray actors on the cluster's nodes; manual: workers join by hand")
+    p.add_argument("--ray-address", default=None, help="ray: the cluster to use (default: $RAY_ADDRESS or a new local one)")
+    p.add_argument("--join-address", default=None, help="manual: tcp://HOST:PORT where `tarragon worker --join` finds us")
+    p.add_argument("--node", action="append", default=[], metavar="WORKER=NODE",
+                   help="WORKER (ew0, aw1, store) runs on NODE (ray: a resource only that node has); shadows avoid their primary's node")
 
 
 def start_llm(args: argparse.Namespace):
@@ -29,7 +35,8 @@ def start_llm(args: argparse.Namespace):
 
     return LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
                dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery,
-               checkpoint=not args.no_checkpoint, probe_interval_s=args.probe_interval_s)
+               checkpoint=not args.no_checkpoint, probe_interval_s=args.probe_interval_s, launcher=args.launcher,
+               ray_address=args.ray_address, join_address=args.join_address, nodes=dict(n.split("=", 1) for n in args.node))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -93,6 +100,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker import join
+
+    return join(args.join, args.role, args.host, args.timeout)
+
+
 def cmd_make_model(args: argparse.Namespace) -> int:
     from .make_model import make_model
 
@@ -133,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     add_cluster_args(b)
     add_bench_args(b)
     b.set_defaults(func=cmd_bench)
+
+    w = sub.add_parser("worker", help="start one worker by hand that joins a cluster (e.g. on another host)")
+    w.add_argument("--role", required=True, choices=["attention", "expert", "store"])
+    w.add_argument("--join", required=True, metavar="ADDR", help="the cluster's join address, tcp://HOST:PORT (its --join-address)")
+    w.add_argument("--host", default=None, help="the address to serve on (default: this host's on the route to ADDR)")
+    w.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds without a slot")
+    w.set_defaults(func=cmd_worker)
 
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout")
     m.add_argument("--family", default="mixtral", choices=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
