@@ -8,7 +8,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # The CPU wheel, pinned: an unpinned torch pulls a multi-GB CUDA build.
   .venv/bin/pip install -q --disable-pip-version-check "torch==${TARRAGON_TORCH_VERSION:-2.13.0}"
 fi
-if ! .venv/bin/python -c "import tarragon, transformers, pytest, pytest_timeout, fastapi, openai, hypothesis" 2>/dev/null \
+if ! .venv/bin/python -c "import tarragon, transformers, pytest, pytest_timeout, fastapi, openai, hypothesis, ray" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.tarragon-installed ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
   touch .venv/.tarragon-installed
