@@ -49,8 +49,10 @@ class Launcher(Protocol):
 
 
 class LocalLauncher:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, gpus: list[str] | None = None):
         self.run_dir = Path(run_dir)
+        self.gpus = gpus or []  # device="cuda": GPU workers take these in turn, one each while they last
+        self.started_on_gpu = 0
 
     def endpoint(self, name: str) -> str:
         return f"ipc://{self.run_dir / name}.sock"
@@ -64,11 +66,18 @@ class LocalLauncher:
     def start_worker(self, spec: WorkerSpec, node: str = "") -> subprocess.Popen:
         spec = msgspec.structs.replace(spec, endpoint=spec.endpoint or self.endpoint(spec.name),
                                        probe_endpoint=self.probe_endpoint(spec.name))
-        return self.start("tarragon.worker", spec.name, spec, spec.threads)
+        return self.start("tarragon.worker", spec.name, spec, spec.threads, self.gpu_env(spec))
 
-    def start(self, module: str, name: str, spec: msgspec.Struct, threads: int = 1) -> subprocess.Popen:
+    def gpu_env(self, spec: WorkerSpec) -> dict[str, str]:
+        """Each GPU worker sees one GPU of its own (in turn; shared once there are more workers)."""
+        if spec.device != "cuda" or spec.role == "store" or not self.gpus:  # the store keeps KV in host memory
+            return {}
+        self.started_on_gpu += 1
+        return {"CUDA_VISIBLE_DEVICES": self.gpus[(self.started_on_gpu - 1) % len(self.gpus)]}
+
+    def start(self, module: str, name: str, spec: msgspec.Struct, threads: int = 1, extra_env: dict | None = None) -> subprocess.Popen:
         """Start `python -m module SPEC_JSON`, its output going to `<run_dir>/<name>.log`."""
-        env = dict(os.environ)
+        env = dict(os.environ, **(extra_env or {}))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
         # Idle OpenMP threads sleep instead of spinning: workers take turns on the same cores.

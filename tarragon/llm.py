@@ -128,6 +128,7 @@ class LLM:
         self.shadows = shadows
         if dtype == "auto":  # bf16 where the hardware is built for it; fp32 on CPUs, where bf16 is slower here
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        gpus = _visible_gpus() if device == "cuda" and launcher == "local" else []  # Ray gives each actor its GPU
         self.config = EngineConfig(str(model), attention_workers, expert_workers, device, dtype, **engine_args)
         self.model_config = cfg = ModelConfig.from_dir(model)
         WeightFiles(model).close()  # fail here, clearly, on a missing or corrupt checkpoint
@@ -186,7 +187,7 @@ class LLM:
             run_dir=str(self._run_dir), driver_endpoint=endpoint, parent_pid=os.getpid(), threads=e.threads_per_worker,
             heartbeat_timeout_s=heartbeat_timeout_s, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s,
             replace_failed=replace_failed, recovery=recovery, launcher=launcher, host=host, ray_address=ray_address,
-            join_address=join_address or "", nodes=nodes or {},
+            join_address=join_address or "", nodes=nodes or {}, gpus=gpus,
         )
         atexit.register(self.shutdown)
         self._io = threading.Thread(target=self._io_loop, name="tarragon-io", daemon=True)
@@ -495,6 +496,15 @@ class LLM:
             req = self._requests.get(msg.req_id)
             if req is not None and len(bufs) == 1:
                 req.prompt_logits = P.to_tensor(msg.logits, bufs[0]).clone()
+
+
+def _visible_gpus() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES ids, so each worker can be given one of them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [g for g in visible.split(",") if g] if visible is not None else [str(i) for i in range(torch.cuda.device_count())]
+    if not ids:
+        raise ValueError("device='cuda' but no GPU is visible")
+    return ids
 
 
 def _pid_alive(pid: int) -> bool:

@@ -53,6 +53,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     ray_address: str = ""  # ray: the cluster's GCS address
     join_address: str = ""  # manual: where workers join (tcp://HOST:PORT)
     nodes: dict[str, str] = {}  # planned worker -> its node (ray: a resource only that node has)
+    gpus: list[str] = []  # local launcher, device "cuda": the GPUs (CUDA_VISIBLE_DEVICES ids) workers take in turn
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Orchestrator:
         """Binds the orchestrator's socket where the launcher's workers can reach it."""
         s = self.spec
         if s.launcher == "local":
-            local = LocalLauncher(s.run_dir)
+            local = LocalLauncher(s.run_dir, s.gpus)
             self.sock.bind(local.endpoint("orchestrator"))
             return local
         if s.launcher == "manual":
