@@ -344,7 +344,8 @@ def main(argv: list[str]) -> None:
     try:
         orch.run()
     finally:
-        orch.ctx.destroy(linger=0)
+        # Workers that joined by hand learn of the shutdown only by message: let it leave first.
+        orch.ctx.destroy(linger=1000 if spec.launcher == "manual" else 0)
 
 
 if __name__ == "__main__":
