@@ -141,8 +141,8 @@ class ManualLauncher:
 
     def match(self) -> None:
         for slot in self.slots.values():
-            joiner = next((j for j in self.joiners if not slot.pid and j[1].role == slot.spec.role), None)
-            if joiner is None:
+            joiner = next((j for j in self.joiners if j[1].role == slot.spec.role), None)
+            if slot.pid or joiner is None:  # filled already, or nobody to fill it
                 continue
             self.joiners.remove(joiner)
             identity, offer = joiner
