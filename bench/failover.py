@@ -6,7 +6,8 @@ streams, under each recovery policy (`tarragon`, `recompute`, `restart`).
 One server per policy (2 AW x 3 EW, shadows=1), all up at once; each run sends the same load to
 each in turn (policies interleaved), one fault per run at --fault-at seconds, then waits for the
 cluster to heal. Stall = the largest token gap, as the client saw it, among the streams in flight
-at the fault (tarragon.bench.fault_report). Medians of --runs; the ratios restart/tarragon and
+at the fault (tarragon.bench.fault_report); beside it, the largest gap of the same streams before
+the fault, for scale. Medians of --runs; the ratios restart/tarragon and
 recompute/tarragon are taken within each run, then their median. Writes docs/results/failover.json and one timeline PNG per
 fault (the first run of each policy side by side).
 """
@@ -59,7 +60,8 @@ def main() -> None:
                     br = bench_load(srv, load, [fault], seed=run)
                     s = summarize(br)
                     f = s["faults"][0]
-                    cells[name][p].append({"stall_ms": f.get("stall_ms"), "detect_ms": f.get("detect_ms"),
+                    cells[name][p].append({"stall_ms": f.get("stall_ms"), "gap_before_ms": f.get("largest_gap_before_ms"),
+                                           "detect_ms": f.get("detect_ms"),
                                            "tokens_recomputed": f.get("tokens_recomputed"), "streams": f.get("streams_in_flight"),
                                            "failed_requests": s["failed_requests"], "itl_p50_ms": s["itl_ms"]["median"],
                                            "error": f["error"], "steps": f.get("steps", [])})
@@ -73,16 +75,18 @@ def main() -> None:
 
     med = statistics.median
     table = {}
-    lines = [f"{'fault':>10} | {'policy':>9} | {'stall ms':>9} | {'x tarragon':>10} | {'detect ms':>9} | {'tokens recomputed':>17} | failed"]
+    lines = [f"{'fault':>10} | {'policy':>9} | {'stall ms':>9} | {'x tarragon':>10} | {'gap before ms':>13} | {'detect ms':>9} | "
+             f"{'tokens recomputed':>17} | failed"]
     for name, by_policy in cells.items():
         for p, cs in by_policy.items():
             stall = med(c["stall_ms"] for c in cs)
             ratio = med(c["stall_ms"] / t["stall_ms"] for c, t in zip(cs, by_policy["tarragon"]))  # within each run
             detect = [c["detect_ms"] for c in cs if c["detect_ms"] is not None]
-            row = {"stall_ms": stall, "ratio_to_tarragon": ratio, "detect_ms": med(detect) if detect else None,
+            row = {"stall_ms": stall, "ratio_to_tarragon": ratio, "gap_before_ms": med(c["gap_before_ms"] for c in cs),
+                   "detect_ms": med(detect) if detect else None,
                    "tokens_recomputed": med(c["tokens_recomputed"] or 0 for c in cs), "failed_requests": sum(c["failed_requests"] for c in cs)}
             table.setdefault(name, {})[p] = row
-            lines.append(f"{name:>10} | {p:>9} | {stall:>9.0f} | {ratio:>9.1f}x | "
+            lines.append(f"{name:>10} | {p:>9} | {stall:>9.0f} | {ratio:>9.1f}x | {row['gap_before_ms']:>13.0f} | "
                          f"{row['detect_ms'] if row['detect_ms'] is not None else float('nan'):>9.1f} | {row['tokens_recomputed']:>17.0f} | {row['failed_requests']}")
     record.update(table=table, runs=cells)
     write_results(record, "\n".join(lines), args.out)
