@@ -148,6 +148,8 @@ class BenchRun:
 
 
 async def _stream_one(client, url: str, headers: dict, model: str, req: BenchRequest) -> RequestResult:
+    """One streamed completion, greedy and ignoring EOS so its length is exactly the one asked
+    for: a request that gets fewer tokens (or an error) counts as failed."""
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     res = RequestResult(False, time.monotonic(), req.prompt_len, 0)
@@ -183,6 +185,8 @@ async def _stream_one(client, url: str, headers: dict, model: str, req: BenchReq
 
 
 async def _inject(client, base_url: str, headers: dict, fault: Fault, t0: float) -> FaultRecord:
+    """Fire one fault on time. The server says when (its clock) and whom; the midpoint of the
+    POST is the client's estimate of the moment."""
     await asyncio.sleep(max(0.0, t0 + fault.at_s - time.monotonic()))
     sent = time.monotonic()
     rec = FaultRecord(fault, sent)
