@@ -156,6 +156,27 @@ def test_errors_have_openai_shape(served):
     assert httpx.get(f"{srv.url}/health").status_code == 200
 
 
+def test_fault_injection_is_opt_in(served):
+    """Without the flag the endpoints do not exist; with it, bad bodies get a 4xx. No worker is
+    touched here: tests/test_bench.py injects real faults."""
+    llm, srv = served
+    assert httpx.post(f"{srv.url}/tarragon/fault", json={"role": "expert"}).status_code == 404
+    assert httpx.get(f"{srv.url}/tarragon/events").status_code == 404
+    armed = Server(llm, fault_injection=True)
+    try:
+        u = f"{armed.url}/tarragon/fault"
+        for body in ({"role": "gpu"}, {"role": "expert", "action": "reboot"}, {"role": "expert", "index": -1}, {"index": 0}):
+            assert httpx.post(u, json=body).status_code == 400, body
+        r = httpx.post(u, json={"role": "attention", "index": 99})
+        assert r.status_code == 409 and "out of range" in r.json()["error"]["message"]
+        events = httpx.get(f"{armed.url}/tarragon/events").json()
+        assert events["recovery"] == "tarragon" and isinstance(events["events"], list) and events["now"] > 0
+        assert all(events["now"] >= e["t"] for e in events["events"])  # one clock: the server's monotonic time
+    finally:
+        armed.stop()
+    assert all(w.alive for w in llm.workers())
+
+
 def test_api_key_and_queue_limit(tiny_models):
     with LLM(tiny_models["olmoe"], attention_workers=1, expert_workers=1) as llm:
         srv = Server(llm, api_key="sesame", max_queue=2)
