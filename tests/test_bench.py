@@ -4,6 +4,7 @@ the four experiment scripts under bench/ in their --short form."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tarragon.bench import Fault
+from tarragon.bench import BUILTIN_DATASET, Fault, arrival_offsets, random_requests, sharegpt_requests
+from tarragon.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +40,25 @@ def test_fault_specs():
             Fault.parse(bad)
     r = run([sys.executable, "-m", "tarragon", "bench", "--fault", "disk:0@1s"], timeout=60)
     assert r.returncode == 2 and "bad --fault" in r.stdout
+
+
+def test_datasets_and_arrivals(tiny_models, tmp_path):
+    reqs = random_requests(5, 10, 128, vocab_size=1024, seed=1)
+    assert all(len(r.prompt) == r.prompt_len == 10 and r.output_len == 128 and 3 <= min(r.prompt) for r in reqs)
+    assert reqs == random_requests(5, 10, 128, vocab_size=1024, seed=1)
+    tok = Tokenizer(tiny_models["mixtral"])
+    builtin = sharegpt_requests(BUILTIN_DATASET, 50, tok, max_model_len=512)  # more than the set holds: repeated
+    assert len(builtin) == 50 and all(isinstance(r.prompt, str) and r.prompt_len > 0 and r.output_len >= 4 for r in builtin)
+    assert sharegpt_requests(BUILTIN_DATASET, 3, tok, 512, output_len=7)[0].output_len == 7
+    assert all(r.prompt_len + r.output_len <= 64 for r in sharegpt_requests(BUILTIN_DATASET, 10, tok, max_model_len=64))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"conversations": []}]')
+    with pytest.raises(ValueError, match="ShareGPT"):
+        sharegpt_requests(bad, 3, tok, 512)
+    assert arrival_offsets(4, math.inf) == [0.0] * 4
+    offsets = arrival_offsets(4000, rate=20.0, seed=3)
+    assert abs(offsets[-1] / 3999 - 1 / 20) < 0.005  # mean gap 1/rate
+    assert arrival_offsets(100, 5.0, burstiness=1e6)[1] == pytest.approx(0.2, rel=0.01)  # very regular: fixed rate
 
 
 @pytest.mark.timeout(150)
