@@ -718,8 +718,15 @@ def cluster_argv(args: argparse.Namespace) -> list[str]:
     argv = []
     for a in p._actions:
         value = getattr(args, a.dest)
-        if value != a.default:
-            argv += [a.option_strings[0]] if isinstance(value, bool) else [a.option_strings[0], str(value)]
+        if value == a.default:
+            continue
+        flag = a.option_strings[0]
+        if isinstance(value, bool):
+            argv.append(flag)
+        elif isinstance(value, list):  # a repeatable option, e.g. --node
+            argv += [x for v in value for x in (flag, str(v))]
+        else:
+            argv += [flag, str(value)]
     return argv
 
 
