@@ -4,6 +4,7 @@ metrics, errors, fuzzing."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -160,6 +161,7 @@ def test_fault_injection_is_opt_in(served):
     """Without the flag the endpoints do not exist; with it, bad bodies get a 4xx. No worker is
     touched here: tests/test_bench.py injects real faults."""
     llm, srv = served
+    alive = {w.name for w in llm.workers() if w.alive}  # earlier tests on this cluster killed some
     assert httpx.post(f"{srv.url}/tarragon/fault", json={"role": "expert"}).status_code == 404
     assert httpx.get(f"{srv.url}/tarragon/events").status_code == 404
     armed = Server(llm, fault_injection=True)
@@ -174,7 +176,7 @@ def test_fault_injection_is_opt_in(served):
         assert all(events["now"] >= e["t"] for e in events["events"])  # one clock: the server's monotonic time
     finally:
         armed.stop()
-    assert all(w.alive for w in llm.workers())
+    assert {w.name for w in llm.workers() if w.alive} == alive
 
 
 def test_api_key_and_queue_limit(tiny_models):
@@ -224,8 +226,12 @@ bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_val
     lambda d: {**d, "max_tokens": d["max_tokens"]} if isinstance(d.get("max_tokens"), int) and 0 < d["max_tokens"] < 8 else {**d, "max_tokens": 2})
 
 
-@pytest.mark.timeout(1200)
-@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+# CI's bounded form; a soak run: TARRAGON_FUZZ_EXAMPLES=5000 ./test.sh tests/test_server.py -k fuzz
+FUZZ_EXAMPLES = int(os.environ.get("TARRAGON_FUZZ_EXAMPLES", "400"))
+
+
+@pytest.mark.timeout(max(300, FUZZ_EXAMPLES // 2))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=bodies, raw=st.booleans())
 def test_fuzzing_never_gives_5xx(served, path, body, raw):
     llm, srv = served
