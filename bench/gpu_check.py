@@ -7,8 +7,8 @@ one command (`bench/gpu_check.sh`, which calls this with --device cuda).
    (which the test suite holds equal to transformers), and prompt logits within 1e-3;
 2. a `--size` model (default `gpu`, ~1.9B parameters) in the device's dtype (bf16 on CUDA),
    2 attention workers x 3 expert workers on the device: output tokens/s at 1/16/64 requests;
-3. under a 16-request load, SIGKILL of an expert worker, then of a busy attention worker: every
-   request finishes with the failure-free run's tokens; stall = largest token gap minus the
+3. under a 16-request load, SIGKILL of an expert worker, then of a busy attention worker a third
+   of the way in: every request finishes with the failure-free run's tokens; stall = largest token gap minus the
    failure-free run's.
 Prints a table and writes JSON. Works on CPU too (`--device cpu --size tiny`), which is how
 it is checked without a GPU.
@@ -29,11 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tarragon import LLM, SamplingParams  # noqa: E402
+from tarragon.cli import kill_under_load  # noqa: E402
 from tarragon.make_model import make_model  # noqa: E402
-
-
-def max_gap(outs) -> float:
-    return max(max(b - a for a, b in zip(o.token_times, o.token_times[1:])) for o in outs)
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -65,25 +62,11 @@ def throughput(llm: LLM, tokens: int) -> dict[int, float]:
 
 
 def failover(llm: LLM, role: str, tokens: int) -> dict:
-    """Kill one worker of `role` a quarter of the way into a 16-request load."""
+    """Kill one worker of `role` a third of the way into a 16-request load."""
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     load = prompts(16, llm.model_config.vocab_size, seed=3)
-    base = llm.generate(load, params)
-    reqs = [llm.submit(p, params) for p in load]
-    while min(len(r.tokens) for r in reqs) < tokens // 4:
-        time.sleep(0.001)
-    busy = {r.worker for r in reqs}
-    victim = next(w.name for w in llm.workers() if w.role == role and w.state == "ready" and (role == "expert" or w.name in busy))
-    seen = len(llm.events())
-    t_kill = time.monotonic()
-    llm.kill(victim)
-    outs = [llm.wait(r, 300) for r in reqs]
-    events = [f"+{1000 * (e.t - t_kill):.0f} ms {e.kind} {e.worker} {e.detail}" for e in llm.events()[seen:]]
-    deadline = time.monotonic() + 120
-    while any(w.state == "starting" for w in llm.workers()) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the replacement joins before the next measurement
-    return {"victim": victim, "tokens_identical": [o.token_ids for o in outs] == [o.token_ids for o in base],
-            "stall_ms": 1000 * (max_gap(outs) - max_gap(base)), "events": events}
+    r = kill_under_load(llm, load, params, llm.generate(load, params), role)
+    return dict(r, events=[f"+{1000 * (e.t - r['killed_at']):.0f} ms {e.kind} {e.worker} {e.detail}" for e in r["events"]])
 
 
 def main() -> None:

@@ -61,30 +61,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def max_gap(outs) -> float:
+    """The largest gap between consecutive tokens of any of the outputs (seconds)."""
+    return max((b - a for o in outs for a, b in zip(o.token_times, o.token_times[1:])), default=0.0)
+
+
+def kill_under_load(llm, prompts, params, reference, role: str) -> dict:
+    """Rerun `prompts` and SIGKILL a worker of `role` (an attention worker that holds requests) a
+    third of the way in; returns the victim, the events since, whether every output equals
+    `reference`, and the stall: the largest token gap minus the reference run's."""
+    reqs = [llm.submit(p, params) for p in prompts]
+    while min(len(r.tokens) for r in reqs) < max(1, params.max_tokens // 3):
+        time.sleep(0.001)
+    busy = {r.worker for r in reqs if not r.done.is_set()}
+    victim = next(w.name for w in llm.workers() if w.role == role and w.state == "ready" and (role == "expert" or w.name in busy))
+    seen = len(llm.events())
+    killed_at = time.monotonic()
+    llm.kill(victim)
+    outs = [llm.wait(r, 300) for r in reqs]
+    deadline = time.monotonic() + 120
+    while any(w.state == "starting" for w in llm.workers()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the replacement joins before the next measurement
+    return {"victim": victim, "killed_at": killed_at, "events": llm.events()[seen:], "stall_ms": 1000 * (max_gap(outs) - max_gap(reference)),
+            "tokens_identical": [o.token_ids for o in outs] == [o.token_ids for o in reference]}
+
+
 def failover_demo(llm, prompts, params, reference) -> None:
     """Run the same prompts twice more: SIGKILL an expert worker, then an attention worker, a
     third of the way in; report what happened and the stall."""
-    def max_gap(times):
-        return max((b - a for t in times for a, b in zip(t, t[1:])), default=0.0)
-
     for role in ("expert", "attention"):
-        reqs = [llm.submit(p, params) for p in prompts]
-        while min(len(r.tokens) for r in reqs) < max(1, params.max_tokens // 3):
-            time.sleep(0.001)
-        busy = {r.worker for r in reqs if not r.done.is_set()}
-        victim = next(w.name for w in llm.workers() if w.role == role and w.state == "ready" and (role == "expert" or w.name in busy))
-        print(f"\n=== failover: the same prompts again; {victim} ({role} worker) gets SIGKILL a third of the way in ===")
-        seen = len(llm.events())
-        llm.kill(victim)
-        outs = [llm.wait(r, 300) for r in reqs]
-        same = [o.token_ids for o in outs] == [o.token_ids for o in reference]
-        stall = max_gap([o.token_times for o in outs]) - max_gap([o.token_times for o in reference])
-        for e in llm.events()[seen:]:
-            print(f"  event: {e.kind:<20} {e.worker:<8} {e.detail} {f'({e.ms:.1f} ms)' if e.ms else ''}")
-        print(f"every request finished; tokens identical to the failure-free run: {same}")
-        print(f"stall (largest token gap minus the failure-free run's): {1000 * stall:.1f} ms")
-        while any(w.state == "starting" for w in llm.workers()):  # let the replacement join
-            time.sleep(0.05)
+        print(f"\n=== failover: the same prompts again; an {role} worker gets SIGKILL a third of the way in ===")
+        r = kill_under_load(llm, prompts, params, reference, role)
+        print(f"  killed {r['victim']}")
+        for e in r["events"]:
+            print(f"  event +{1000 * (e.t - r['killed_at']):4.0f} ms: {e.kind:<20} {e.worker:<8} {e.detail} {f'({e.ms:.1f} ms)' if e.ms else ''}")
+        print(f"every request finished; tokens identical to the failure-free run: {r['tokens_identical']}")
+        print(f"stall (largest token gap minus the failure-free run's): {r['stall_ms']:.1f} ms")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

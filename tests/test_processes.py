@@ -105,7 +105,11 @@ def test_cli_make_model_and_generate(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tarragon", "make-model", "--family", "qwen3_moe", "--size", "tiny", str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "tarragon", "generate", "--model", str(out), "--attention-workers", "1",
-                        "--expert-workers", "2", "--max-tokens", "5", "def main():"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "tarragon", "generate", "--model", str(out), "--attention-workers", "2",
+                        "--expert-workers", "2", "--max-tokens", "30", "--failover", "def main():", "import os"],
+                       capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
-    assert "tokens (5, finish=length)" in r.stdout and "tokens/s" in r.stdout
+    assert "tokens (30, finish=length)" in r.stdout and "tokens/s" in r.stdout
+    # --failover: an expert worker, then an attention worker killed mid-way; same tokens both times
+    assert r.stdout.count("tokens identical to the failure-free run: True") == 2, r.stdout
+    assert "worker_failed" in r.stdout and "requests_reassigned" in r.stdout
