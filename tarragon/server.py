@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Annotated, Any, Literal
 
+import msgspec
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -215,7 +216,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             "shadows": llm.shadows,
             "recovery": llm.recovery,
             "vocab_size": llm.model_config.vocab_size,
-            "events": [{"t": e.t, "kind": e.kind, "worker": e.worker, "detail": e.detail, "ms": e.ms} for e in llm.events()[-100:]],
+            "events": [msgspec.structs.asdict(e) for e in llm.events()[-100:]],
         }
 
     def sampling(body: _Sampling) -> tuple[SamplingParams, list[str]]:
@@ -375,7 +376,7 @@ def add_fault_injection(app: FastAPI, llm: LLM) -> None:
         return {
             "now": time.monotonic(),
             "recovery": llm.recovery,
-            "events": [{"t": e.t, "kind": e.kind, "worker": e.worker, "detail": e.detail, "ms": e.ms} for e in events],
+            "events": [msgspec.structs.asdict(e) for e in events],
             "stalls_s": list(llm.stalls),
             "failures": dict(llm.failures),
             "reassigned": dict(llm.reassigned),
