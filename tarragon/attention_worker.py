@@ -62,6 +62,7 @@ class AttentionWorker:
         s.setsockopt(zmq.IDENTITY, self.spec.name.encode())
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        s.copy_threshold = P.COPY_THRESHOLD
         s.connect(endpoint)
         return s
 

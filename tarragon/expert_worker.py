@@ -82,6 +82,7 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+    sock.copy_threshold = P.COPY_THRESHOLD
     sock.bind(spec.endpoint)
     info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.experts), "shadows": len(shadow)}
     orch.send_multipart(P.encode(P.Ready(spec.name, "expert", os.getpid(), info)))

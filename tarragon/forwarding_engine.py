@@ -97,6 +97,7 @@ class ForwardingEngine:
         s.setsockopt(zmq.IDENTITY, self.name.encode())
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        s.copy_threshold = P.COPY_THRESHOLD
         s.connect(endpoint)
         self.poller.register(s, zmq.POLLIN)
         self.owner_of[s] = worker

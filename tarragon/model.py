@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kernels import Linear
 from .weights import WeightFiles
 
 
@@ -107,7 +108,7 @@ class AttentionModel:
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings and "lm_head.weight" not in files else w("lm_head.weight")
+        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings and "lm_head.weight" not in files else w("lm_head.weight"))
         self.layers: list[AttentionLayer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -210,8 +211,9 @@ class AttentionModel:
     def forward(
         self, tokens: torch.Tensor, meta: AttentionMetadata, kv_cache, all_logits: bool = False
     ) -> Generator[MoECall, torch.Tensor, torch.Tensor]:
-        """Run the step; yields at every sparse layer; returns logits (fp32) of `meta.logits_index`
-        tokens, or of every token when `all_logits`."""
+        """Run the step; yields at every sparse layer; returns the final hidden states of
+        `meta.logits_index` tokens, or of every token when `all_logits`: the caller applies the LM
+        head (`logits`) once over every micro-batch of a step, one pass over its weights."""
         eps = self.cfg.rms_norm_eps
         h = self.embed[tokens]
         rope = self.rope(meta.positions)
@@ -227,9 +229,11 @@ class AttentionModel:
                 gate_up, down, gate = L.shared
                 routed = routed + torch.sigmoid(F.linear(x, gate)) * swiglu(x, gate_up, down)
             h = h + routed
-        if not all_logits:
-            h = h[meta.logits_index]
-        return F.linear(rms_norm(h, self.norm, eps), self.lm_head).float()
+        return h if all_logits else h[meta.logits_index]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: next-token logits (fp32) of final hidden states."""
+        return self.lm_head(rms_norm(h, self.norm, self.cfg.rms_norm_eps)).float()
 
 
 class ExpertBank:
@@ -239,13 +243,12 @@ class ExpertBank:
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
-        self.experts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.experts: dict[tuple[int, int], tuple[Linear, Linear]] = {}
         names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         for layer, e in assigned:
             p = f"model.layers.{layer}.{cfg.expert_prefix}.experts.{e}."
             gate, up, down = (files.get(p + n + ".weight", dtype, device) for n in names)
-            # Stored transposed: x @ W^T with W^T contiguous is the faster small-batch GEMM on CPU.
-            self.experts[(layer, e)] = (torch.cat([gate, up]).t().contiguous(), down.t().contiguous())
+            self.experts[(layer, e)] = (Linear(torch.cat([gate, up])), Linear(down))
 
     @property
     def nbytes(self) -> int:
@@ -255,6 +258,6 @@ class ExpertBank:
         return key in self.experts
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up_t, down_t = self.experts[(layer, expert)]
-        gate, up = torch.mm(x, gate_up_t).chunk(2, dim=-1)
-        return torch.mm(F.silu(gate) * up, down_t)
+        gate_up, down = self.experts[(layer, expert)]
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        return down(F.silu(gate) * up)

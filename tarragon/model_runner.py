@@ -112,19 +112,21 @@ class ModelRunner:
             for i in list(pending):
                 self._advance(i, gens[i], pending.pop(i).result(), pending, results)
 
-        sampled: list[int] = []
         prompt_logits: dict[str, torch.Tensor] = {}
-        for part, (_tok, meta), logits, w in zip(parts, metas, results, want_prompt):
+        finals = []  # per micro-batch: final hidden states of the tokens that sample
+        for part, (_tok, meta), h, w in zip(parts, metas, results, want_prompt):
             if w:
+                logits = self.model.logits(h)
                 t0 = 0
                 for c in part:
                     if c.seq.params.prompt_logits and c.start < len(c.seq.prompt):
                         n = min(c.count, len(c.seq.prompt) - c.start)
                         prompt_logits[c.seq.req_id] = logits[t0 : t0 + n]
                     t0 += c.count
-                logits = logits[meta.logits_index]
-            rows = [c for c in part if c.samples]
-            sampled += sample(logits, [c.seq.params for c in rows], [len(c.seq.output) for c in rows])
+                h = h[meta.logits_index]
+            finals.append(h)
+        rows = [c for part in parts for c in part if c.samples]
+        sampled = sample(self.model.logits(torch.cat(finals)), [c.seq.params for c in rows], [len(c.seq.output) for c in rows]) if rows else []
         return StepOutput(sampled, prompt_logits, torch.cat([meta.slot_mapping for _, meta in metas]))
 
     def _advance(self, i, gen, value, pending, results) -> None:

@@ -35,6 +35,13 @@ MAX_MESSAGE_BYTES = 1 << 30
 warnings.filterwarnings("ignore", message="The given buffer is not writable")  # set as ZMQ_MAXMSGSIZE: larger messages are dropped by libzmq
 
 
+# Frames below this size are copied into libzmq even when sent with copy=False. pyzmq's default
+# (64 KiB) sends larger ones zero-copy, and each such frame is released later through pyzmq's
+# garbage-collector thread, which then competes for the GIL: on the datapath (tens of KiB to a
+# few MiB per message) a memcpy is far cheaper. Set on every datapath socket.
+COPY_THRESHOLD = 1 << 24
+
+
 class BadMessage(ValueError):
     pass
 
