@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .forwarding_engine import ForwardingEngine, ShutdownRequested
 from .kv_cache import KVCache
 from .model import AttentionModel
-from .model_runner import ModelRunner
+from .model_runner import Flight, ModelRunner, StepOutput
 from .scheduler import ScheduledChunk, Scheduler, Sequence
 from .weights import WeightFiles, torch_dtype
 from .worker import restore_priority
@@ -39,10 +39,11 @@ class AttentionWorker:
             model = AttentionModel(cfg, files, dtype, spec.device)
         e = self.engine_cfg = spec.engine
         self.kv = KVCache(cfg, e.kv_cache_blocks, e.block_size, dtype, spec.device)
-        self.sched = Scheduler(self.kv, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len, cfg.eos_token_ids)
+        self.sched = Scheduler(self.kv, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len, cfg.eos_token_ids, e.micro_batches)
         self.engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, orch, spec.probe_endpoints_of_experts,
                                        spec.probe_interval_s, spec.probe_timeout_s)
-        self.runner = ModelRunner(model, self.kv, self.engine, e.micro_batches)
+        self.runner = ModelRunner(model, self.kv, self.engine)
+        self.flights: dict[int, Flight] = {}  # micro-batch group -> its step in the air
         self.driver = self._socket(ctx, spec.driver_endpoint)
         self.store = None
         if spec.store_endpoint:
@@ -72,17 +73,23 @@ class AttentionWorker:
         self.orch.send_multipart(P.encode(ready))
         restore_priority(self.spec)
         while True:
-            if not self.sched.has_work():
+            if not self.flights and not self.sched.has_work():
                 self.poller.poll(100 if self.restoring else None)  # idle: sleep until a message
             self.engine.service_control()
             self.handle_driver()
             self.handle_store()
-            chunks = self.sched.schedule()
-            if chunks:
-                self.step(chunks)
+            for group in range(self.sched.groups):  # advance each group's step; start the next at once
+                flight = self.flights.get(group)
+                if flight is not None and (out := self.runner.advance(flight)) is not None:
+                    del self.flights[group]
+                    self.sched.in_flight.discard(group)
+                    self.finish_step(flight.chunks, out)
+                if group not in self.flights and (chunks := self.sched.schedule(group)):
+                    self.flights[group] = self.runner.launch(chunks)
+                    self.sched.in_flight.add(group)
 
-    def step(self, chunks: list[ScheduledChunk]) -> None:
-        out = self.runner.step(chunks)
+    def finish_step(self, chunks: list[ScheduledChunk], out: StepOutput) -> None:
+        """A step's tokens: to the scheduler, the checkpoint store and the driver."""
         for c in chunks:  # prompt logits go out once the whole prompt is computed
             if c.seq.req_id in out.prompt_logits:
                 self.partial_logits.setdefault(c.seq.req_id, []).append(out.prompt_logits[c.seq.req_id])

@@ -231,7 +231,12 @@ class ForwardingEngine:
             return
         since = self.suspect_since.setdefault(w, now)
         if now - since >= self.probe_timeout_s:
-            self._fail(w, f"no reply and no answer to probes for {(now - since) * 1000:.0f} ms")
+            # Read what has arrived before judging: if this process was not scheduled for a
+            # while (a busy machine), a reply or pong may be waiting unread.
+            for sock in (self.data[w], self.probes[w]):
+                self._drain(sock)
+            if w in self.suspect_since:
+                self._fail(w, f"no reply and no answer to probes for {(now - since) * 1000:.0f} ms")
         elif now - self.last_probe.get(w, 0.0) >= self.probe_interval_s:
             self.last_probe[w] = now
             self.probes[w].send_multipart(P.encode(P.Probe(int(now * 1e6))))

@@ -1,17 +1,22 @@
 """Turns a scheduled step into tensors, runs it, samples.
 
-A step is split into micro-batches whose forward passes ping-pong: while the expert workers run
-micro-batch A's layer-l experts, this worker computes micro-batch B's layer-l attention.
+A step runs as a `Flight`: the forward pass of one micro-batch, suspended at every MoE layer
+while its routed tokens are with the expert workers. The attention worker keeps one flight per
+micro-batch group in the air and advances them in turn, so while the expert workers run group A's
+layer-l experts this worker computes group B's attention; and when A's step ends, A's next step
+starts at once, while B's last layer is still with the experts, so the expert workers are not left
+idle while this worker samples and does its bookkeeping.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generator
 
 import torch
 
 from .kv_cache import KVCache
-from .model import AttentionMetadata, AttentionModel
+from .model import AttentionMetadata, AttentionModel, MoECall
 from .sampling import sample
 from .scheduler import ScheduledChunk
 
@@ -23,12 +28,23 @@ class StepOutput:
     slots: torch.Tensor  # KV slots written this step, in chunk order (what gets checkpointed)
 
 
+@dataclass(eq=False)
+class Flight:
+    """One micro-batch's step in progress: its generator and the expert call it waits for."""
+
+    chunks: list[ScheduledChunk]
+    meta: AttentionMetadata
+    gen: Generator[MoECall, torch.Tensor, torch.Tensor]
+    want_prompt: bool
+    pending: object = None  # the ExpertFuture of the current MoE layer (None: done)
+    hidden: torch.Tensor | None = None  # the final hidden states, once done
+
+
 class ModelRunner:
-    def __init__(self, model: AttentionModel, kv: KVCache, engine, micro_batches: int = 2):
+    def __init__(self, model: AttentionModel, kv: KVCache, engine):
         self.model = model
         self.kv = kv
         self.engine = engine  # ForwardingEngine: dispatch(MoECall) -> future with .result()
-        self.micro_batches = max(1, micro_batches)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
         bs = self.kv.block_size
@@ -81,58 +97,40 @@ class ModelRunner:
         device = self.kv.k.device
         return torch.tensor(tokens, dtype=torch.long).to(device, non_blocking=True), meta.to(device)
 
-    def split(self, chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
-        """Micro-batches of about equal token counts (whole chunks each)."""
-        m = min(self.micro_batches, len(chunks))
-        if m <= 1:
-            return [chunks]
-        total = sum(c.count for c in chunks)
-        parts, cur, acc = [], [], 0
-        for c in chunks:
-            cur.append(c)
-            acc += c.count
-            if acc >= total * (len(parts) + 1) / m and len(parts) < m - 1:
-                parts.append(cur)
-                cur = []
-        if cur:
-            parts.append(cur)
-        return parts
+    @torch.inference_mode()
+    def launch(self, chunks: list[ScheduledChunk]) -> Flight:
+        """Start a step: run it up to its first expert call (sent at once)."""
+        want_prompt = any(c.seq.params.prompt_logits and c.start < len(c.seq.prompt) for c in chunks)
+        tokens, meta = self.prepare(chunks)
+        flight = Flight(chunks, meta, self.model.forward(tokens, meta, self.kv, all_logits=want_prompt), want_prompt)
+        self._resume(flight, None)
+        return flight
 
     @torch.inference_mode()
-    def step(self, chunks: list[ScheduledChunk]) -> StepOutput:
-        parts = self.split(chunks)
-        want_prompt = [any(c.seq.params.prompt_logits and c.start < len(c.seq.prompt) for c in p) for p in parts]
-        metas = [self.prepare(p) for p in parts]
-        gens = [self.model.forward(tok, meta, self.kv, all_logits=w) for (tok, meta), w in zip(metas, want_prompt)]
-        results: list[torch.Tensor | None] = [None] * len(gens)
-        pending = {}
-        for i, g in enumerate(gens):  # start every micro-batch up to its first expert call
-            self._advance(i, g, None, pending, results)
-        while pending:  # then in turn: collect one's experts, run it to its next call
-            for i in list(pending):
-                self._advance(i, gens[i], pending.pop(i).result(), pending, results)
+    def advance(self, flight: Flight) -> StepOutput | None:
+        """Wait for the flight's experts, run it to its next expert call; at its end, sample and
+        return the step's output (None while it is still in the air)."""
+        self._resume(flight, flight.pending.result())
+        return None if flight.pending is not None else self._finish(flight)
 
-        prompt_logits: dict[str, torch.Tensor] = {}
-        finals = []  # per micro-batch: final hidden states of the tokens that sample
-        for part, (_tok, meta), h, w in zip(parts, metas, results, want_prompt):
-            if w:
-                logits = self.model.logits(h)
-                t0 = 0
-                for c in part:
-                    if c.seq.params.prompt_logits and c.start < len(c.seq.prompt):
-                        n = min(c.count, len(c.seq.prompt) - c.start)
-                        prompt_logits[c.seq.req_id] = logits[t0 : t0 + n]
-                    t0 += c.count
-                h = h[meta.logits_index]
-            finals.append(h)
-        rows = [c for part in parts for c in part if c.samples]
-        sampled = sample(self.model.logits(torch.cat(finals)), [c.seq.params for c in rows], [len(c.seq.output) for c in rows]) if rows else []
-        return StepOutput(sampled, prompt_logits, torch.cat([meta.slot_mapping for _, meta in metas]))
-
-    def _advance(self, i, gen, value, pending, results) -> None:
+    def _resume(self, flight: Flight, value: torch.Tensor | None) -> None:
         try:
-            call = gen.send(value)
+            flight.pending = self.engine.dispatch(flight.gen.send(value))
         except StopIteration as stop:
-            results[i] = stop.value
-            return
-        pending[i] = self.engine.dispatch(call)
+            flight.pending, flight.hidden = None, stop.value
+
+    def _finish(self, flight: Flight) -> StepOutput:
+        h, meta = flight.hidden, flight.meta
+        prompt_logits: dict[str, torch.Tensor] = {}
+        if flight.want_prompt:
+            logits = self.model.logits(h)
+            t0 = 0
+            for c in flight.chunks:
+                if c.seq.params.prompt_logits and c.start < len(c.seq.prompt):
+                    n = min(c.count, len(c.seq.prompt) - c.start)
+                    prompt_logits[c.seq.req_id] = logits[t0 : t0 + n]
+                t0 += c.count
+            h = h[meta.logits_index]
+        rows = [c for c in flight.chunks if c.samples]
+        sampled = sample(self.model.logits(h), [c.seq.params for c in rows], [len(c.seq.output) for c in rows]) if rows else []
+        return StepOutput(sampled, prompt_logits, meta.slot_mapping)

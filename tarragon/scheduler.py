@@ -5,6 +5,13 @@ sequences are admitted while the batch has room (`max_num_seqs`, `max_num_batche
 KV pool has blocks. When a running sequence needs a block and the pool is empty, the newest
 running sequence is preempted: its blocks are freed and it is recomputed later from its prompt
 plus the tokens it already generated, so its output is unchanged.
+
+Running sequences belong to one of `groups` micro-batch groups, each scheduled as its own step
+(the attention worker keeps one step of each group in flight at once, see model_runner). A new
+sequence joins the group being scheduled while that group is below its fair share. A group's step
+touches only its own sequences: preemption picks victims within the group, and an abort of a
+sequence whose step is in flight takes effect when that step ends, so no block is freed while a
+step may still write it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     max_chunk: int | None = None  # 1: recompute token by token (the `replay` baseline)
+    group: int = 0  # the micro-batch group it runs in, once admitted
+    aborted: bool = False  # aborted while its step was in flight: dropped when that step ends
 
     def token_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt)
@@ -51,8 +60,11 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+    def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 eos_token_ids: tuple[int, ...], groups: int = 1):
         self.kv = kv
+        self.groups = max(1, groups)
+        self.in_flight: set[int] = set()  # groups whose step is being computed (set by the caller)
         self.max_num_seqs = max_num_seqs
         self.max_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -69,6 +81,9 @@ class Scheduler:
 
     def abort(self, req_id: str) -> None:
         for seq in [s for s in self.running if s.req_id == req_id]:
+            if seq.group in self.in_flight:
+                seq.aborted = True  # its step may still write its blocks: released in update()
+                continue
             self.kv.release(seq.blocks)
             self.running.remove(seq)
         self.waiting = deque(s for s in self.waiting if s.req_id != req_id)
@@ -76,30 +91,37 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _members(self, group: int) -> list[Sequence]:
+        return [s for s in self.running if s.group == group]
+
     def _preempt(self, seq: Sequence) -> None:
         self.kv.release(seq.blocks)  # its KV is recomputed from its tokens when it runs again
         seq.num_computed = 0
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self, group: int = 0) -> list[ScheduledChunk]:
+        """The next step of `group`: its running sequences first, then admissions."""
         budget = self.max_tokens
         chunks: list[ScheduledChunk] = []
-        for seq in list(self.running):
+        members = self._members(group)
+        for seq in members:
             if seq not in self.running:  # preempted below to make room for an older one
                 continue
             n = min(seq.length - seq.num_computed, budget, seq.max_chunk or budget)
             if n <= 0:
                 continue
             while not self.kv.grow(seq.blocks, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = [s for s in members if s in self.running][-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
                 chunks.append(ScheduledChunk(seq, seq.num_computed, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        share = -(-(len(self.running) + len(self.waiting)) // self.groups)  # fair share of a group
+        size = len(self._members(group))
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and size < share:
             seq = self.waiting[0]
             # Admit only if the whole known context fits now, so admissions do not thrash.
             if self.kv.blocks_needed(seq.blocks, seq.length + 1) > len(self.kv.free):
@@ -107,7 +129,9 @@ class Scheduler:
             n = min(seq.length - seq.num_computed, budget, seq.max_chunk or budget)
             self.kv.grow(seq.blocks, seq.num_computed + n)
             self.waiting.popleft()
+            seq.group = group
             self.running.append(seq)
+            size += 1
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
         return chunks
@@ -120,9 +144,14 @@ class Scheduler:
         for c in chunks:
             seq = c.seq
             seq.num_computed = c.start + c.count
-            if not c.samples:
+            tok = next(it) if c.samples else None
+            if seq.aborted:
+                if seq in self.running:
+                    self.kv.release(seq.blocks)
+                    self.running.remove(seq)
                 continue
-            tok = next(it)
+            if tok is None:
+                continue
             seq.output.append(tok)
             p = seq.params
             if (tok in self.eos and not p.ignore_eos) or (p.stop_token_ids and tok in p.stop_token_ids):

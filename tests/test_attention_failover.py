@@ -86,7 +86,7 @@ def test_second_failure_during_restoration(tiny_models):
 
 
 def test_store_failure_then_attention_failure_falls_back_to_recompute(tiny_models):
-    params = msgspec.structs.replace(LOAD_PARAMS, max_tokens=600)
+    params = msgspec.structs.replace(LOAD_PARAMS, max_tokens=1900)  # still running when the new store is up
     with LLM(tiny_models["qwen3_moe"], attention_workers=2, expert_workers=2) as llm:
         baseline = llm.generate(LOAD_PROMPTS, params)
         reqs = [llm.submit(p, params) for p in LOAD_PROMPTS]
