@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up, then generates on the demo model with 2 attention and 3 expert workers.
+# Sets up, then generates on the demo model with the default shape (2 attention + 2 expert workers).
 #   ./demo.sh [--failover] [--model DIR] [PROMPT...]   text generation (+ an expert worker killed mid-way)
 #   ./demo.sh serve [--port 8000] [--api-key KEY]       the OpenAI-compatible server on the same cluster
 set -euo pipefail
@@ -7,6 +7,6 @@ cd "$(dirname "$0")"
 scripts/setup.sh
 if [ "${1:-}" = "serve" ]; then
   shift
-  exec .venv/bin/tarragon serve --attention-workers 2 --expert-workers 3 "$@"
+  exec .venv/bin/tarragon serve "$@"
 fi
-exec .venv/bin/tarragon generate --attention-workers 2 --expert-workers 3 "$@"
+exec .venv/bin/tarragon generate "$@"

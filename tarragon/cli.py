@@ -10,7 +10,7 @@ import time
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in demo model)")
     p.add_argument("--attention-workers", type=int, default=2)
-    p.add_argument("--expert-workers", type=int, default=3)
+    p.add_argument("--expert-workers", type=int, default=2)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cpu")

@@ -96,7 +96,7 @@ class LLM:
         self,
         model: str | Path | None = None,
         attention_workers: int = 2,
-        expert_workers: int = 3,
+        expert_workers: int = 2,
         device: str = "cpu",
         dtype: str = "auto",
         shadows: int = 1,
@@ -108,6 +108,7 @@ class LLM:
         recovery: str = "tarragon",
         startup_timeout: float = 120.0,
         launcher: str = "local",
+        placement: str = "auto",
         ray_address: str | None = None,
         join_address: str | None = None,
         nodes: dict[str, str] | None = None,
@@ -122,6 +123,11 @@ class LLM:
         if recovery not in RECOVERY_POLICIES:
             raise ValueError(f"recovery must be one of {', '.join(RECOVERY_POLICIES)}, not {recovery!r}")
         self.recovery = recovery
+        if placement not in ("auto", "pack", "spread"):
+            raise ValueError(f"placement must be auto, pack or spread, not {placement!r}")
+        # auto: spread when every worker process can have a core of its own, else pack.
+        workers = attention_workers + expert_workers + 1
+        self.placement = placement if placement != "auto" else "spread" if (os.cpu_count() or 1) >= workers else "pack"
         if shadows < 0:
             raise ValueError(f"shadows must be >= 0, got {shadows}")
         shadows = min(shadows, expert_workers - 1)  # a shadow never shares its primary's worker
@@ -298,7 +304,7 @@ class LLM:
             for r in self._requests.values():
                 if r.worker in loads:
                     loads[r.worker] += 1
-            worker = min(loads, key=lambda n: (loads[n], n)) if loads else ""
+            worker = self._place(loads)
             req = Request(f"req-{next(self._ids)}", text, ids, params, worker)
             self._requests[req.req_id] = req
             if not worker:  # no attention worker up right now: placed as soon as one is
@@ -306,6 +312,19 @@ class LLM:
                 return req
         self._send(worker, P.AddRequest(req.req_id, ids, params))
         return req
+
+    def _place(self, loads: dict[str, int]) -> str:
+        """The attention worker for a new request. `spread`: the least loaded. `pack`: the first
+        with room for a whole batch, so that, when workers share cores, requests batch on one
+        (a step's cost barely grows with its batch) and the others stand by: they hold no
+        requests, cost memory, not compute, and take a failed worker's requests at once."""
+        if not loads:
+            return ""
+        if self.placement == "pack":
+            room = [n for n in sorted(loads) if loads[n] < self.config.max_num_seqs]
+            if room:
+                return room[0]
+        return min(loads, key=lambda n: (loads[n], n))
 
     def wait(self, req: Request, timeout: float | None = None) -> RequestOutput:
         if not req.done.wait(timeout):
