@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Checkpoint:
     owner: str
-    # Views [layers, n, kv_heads, head_dim] into whole writes: a write is copied once, not per request.
+    # Views [layers, n, heads, dim] into whole writes: a write is copied once, not per request.
+    # (MLA: k holds the latent, v the rotated key: shapes differ past the position axis.)
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
     committed: int = 0
@@ -36,7 +37,7 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.k) * 2
+        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
 
 
 class CheckpointStore:
@@ -53,7 +54,7 @@ class CheckpointStore:
         if last is not None and msg.seq > last + 1:
             self.gaps += msg.seq - last - 1
         self.last_seq[owner] = msg.seq
-        if self.bytes + 2 * k.nbytes <= self.max_bytes:
+        if self.bytes + k.nbytes + v.nbytes <= self.max_bytes:
             k, v = k.clone(), v.clone()  # out of the network buffer, once for the whole write
         offset = 0
         for req_id, start, n in zip(msg.req_ids, msg.starts, msg.counts):
@@ -67,14 +68,14 @@ class CheckpointStore:
             cp.owner = owner
             if start < cp.committed:
                 self._truncate(cp, start)
-            if cp.frozen or start > cp.committed or self.bytes + 2 * kc.nbytes > self.max_bytes:
+            if cp.frozen or start > cp.committed or self.bytes + kc.nbytes + vc.nbytes > self.max_bytes:
                 cp.frozen = True  # a hole, or over budget: restorable up to its committed prefix
                 self.refused += 1
                 continue
             cp.k.append(kc)
             cp.v.append(vc)
             cp.committed += n
-            self.bytes += 2 * kc.nbytes
+            self.bytes += kc.nbytes + vc.nbytes
         for req_id in msg.finished:
             self.drop(req_id)
 
@@ -122,7 +123,7 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
                 msg, bufs = P.decode(frames[1:])
                 if isinstance(msg, P.KVWrite) and len(bufs) == 2:
                     k, v = P.to_tensor(msg.k, bufs[0]), P.to_tensor(msg.v, bufs[1])
-                    if k.shape != v.shape or k.dim() != 4 or k.shape[1] != sum(msg.counts) or min(msg.counts, default=0) < 0:
+                    if k.shape[:2] != v.shape[:2] or k.dim() != 4 or v.dim() != 4 or k.shape[1] != sum(msg.counts) or min(msg.counts, default=0) < 0:
                         raise P.BadMessage(f"KV of shape {list(k.shape)} for {sum(msg.counts)} positions")
                     store.write(ident.decode(errors="replace"), msg, k, v)
                 elif isinstance(msg, P.RestoreRequest):

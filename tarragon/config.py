@@ -11,7 +11,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+SUPPORTED_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3")
+# Families routed by sigmoid scores, a selection-only correction bias and group-limited top-k.
+SIGMOID_GROUP_FAMILIES = ("glm4_moe", "deepseek_v3")
 
 
 class ModelLoadError(RuntimeError):
@@ -45,11 +47,48 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     sliding_window: int | None
+    # Routing (see model.ROUTERS): "softmax" top-k, or "sigmoid_group" (DeepSeek-V3, GLM-4.5).
+    router: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate on the shared expert
+    # Rotary embedding: how many leading dims of each head rotate, pairing, scaling.
+    rotary_dim: int = 0  # 0: the whole rotary head
+    rope_interleave: bool = False  # DeepSeek: pairs (x0, x1), (x2, x3), ... instead of halves
+    rope_scaling: dict | None = None  # YaRN parameters (rope_type "yarn"), else None
+    # Multi-head latent attention (DeepSeek-V3): kv_lora_rank > 0 turns it on.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     @property
     def expert_prefix(self) -> str:
         """Name of the MoE block inside a decoder layer on disk."""
         return "block_sparse_moe" if self.family == "mixtral" else "mlp"
+
+    @property
+    def shared_prefix(self) -> str:
+        """Name of the shared-expert MLP inside the MoE block on disk."""
+        return "shared_expert" if self.family == "qwen2_moe" else "shared_experts"
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of a head that rotate."""
+        return self.qk_rope_head_dim if self.mla else (self.rotary_dim or self.head_dim)
+
+    def kv_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, dim) per token of the two KV pools: K and V, or for MLA the compressed latent
+        (kv_lora_rank, normalised) and the shared rotated key (qk_rope_head_dim), not expanded heads."""
+        if self.mla:
+            return (1, self.kv_lora_rank), (1, self.qk_rope_head_dim)
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
 
     def is_sparse(self, layer: int) -> bool:
         return layer in self.sparse_layers
@@ -77,14 +116,17 @@ class ModelConfig:
             raise ModelLoadError(f"hidden_act={c['hidden_act']!r} is not supported (only silu)")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ModelLoadError(f"rope type {rope_type!r} is not supported (only default)")
+        if rope_type not in ("default", "yarn"):
+            raise ModelLoadError(f"rope type {rope_type!r} is not supported (only default and yarn)")
         rope_theta = rope.get("rope_theta", c.get("rope_theta", 10000.0 if family != "mixtral" else 1e6))
         heads = c["num_attention_heads"]
         hidden = c["hidden_size"]
         layers = c["num_hidden_layers"]
-        num_experts = c.get("num_experts", c.get("num_local_experts"))
-        if family in ("qwen3_moe", "qwen2_moe"):
+        num_experts = c.get("num_experts", c.get("num_local_experts", c.get("n_routed_experts")))
+        if family in SIGMOID_GROUP_FAMILIES:
+            sparse = tuple(range(c.get("first_k_dense_replace", 0), layers))
+            expert_inter = c["moe_intermediate_size"]
+        elif family in ("qwen3_moe", "qwen2_moe"):
             step = c.get("decoder_sparse_step", 1)
             dense_only = set(c.get("mlp_only_layers") or [])
             sparse = tuple(i for i in range(layers) if i not in dense_only and num_experts > 0 and (i + 1) % step == 0)
@@ -112,17 +154,52 @@ class ModelConfig:
             norm_topk_prob=True if family == "mixtral" else bool(c.get("norm_topk_prob", False)),
             expert_intermediate_size=expert_inter,
             dense_intermediate_size=c.get("intermediate_size", expert_inter),
-            shared_expert_intermediate_size=c.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0,
+            shared_expert_intermediate_size=cls._shared_size(family, c, expert_inter),
             sparse_layers=sparse,
-            qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"),
+            qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "head" if c.get("use_qk_norm") else "none"),
             qkv_bias=bool(c.get("qkv_bias", True)) if family == "qwen2_moe" else bool(c.get("attention_bias", False)),
-            o_bias=family in ("qwen3_moe", "olmoe") and bool(c.get("attention_bias", False)),
+            o_bias=family in ("qwen3_moe", "olmoe", "deepseek_v3") and bool(c.get("attention_bias", False)),
             clip_qkv=c.get("clip_qkv") if family == "olmoe" else None,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
             bos_token_id=c.get("bos_token_id"),
             sliding_window=window or None,
+            **cls._routing(family, c),
+            **cls._rope(family, c, rope, rope_type),
+            **cls._mla(c),
         )
+
+    @staticmethod
+    def _shared_size(family: str, c: dict, expert_inter: int) -> int:
+        if family == "qwen2_moe":
+            return c.get("shared_expert_intermediate_size", 0)
+        return expert_inter * c.get("n_shared_experts", 0) if family in SIGMOID_GROUP_FAMILIES else 0
+
+    @staticmethod
+    def _routing(family: str, c: dict) -> dict:
+        if family not in SIGMOID_GROUP_FAMILIES:
+            return {}
+        return dict(router="sigmoid_group", n_group=c.get("n_group") or 1, topk_group=c.get("topk_group") or 1,
+                    routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)), shared_expert_gated=False)
+
+    @staticmethod
+    def _rope(family: str, c: dict, rope: dict, rope_type: str) -> dict:
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5 if family == "glm4_moe" else 1.0))
+        out = dict(rotary_dim=int(head_dim * partial) if family != "deepseek_v3" else 0,
+                   rope_interleave=family == "deepseek_v3" and bool(c.get("rope_interleave", True)))
+        if rope_type == "yarn":
+            yarn = dict(rope)
+            yarn.setdefault("original_max_position_embeddings", c.get("max_position_embeddings", 4096))
+            out["rope_scaling"] = yarn
+        return out
+
+    @staticmethod
+    def _mla(c: dict) -> dict:
+        if not c.get("kv_lora_rank"):
+            return {}
+        return dict(q_lora_rank=c.get("q_lora_rank"), kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
+                    qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"])
 
 
 @dataclass

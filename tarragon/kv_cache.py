@@ -3,6 +3,9 @@
 The pool is allocated once at start-up (size from `kv_cache_blocks` or `kv_cache_bytes`), so
 memory is bounded whatever the load; the scheduler makes requests wait or preempts them when the
 pool is full.
+
+Two pools per layer: K and V, or for multi-head latent attention (DeepSeek-V3) the compressed
+latent and the shared rotated key (`ModelConfig.kv_shapes`), expanded to heads only when attended.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from .config import ModelConfig
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    (ha, da), (hb, db) = cfg.kv_shapes()
+    return cfg.num_layers * block_size * (ha * da + hb * db) * elem
 
 
 class KVCache:
@@ -23,9 +27,9 @@ class KVCache:
             raise ValueError("the KV cache needs at least one block; raise kv_cache_bytes or kv_cache_blocks")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape_k, shape_v = cfg.kv_shapes()
+        self.k = torch.zeros((cfg.num_layers, num_blocks * block_size, *shape_k), dtype=dtype, device=device)
+        self.v = torch.zeros((cfg.num_layers, num_blocks * block_size, *shape_v), dtype=dtype, device=device)
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

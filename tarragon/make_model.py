@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3")
 SIZES = {
     # tiny: fast tests; bench: the performance reference point (Mixtral layout).
     "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -65,7 +65,51 @@ def hf_config(family: str, size: str) -> dict:
                     moe_intermediate_size=s["moe_intermediate_size"], shared_expert_intermediate_size=s["intermediate_size"],
                     decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=False, qkv_bias=True,
                     use_sliding_window=False, sliding_window=None, max_window_layers=28)
+    if family == "glm4_moe":  # GLM-4.5's layout: half-rotary heads, q/k norm, biased q/k/v, one shared expert
+        return dict(base, architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", n_routed_experts=s["num_experts"],
+                    intermediate_size=s["intermediate_size"], moe_intermediate_size=s["moe_intermediate_size"],
+                    head_dim=2 * s["hidden_size"] // s["num_attention_heads"], n_shared_experts=1, first_k_dense_replace=1,
+                    n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True,
+                    attention_bias=True, rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5})
+    if family == "deepseek_v3":  # DeepSeek-V3's layout, scaled down: MLA, 4 groups of experts, YaRN
+        H = s["hidden_size"]
+        return dict(base, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", n_routed_experts=s["num_experts"],
+                    num_key_value_heads=s["num_attention_heads"], intermediate_size=s["intermediate_size"],
+                    moe_intermediate_size=s["moe_intermediate_size"], n_shared_experts=1, first_k_dense_replace=1,
+                    n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=3 * H // 4,
+                    kv_lora_rank=H // 2, qk_nope_head_dim=H // 4, qk_rope_head_dim=H // 8, v_head_dim=H // 4,
+                    rope_interleave=True, attention_bias=False, num_nextn_predict_layers=0, max_position_embeddings=256,
+                    rope_parameters={"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8})
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def attention_weights(cfg, a: str, mat, norm) -> dict[str, torch.Tensor]:
+    """One layer's attention tensors under their on-disk names (biases drawn, not zero)."""
+    H, hd = cfg.hidden_size, cfg.head_dim
+    t = {}
+    if cfg.mla:
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            t[a + "q_proj.weight"] = mat(cfg.num_heads * qk, H)
+        else:
+            t[a + "q_a_proj.weight"], t[a + "q_a_layernorm.weight"] = mat(cfg.q_lora_rank, H), norm(cfg.q_lora_rank)
+            t[a + "q_b_proj.weight"] = mat(cfg.num_heads * qk, cfg.q_lora_rank)
+        t[a + "kv_a_proj_with_mqa.weight"] = mat(cfg.kv_lora_rank + cfg.qk_rope_head_dim, H)
+        t[a + "kv_a_layernorm.weight"] = norm(cfg.kv_lora_rank)
+        t[a + "kv_b_proj.weight"] = mat(cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        t[a + "o_proj.weight"] = mat(H, cfg.num_heads * cfg.v_head_dim)
+        return t
+    for n, rows in (("q", cfg.num_heads * hd), ("k", cfg.num_kv_heads * hd), ("v", cfg.num_kv_heads * hd)):
+        t[a + f"{n}_proj.weight"] = mat(rows, H)
+        if cfg.qkv_bias:
+            t[a + f"{n}_proj.bias"] = mat(rows)
+    t[a + "o_proj.weight"] = mat(H, cfg.num_heads * hd)
+    if cfg.qk_norm == "head":
+        t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(hd), norm(hd)
+    elif cfg.qk_norm == "full":
+        t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(cfg.num_heads * hd), norm(cfg.num_kv_heads * hd)
+    return t
 
 
 def random_weights(raw: dict, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -74,7 +118,7 @@ def random_weights(raw: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     cfg = ModelConfig.from_dict(raw)
     g = torch.Generator().manual_seed(seed)
     std = raw["initializer_range"]
-    H, hd = cfg.hidden_size, cfg.head_dim
+    H = cfg.hidden_size
 
     def mat(*shape):
         return torch.randn(*shape, generator=g) * std
@@ -88,30 +132,25 @@ def random_weights(raw: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         t[p + "input_layernorm.weight"] = norm(H)
         t[p + "post_attention_layernorm.weight"] = norm(H)
-        for n, rows in (("q", cfg.num_heads * hd), ("k", cfg.num_kv_heads * hd), ("v", cfg.num_kv_heads * hd)):
-            t[a + f"{n}_proj.weight"] = mat(rows, H)
-            if cfg.qkv_bias:
-                t[a + f"{n}_proj.bias"] = mat(rows)
-        t[a + "o_proj.weight"] = mat(H, cfg.num_heads * hd)
-        if cfg.qk_norm == "head":
-            t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(hd), norm(hd)
-        elif cfg.qk_norm == "full":
-            t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(cfg.num_heads * hd), norm(cfg.num_kv_heads * hd)
+        t.update(attention_weights(cfg, a, mat, norm))
         if not cfg.is_sparse(i):
             I = cfg.dense_intermediate_size
             t.update({p + "mlp.gate_proj.weight": mat(I, H), p + "mlp.up_proj.weight": mat(I, H), p + "mlp.down_proj.weight": mat(H, I)})
             continue
         m = p + cfg.expert_prefix + "."
         t[m + "gate.weight"] = mat(cfg.num_experts, H)
+        if cfg.router == "sigmoid_group":  # zero in a fresh transformers model: drawn, so it must be used
+            t[m + "gate.e_score_correction_bias"] = 0.1 * torch.randn(cfg.num_experts, generator=g)
         I = cfg.expert_intermediate_size
         for e in range(cfg.num_experts):
             x = m + f"experts.{e}."
             t[x + names[0] + ".weight"], t[x + names[1] + ".weight"], t[x + names[2] + ".weight"] = mat(I, H), mat(I, H), mat(H, I)
         if cfg.shared_expert_intermediate_size:
             S = cfg.shared_expert_intermediate_size
-            s = m + "shared_expert."
+            s = f"{m}{cfg.shared_prefix}."
             t.update({s + "gate_proj.weight": mat(S, H), s + "up_proj.weight": mat(S, H), s + "down_proj.weight": mat(H, S)})
-            t[m + "shared_expert_gate.weight"] = mat(1, H)
+            if cfg.shared_expert_gated:
+                t[m + "shared_expert_gate.weight"] = mat(1, H)
     return {k: v.contiguous() for k, v in t.items()}
 
 
@@ -132,15 +171,17 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
-def make_model(out: str | Path, family: str = "mixtral", size: str = "tiny", seed: int = 0, shard_bytes: int | None = None) -> Path:
-    """Write a checkpoint folder; `shard_bytes` splits the weights into an indexed, sharded set."""
+def make_model(out: str | Path, family: str = "mixtral", size: str = "tiny", seed: int = 0, shard_bytes: int | None = None,
+               overrides: dict | None = None) -> Path:
+    """Write a checkpoint folder; `shard_bytes` splits the weights into an indexed, sharded set;
+    `overrides` replaces config.json fields (e.g. a variant's q_lora_rank=None) before drawing."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = hf_config(family, size)
+    raw = hf_config(family, size) | (overrides or {})
     raw["transformers_version"] = "5.0.0"
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}, indent=2))

@@ -12,6 +12,7 @@ so attention of one micro-batch overlaps the expert work of another.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Generator
 
@@ -39,6 +40,85 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, down)
+
+
+def rope_frequencies(cfg: ModelConfig, device: str = "cpu") -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the rotary dims and the factor cos/sin are scaled by: plain RoPE,
+    or YaRN (interpolated low frequencies, extrapolated high ones, ramp between) as transformers has it."""
+    dim, base = cfg.rope_dim, cfg.rope_theta
+    extrapolated = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    y = cfg.rope_scaling
+    if y is None:
+        return extrapolated, 1.0
+    original = y["original_max_position_embeddings"]
+    factor = y.get("factor") or cfg.max_position_embeddings / original
+    factor_of = lambda m=1.0: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0  # noqa: E731
+    attention_factor = y.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = y.get("mscale"), y.get("mscale_all_dim")
+        attention_factor = factor_of(m) / factor_of(m_all) if m and m_all else factor_of()
+    edge = lambda rot: dim * math.log(original / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+    low, high = edge(y.get("beta_fast") or 32), edge(y.get("beta_slow") or 1)
+    if y.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return extrapolated / factor * ramp + extrapolated * (1 - ramp), float(attention_factor)
+
+
+def attention_scale(cfg: ModelConfig) -> float:
+    """Softmax scale; DeepSeek's YaRN also multiplies it by mscale(mscale_all_dim) squared."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim if cfg.mla else cfg.head_dim) ** -0.5
+    y = cfg.rope_scaling
+    if cfg.mla and y and y.get("mscale_all_dim"):
+        factor = y.get("factor") or 1.0
+        m = 1.0 if factor <= 1 else 0.1 * y["mscale_all_dim"] * math.log(factor) + 1.0
+        scale *= m * m
+    return scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the leading cos.shape[-1] dims of each head (partial rotary leaves the rest).
+    Interleaved (DeepSeek): pairs (x0, x1), (x2, x3)... rotate and come out de-interleaved."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    if interleave:
+        c, s_ = cos[..., : d // 2], sin[..., : d // 2]
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
+    else:
+        rot = rot * cos + rotate_half(rot) * sin
+    return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
+
+
+def softmax_topk(logits: torch.Tensor, score_bias, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral, Qwen-MoE, OLMoE: softmax in fp32, top-k, optional renormalisation."""
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), cfg.top_k, dim=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def sigmoid_group_topk(logits: torch.Tensor, score_bias, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3, GLM-4.5: sigmoid scores; the correction bias only chooses (groups ranked by
+    their two best biased scores, top-k within the best `topk_group` groups), the unbiased
+    scores weigh; optional renormalisation, then `routed_scaling_factor`."""
+    scores = torch.sigmoid(logits)
+    choice = scores + score_bias if score_bias is not None else scores
+    T, E, G = scores.shape[0], cfg.num_experts, cfg.n_group
+    group_scores = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+    groups = torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
+    ids = torch.topk(choice, cfg.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids
+
+
+# The router is chosen by `ModelConfig.router`: a new family's routing is one function here.
+ROUTERS = {"softmax": softmax_topk, "sigmoid_group": sigmoid_group_topk}
 
 
 @dataclass
@@ -79,8 +159,28 @@ class AttentionMetadata:
 
 
 @dataclass
+class MLAWeights:
+    """Multi-head latent attention's projections (DeepSeek-V3): queries direct (`q`) or through
+    a low-rank bottleneck (`q_a` -> norm -> `q_b`); keys and values through the latent (`kv_a`
+    -> norm), expanded per head by `kv_b` when attended."""
+
+    q: torch.Tensor | None
+    q_a: torch.Tensor | None
+    q_a_bias: torch.Tensor | None
+    q_a_norm: torch.Tensor | None
+    q_b: torch.Tensor | None
+    kv_a: torch.Tensor
+    kv_a_bias: torch.Tensor | None
+    kv_a_norm: torch.Tensor
+    kv_b: torch.Tensor
+
+
+MLA_NORM_EPS = 1e-6  # DeepSeek's q_a/kv_a norms keep RMSNorm's default eps, not rms_norm_eps
+
+
+@dataclass
 class AttentionLayer:
-    qkv: torch.Tensor
+    qkv: torch.Tensor | None  # None with MLA
     qkv_bias: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
@@ -89,8 +189,10 @@ class AttentionLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     router: torch.Tensor | None  # [E, H] on sparse layers
+    score_bias: torch.Tensor | None  # [E] selection-only correction bias (sigmoid_group routing)
     dense: tuple[torch.Tensor, torch.Tensor] | None  # (gate_up, down) on dense layers
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (gate_up, down, gate[1,H])
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # (gate_up, down, gate[1,H] or None)
+    mla: MLAWeights | None = None
 
 
 class AttentionModel:
@@ -100,72 +202,95 @@ class AttentionModel:
         self.cfg = cfg
         self.dtype = dtype
 
-        def w(name: str) -> torch.Tensor:
-            return files.get(name, dtype, device)
+        def w(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+            return files.get(name, as_dtype, device)
 
-        def opt(name: str) -> torch.Tensor | None:
-            return w(name) if name in files else None
-
+        # Loading helpers, only while the files are open.
+        self._w, self._has = w, files.__contains__
+        self._opt = lambda name: w(name) if name in files else None
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
         self.lm_head = Linear(self.embed if cfg.tie_word_embeddings and "lm_head.weight" not in files else w("lm_head.weight"))
-        self.layers: list[AttentionLayer] = []
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            a = p + "self_attn."
-            biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
-            mlp = p + cfg.expert_prefix + "."
-            shared = None
-            if cfg.is_sparse(i) and cfg.shared_expert_intermediate_size:
-                s = mlp + "shared_expert."
-                shared = (
-                    torch.cat([w(s + "gate_proj.weight"), w(s + "up_proj.weight")]),
-                    w(s + "down_proj.weight"),
-                    w(mlp + "shared_expert_gate.weight"),
-                )
-            dense = None
-            if not cfg.is_sparse(i):
-                dense = (torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]), w(p + "mlp.down_proj.weight"))
-            self.layers.append(
-                AttentionLayer(
-                    qkv=torch.cat([w(a + f"{n}_proj.weight") for n in "qkv"]),
-                    qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-                    o=w(a + "o_proj.weight"),
-                    o_bias=opt(a + "o_proj.bias"),
-                    q_norm=opt(a + "q_norm.weight"),
-                    k_norm=opt(a + "k_norm.weight"),
-                    input_norm=w(p + "input_layernorm.weight"),
-                    post_norm=w(p + "post_attention_layernorm.weight"),
-                    router=w(mlp + "gate.weight") if cfg.is_sparse(i) else None,
-                    dense=dense,
-                    shared=shared,
-                )
-            )
-        hd = cfg.head_dim
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
-        self.q_size = cfg.num_heads * hd
-        self.kv_size = cfg.num_kv_heads * hd
+        self.layers = [self._load_layer(i) for i in range(cfg.num_layers)]
+        del self._w, self._has, self._opt
+        self.inv_freq, self.rope_factor = rope_frequencies(cfg, device)
+        self.scale = attention_scale(cfg)
+        self.router_fn = ROUTERS[cfg.router]
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.v_dim = cfg.v_head_dim if cfg.mla else cfg.head_dim
+
+    def _load_layer(self, i: int) -> AttentionLayer:
+        cfg, w, opt = self.cfg, self._w, self._opt
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        mlp = p + cfg.expert_prefix + "."
+        shared = None
+        if cfg.is_sparse(i) and cfg.shared_expert_intermediate_size:
+            s = f"{mlp}{cfg.shared_prefix}."
+            gate = w(mlp + "shared_expert_gate.weight") if cfg.shared_expert_gated else None
+            shared = (torch.cat([w(s + "gate_proj.weight"), w(s + "up_proj.weight")]), w(s + "down_proj.weight"), gate)
+        dense = None
+        if not cfg.is_sparse(i):
+            dense = (torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]), w(p + "mlp.down_proj.weight"))
+        router = score_bias = None
+        if cfg.is_sparse(i):  # transformers routes sigmoid families in fp32 whatever the model dtype
+            router_dtype = self.dtype if cfg.router == "softmax" else torch.float32
+            router = w(mlp + "gate.weight", router_dtype)
+            if self._has(mlp + "gate.e_score_correction_bias"):
+                score_bias = w(mlp + "gate.e_score_correction_bias", torch.float32)
+        biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
+        return AttentionLayer(
+            qkv=None if cfg.mla else torch.cat([w(a + f"{n}_proj.weight") for n in "qkv"]),
+            qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+            o=w(a + "o_proj.weight"),
+            o_bias=opt(a + "o_proj.bias"),
+            q_norm=opt(a + "q_norm.weight"),
+            k_norm=opt(a + "k_norm.weight"),
+            input_norm=w(p + "input_layernorm.weight"),
+            post_norm=w(p + "post_attention_layernorm.weight"),
+            router=router,
+            score_bias=score_bias,
+            dense=dense,
+            shared=shared,
+            mla=self._load_mla(a) if cfg.mla else None,
+        )
+
+    def _load_mla(self, a: str) -> MLAWeights:
+        w, opt = self._w, self._opt
+        low_rank_q = self.cfg.q_lora_rank is not None
+        return MLAWeights(
+            q=None if low_rank_q else w(a + "q_proj.weight"),
+            q_a=w(a + "q_a_proj.weight") if low_rank_q else None,
+            q_a_bias=opt(a + "q_a_proj.bias"),
+            q_a_norm=w(a + "q_a_layernorm.weight") if low_rank_q else None,
+            q_b=w(a + "q_b_proj.weight") if low_rank_q else None,
+            kv_a=w(a + "kv_a_proj_with_mqa.weight"),
+            kv_a_bias=opt(a + "kv_a_proj_with_mqa.bias"),
+            kv_a_norm=w(a + "kv_a_layernorm.weight"),
+            kv_b=w(a + "kv_b_proj.weight"),
+        )
 
     # ---- pieces -------------------------------------------------------------------------
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_factor != 1.0:
+            cos, sin = cos * self.rope_factor, sin * self.rope_factor
+        return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
 
     def route(self, layer: AttentionLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax in fp32, top-k, optional renormalisation: the families' shared router."""
-        probs = torch.softmax(F.linear(x, layer.router).float(), dim=-1)
-        weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)
-        if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids
+        """Router logits in fp32, then the family's routing function (ROUTERS)."""
+        logits = F.linear(x.to(layer.router.dtype), layer.router).float()
+        return self.router_fn(logits, layer.score_bias, self.cfg)
 
-    def attention(self, i: int, x: torch.Tensor, meta: AttentionMetadata, rope, kv_cache) -> torch.Tensor:
-        cfg, L = self.cfg, self.layers[i]
+    def project(self, L: AttentionLayer, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q [T, nh, hd] and what the two KV pools store for these tokens: k and v."""
+        cfg = self.cfg
         T, hd = x.shape[0], cfg.head_dim
-        qkv = F.linear(x, L.qkv, L.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = F.linear(x, L.qkv, L.qkv_bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if cfg.qk_norm == "full":
             q, k = rms_norm(q, L.q_norm, cfg.rms_norm_eps), rms_norm(k, L.k_norm, cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
@@ -174,37 +299,68 @@ class AttentionModel:
         if cfg.qk_norm == "head":
             q, k = rms_norm(q, L.q_norm, cfg.rms_norm_eps), rms_norm(k, L.k_norm, cfg.rms_norm_eps)
         cos, sin = rope
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_pool, v_pool = kv_cache.layer(i)
-        k_pool.index_copy_(0, meta.slot_mapping, k)
-        v_pool.index_copy_(0, meta.slot_mapping, v)
+        return apply_rope(q, cos, sin, cfg.rope_interleave), apply_rope(k, cos, sin, cfg.rope_interleave), v
 
-        scale = hd**-0.5
+    def project_mla(self, M: MLAWeights, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q [T, nh, nope+rope] and what MLA's pools store: the normalised latent
+        [T, 1, kv_lora_rank] and the shared rotated key [T, 1, qk_rope_head_dim]."""
+        cfg = self.cfg
+        T, nope = x.shape[0], cfg.qk_nope_head_dim
+        if M.q is not None:
+            q = F.linear(x, M.q)
+        else:
+            q = F.linear(rms_norm(F.linear(x, M.q_a, M.q_a_bias), M.q_a_norm, MLA_NORM_EPS), M.q_b)
+        q = q.view(T, cfg.num_heads, -1)
+        latent, k_rot = F.linear(x, M.kv_a, M.kv_a_bias).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        cos, sin = rope
+        q = torch.cat([q[..., :nope], apply_rope(q[..., nope:], cos, sin, cfg.rope_interleave)], dim=-1)
+        k_rot = apply_rope(k_rot.view(T, 1, -1), cos, sin, cfg.rope_interleave)
+        return q, rms_norm(latent, M.kv_a_norm, MLA_NORM_EPS).view(T, 1, -1), k_rot
+
+    def expand_mla(self, M: MLAWeights, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys and values of cached latents ([..., 1, r], [..., 1, rope] -> [..., nh, d])."""
+        cfg = self.cfg
+        kv = F.linear(latent.squeeze(-2), M.kv_b).unflatten(-1, (cfg.num_heads, -1))
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        return torch.cat([k_nope, k_rot.expand(*k_nope.shape[:-1], -1)], dim=-1), v
+
+    def attention(self, i: int, x: torch.Tensor, meta: AttentionMetadata, rope, kv_cache) -> torch.Tensor:
+        L = self.layers[i]
+        q, new_a, new_b = self.project_mla(L.mla, x, rope) if L.mla else self.project(L, x, rope)
+        pool_a, pool_b = kv_cache.layer(i)
+        pool_a.index_copy_(0, meta.slot_mapping, new_a)
+        pool_b.index_copy_(0, meta.slot_mapping, new_b)
+
+        def kv(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Keys and values [*slots.shape, heads, dim] of these cache slots."""
+            flat = slots.reshape(-1)
+            a = pool_a.index_select(0, flat).view(*slots.shape, *pool_a.shape[1:])
+            b = pool_b.index_select(0, flat).view(*slots.shape, *pool_b.shape[1:])
+            return self.expand_mla(L.mla, a, b) if L.mla else (a, b)
+
+        T = x.shape[0]
         if meta.decode_tokens is None:  # a pure decode step: no scatter needed
-            return F.linear(self.decode_attention(q, k_pool, v_pool, meta, scale).view(T, -1), L.o, L.o_bias)
-        out = torch.empty_like(q)
+            return F.linear(self.decode_attention(q, kv, meta).reshape(T, -1), L.o, L.o_bias)
+        out = q.new_empty(T, q.shape[1], self.v_dim)
         if meta.num_decode:
-            out[meta.decode_tokens] = self.decode_attention(q[meta.decode_tokens], k_pool, v_pool, meta, scale)
+            out[meta.decode_tokens] = self.decode_attention(q[meta.decode_tokens], kv, meta)
         for start, n, slots, mask in meta.prefills:
+            k, v = kv(slots)
             qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
-            kp = k_pool[slots].transpose(0, 1).unsqueeze(0)
-            vp = v_pool[slots].transpose(0, 1).unsqueeze(0)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+            kp, vp = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
             out[start : start + n] = op[0].transpose(0, 1)
         return F.linear(out.view(T, -1), L.o, L.o_bias)
 
-    def decode_attention(self, q: torch.Tensor, k_pool, v_pool, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode_attention(self, q: torch.Tensor, kv, meta: AttentionMetadata) -> torch.Tensor:
         """One new token per sequence against its padded context, grouped-query heads batched:
         the eager computation (fp32 softmax), without materialising repeated K/V heads."""
-        B, C = meta.decode_slots.shape
-        kvh, hd = self.cfg.num_kv_heads, self.cfg.head_dim
-        flat = meta.decode_slots.reshape(-1)
-        k = k_pool.index_select(0, flat).view(B, C, kvh, hd).permute(0, 2, 3, 1)  # [B, kvh, hd, C]
-        v = v_pool.index_select(0, flat).view(B, C, kvh, hd).transpose(1, 2)  # [B, kvh, C, hd]
-        scores = torch.matmul(q.view(B, kvh, -1, hd), k) * scale + meta.decode_mask  # [B, kvh, g, C]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v).view(B, -1, hd)
+        B = meta.decode_slots.shape[0]
+        k, v = kv(meta.decode_slots)  # [B, C, kvh, dk], [B, C, kvh, dv]
+        kvh = k.shape[2]
+        scores = torch.matmul(q.view(B, kvh, -1, q.shape[-1]), k.permute(0, 2, 3, 1)) * self.scale + meta.decode_mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [B, kvh, g, C]
+        return torch.matmul(probs, v.transpose(1, 2)).view(B, -1, v.shape[-1])
 
     # ---- the forward pass -----------------------------------------------------------------
 
@@ -227,7 +383,8 @@ class AttentionModel:
             routed = yield MoECall(i, x, ids, weights)
             if L.shared is not None:
                 gate_up, down, gate = L.shared
-                routed = routed + torch.sigmoid(F.linear(x, gate)) * swiglu(x, gate_up, down)
+                shared = swiglu(x, gate_up, down)
+                routed = routed + (shared if gate is None else torch.sigmoid(F.linear(x, gate)) * shared)
             h = h + routed
         return h if all_logits else h[meta.logits_index]
 

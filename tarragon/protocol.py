@@ -229,7 +229,7 @@ class ExpertReply(Msg):
 class KVWrite(Msg):
     """One step's new KV of an attention worker: for each request, `counts[i]` positions from
     `starts[i]`, every layer. All layers arrive in one message, so its arrival commits them.
-    Frames: k and v, each [layers, sum(counts), kv_heads, head_dim]."""
+    Frames: k and v, each [layers, sum(counts), heads, dim] (MLA: the latent and the rotated key)."""
 
     seq: int  # per-worker write number (gaps: writes dropped under back-pressure)
     req_ids: list[str]
