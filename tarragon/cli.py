@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .config import SUPPORTED_FAMILIES
+
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in demo model)")
@@ -121,7 +123,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_make_model(args: argparse.Namespace) -> int:
     from .make_model import make_model
 
-    out = make_model(args.out, args.family, args.size, seed=args.seed, shard_bytes=args.shard_bytes)
+    out = make_model(args.out, args.family, args.size, seed=args.seed, shard_bytes=args.shard_bytes, mxfp4=args.mxfp4)
     print(f"wrote {args.family} ({args.size}) checkpoint to {out}")
     return 0
 
@@ -167,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     w.set_defaults(func=cmd_worker)
 
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout")
-    m.add_argument("--family", default="mixtral", choices=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+    m.add_argument("--family", default="mixtral", choices=list(SUPPORTED_FAMILIES))
     m.add_argument("--size", default="tiny", choices=["tiny", "bench", "gpu"])
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shard-bytes", type=int, default=None, help="split into shards of about this many bytes")
+    m.add_argument("--mxfp4", action="store_true", help="gpt_oss: expert matrices as MXFP4 blocks and scales, as released")
     m.add_argument("out")
     m.set_defaults(func=cmd_make_model)
 

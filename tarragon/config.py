@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3")
+SUPPORTED_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "gpt_oss")
 # Families routed by sigmoid scores, a selection-only correction bias and group-limited top-k.
 SIGMOID_GROUP_FAMILIES = ("glm4_moe", "deepseek_v3")
 
@@ -63,6 +63,12 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # gpt-oss: a learned sink logit per head, a window per layer (None: full), clamped SwiGLU experts.
+    attention_sinks: bool = False
+    layer_windows: tuple[int | None, ...] = ()  # empty: no layer is windowed
+    expert_act: str = "swiglu"  # "swiglu" | "clamped_swiglu" (gpt-oss: biases, alpha, limit)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def expert_prefix(self) -> str:
@@ -93,6 +99,10 @@ class ModelConfig:
     def is_sparse(self, layer: int) -> bool:
         return layer in self.sparse_layers
 
+    def window(self, layer: int) -> int | None:
+        """Tokens a layer attends back (itself included); None: the whole context."""
+        return self.layer_windows[layer] if self.layer_windows else None
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
@@ -112,13 +122,14 @@ class ModelConfig:
                 f"unsupported architecture model_type={family!r} ({c.get('architectures')}); "
                 f"supported: {', '.join(SUPPORTED_FAMILIES)}"
             )
-        if c.get("hidden_act", "silu") != "silu":
+        if c.get("hidden_act", "silu") != "silu" and family != "gpt_oss":  # gpt-oss's experts use their own activation
             raise ModelLoadError(f"hidden_act={c['hidden_act']!r} is not supported (only silu)")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "yarn"):
             raise ModelLoadError(f"rope type {rope_type!r} is not supported (only default and yarn)")
-        rope_theta = rope.get("rope_theta", c.get("rope_theta", 10000.0 if family != "mixtral" else 1e6))
+        default_theta = {"mixtral": 1e6, "gpt_oss": 150000.0}.get(family, 10000.0)
+        rope_theta = rope.get("rope_theta", c.get("rope_theta", default_theta))
         heads = c["num_attention_heads"]
         hidden = c["hidden_size"]
         layers = c["num_hidden_layers"]
@@ -158,7 +169,7 @@ class ModelConfig:
             sparse_layers=sparse,
             qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "head" if c.get("use_qk_norm") else "none"),
             qkv_bias=bool(c.get("qkv_bias", True)) if family == "qwen2_moe" else bool(c.get("attention_bias", False)),
-            o_bias=family in ("qwen3_moe", "olmoe", "deepseek_v3") and bool(c.get("attention_bias", False)),
+            o_bias=family in ("qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss") and bool(c.get("attention_bias", False)),
             clip_qkv=c.get("clip_qkv") if family == "olmoe" else None,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
@@ -167,7 +178,18 @@ class ModelConfig:
             **cls._routing(family, c),
             **cls._rope(family, c, rope, rope_type),
             **cls._mla(c),
+            **cls._gpt_oss(family, c, layers),
         )
+
+    @staticmethod
+    def _gpt_oss(family: str, c: dict, layers: int) -> dict:
+        if family != "gpt_oss":
+            return {}
+        types = c.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+        window = c.get("sliding_window")
+        return dict(router="topk_softmax", attention_sinks=True, expert_act="clamped_swiglu",
+                    layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
+                    swiglu_alpha=float(c.get("swiglu_alpha", 1.702)), swiglu_limit=float(c.get("swiglu_limit", 7.0)))
 
     @staticmethod
     def _shared_size(family: str, c: dict, expert_inter: int) -> int:

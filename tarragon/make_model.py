@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "gpt_oss")
 SIZES = {
     # tiny: fast tests; bench: the performance reference point (Mixtral layout).
     "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -81,7 +81,33 @@ def hf_config(family: str, size: str) -> dict:
                     rope_interleave=True, attention_bias=False, num_nextn_predict_layers=0, max_position_embeddings=256,
                     rope_parameters={"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8})
+    if family == "gpt_oss":  # gpt-oss's layout: sinks, sliding/full layers, biases, clamped SwiGLU, YaRN
+        return dict(base, architectures=["GptOssForCausalLM"], model_type="gpt_oss", num_local_experts=s["num_experts"],
+                    intermediate_size=s["moe_intermediate_size"], head_dim=2 * s["hidden_size"] // s["num_attention_heads"],
+                    attention_bias=True, sliding_window=8, max_position_embeddings=256,
+                    layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(s["num_hidden_layers"])],
+                    swiglu_alpha=1.702, swiglu_limit=1.5,  # a small limit, so that clamping happens in a tiny model
+                    rope_parameters={"rope_theta": 150000.0, "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def fused_experts(cfg, m: str, mat, g: torch.Generator, mxfp4: bool) -> dict[str, torch.Tensor]:
+    """gpt-oss's fused experts of one layer (plain, or MXFP4 blocks and scales as released)."""
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    t = {m + "experts.gate_up_proj_bias": mat(E, 2 * I), m + "experts.down_proj_bias": mat(E, H)}
+    for name, rows, cols in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
+        if not mxfp4:
+            t[m + f"experts.{name}"] = mat(E, rows, cols).transpose(1, 2)  # [E, in, out]
+            continue
+        # Random FP4 codes, scales 2^-5..2^-3: a spread like mat()'s, every value exactly representable.
+        t[m + f"experts.{name}_blocks"] = torch.randint(0, 256, (E, rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+        t[m + f"experts.{name}_scales"] = torch.randint(122, 125, (E, rows, cols // 32), generator=g, dtype=torch.uint8)
+    return t
 
 
 def attention_weights(cfg, a: str, mat, norm) -> dict[str, torch.Tensor]:
@@ -105,6 +131,10 @@ def attention_weights(cfg, a: str, mat, norm) -> dict[str, torch.Tensor]:
         if cfg.qkv_bias:
             t[a + f"{n}_proj.bias"] = mat(rows)
     t[a + "o_proj.weight"] = mat(H, cfg.num_heads * hd)
+    if cfg.o_bias:
+        t[a + "o_proj.bias"] = mat(H)
+    if cfg.attention_sinks:  # zero-initialised in transformers: drawn here, so they must be used
+        t[a + "sinks"] = mat(cfg.num_heads, scale=1.0)
     if cfg.qk_norm == "head":
         t[a + "q_norm.weight"], t[a + "k_norm.weight"] = norm(hd), norm(hd)
     elif cfg.qk_norm == "full":
@@ -112,7 +142,7 @@ def attention_weights(cfg, a: str, mat, norm) -> dict[str, torch.Tensor]:
     return t
 
 
-def random_weights(raw: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(raw: dict, seed: int = 0, mxfp4: bool = False) -> dict[str, torch.Tensor]:
     from .config import ModelConfig
 
     cfg = ModelConfig.from_dict(raw)
@@ -120,8 +150,8 @@ def random_weights(raw: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     std = raw["initializer_range"]
     H = cfg.hidden_size
 
-    def mat(*shape):
-        return torch.randn(*shape, generator=g) * std
+    def mat(*shape, scale: float = std):
+        return torch.randn(*shape, generator=g) * scale
 
     def norm(n):  # near one, but not one: a norm loaded into the wrong place shows
         return 1.0 + 0.05 * torch.randn(n, generator=g)
@@ -138,6 +168,10 @@ def random_weights(raw: dict, seed: int = 0) -> dict[str, torch.Tensor]:
             t.update({p + "mlp.gate_proj.weight": mat(I, H), p + "mlp.up_proj.weight": mat(I, H), p + "mlp.down_proj.weight": mat(H, I)})
             continue
         m = p + cfg.expert_prefix + "."
+        if cfg.family == "gpt_oss":
+            t.update({m + "router.weight": mat(cfg.num_experts, H), m + "router.bias": mat(cfg.num_experts)})
+            t.update(fused_experts(cfg, m, mat, g, mxfp4))
+            continue
         t[m + "gate.weight"] = mat(cfg.num_experts, H)
         if cfg.router == "sigmoid_group":  # zero in a fresh transformers model: drawn, so it must be used
             t[m + "gate.e_score_correction_bias"] = 0.1 * torch.randn(cfg.num_experts, generator=g)
@@ -172,9 +206,12 @@ def train_tokenizer(vocab_size: int):
 
 
 def make_model(out: str | Path, family: str = "mixtral", size: str = "tiny", seed: int = 0, shard_bytes: int | None = None,
-               overrides: dict | None = None) -> Path:
+               overrides: dict | None = None, mxfp4: bool = False) -> Path:
     """Write a checkpoint folder; `shard_bytes` splits the weights into an indexed, sharded set;
-    `overrides` replaces config.json fields (e.g. a variant's q_lora_rank=None) before drawing."""
+    `overrides` replaces config.json fields (e.g. a variant's q_lora_rank=None) before drawing;
+    `mxfp4` (gpt_oss) writes the expert matrices as MXFP4 blocks and scales, as gpt-oss is released."""
+    if mxfp4 and family != "gpt_oss":
+        raise ValueError("MXFP4 experts are gpt_oss's release format; other families are written plain")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     if size not in SIZES:
@@ -183,9 +220,13 @@ def make_model(out: str | Path, family: str = "mixtral", size: str = "tiny", see
     out.mkdir(parents=True, exist_ok=True)
     raw = hf_config(family, size) | (overrides or {})
     raw["transformers_version"] = "5.0.0"
+    if mxfp4:  # as released: experts MXFP4, everything else bf16
+        raw["quantization_config"], raw["dtype"] = MXFP4_CONFIG, "bfloat16"
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}, indent=2))
-    tensors = random_weights(raw, seed)
+    tensors = random_weights(raw, seed, mxfp4)
+    if mxfp4:
+        tensors = {k: t if t.dtype == torch.uint8 else t.to(torch.bfloat16) for k, t in tensors.items()}
     meta = {"format": "pt"}
     if not shard_bytes:
         save_file(tensors, str(out / "model.safetensors"), metadata=meta)

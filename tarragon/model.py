@@ -117,8 +117,24 @@ def sigmoid_group_topk(logits: torch.Tensor, score_bias, cfg: ModelConfig) -> tu
     return weights * cfg.routed_scaling_factor, ids
 
 
+def topk_softmax(logits: torch.Tensor, score_bias, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss: top-k of the (biased) logits, softmax over those k only."""
+    top, ids = torch.topk(logits, cfg.top_k, dim=-1)
+    return torch.softmax(top, dim=-1), ids
+
+
 # The router is chosen by `ModelConfig.router`: a new family's routing is one function here.
-ROUTERS = {"softmax": softmax_topk, "sigmoid_group": sigmoid_group_topk}
+ROUTERS = {"softmax": softmax_topk, "sigmoid_group": sigmoid_group_topk, "topk_softmax": topk_softmax}
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities; a sink (gpt-oss) is one more logit per head that takes probability
+    mass and no value. `sinks` broadcasts against scores[..., :1]."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+    combined = torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
 
 @dataclass
@@ -189,10 +205,12 @@ class AttentionLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     router: torch.Tensor | None  # [E, H] on sparse layers
+    router_bias: torch.Tensor | None  # [E] added to the logits (gpt-oss)
     score_bias: torch.Tensor | None  # [E] selection-only correction bias (sigmoid_group routing)
     dense: tuple[torch.Tensor, torch.Tensor] | None  # (gate_up, down) on dense layers
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # (gate_up, down, gate[1,H] or None)
     mla: MLAWeights | None = None
+    sinks: torch.Tensor | None = None  # [nh] (gpt-oss)
 
 
 class AttentionModel:
@@ -234,9 +252,10 @@ class AttentionModel:
         if not cfg.is_sparse(i):
             dense = (torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]), w(p + "mlp.down_proj.weight"))
         router = score_bias = None
+        gate = mlp + ("router." if cfg.family == "gpt_oss" else "gate.")
         if cfg.is_sparse(i):  # transformers routes sigmoid families in fp32 whatever the model dtype
-            router_dtype = self.dtype if cfg.router == "softmax" else torch.float32
-            router = w(mlp + "gate.weight", router_dtype)
+            router_dtype = torch.float32 if cfg.router == "sigmoid_group" else self.dtype
+            router = w(gate + "weight", router_dtype)
             if self._has(mlp + "gate.e_score_correction_bias"):
                 score_bias = w(mlp + "gate.e_score_correction_bias", torch.float32)
         biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
@@ -250,10 +269,12 @@ class AttentionModel:
             input_norm=w(p + "input_layernorm.weight"),
             post_norm=w(p + "post_attention_layernorm.weight"),
             router=router,
+            router_bias=opt(gate + "bias") if router is not None else None,
             score_bias=score_bias,
             dense=dense,
             shared=shared,
             mla=self._load_mla(a) if cfg.mla else None,
+            sinks=w(a + "sinks") if cfg.attention_sinks else None,
         )
 
     def _load_mla(self, a: str) -> MLAWeights:
@@ -283,7 +304,7 @@ class AttentionModel:
 
     def route(self, layer: AttentionLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits in fp32, then the family's routing function (ROUTERS)."""
-        logits = F.linear(x.to(layer.router.dtype), layer.router).float()
+        logits = F.linear(x.to(layer.router.dtype), layer.router, layer.router_bias).float()
         return self.router_fn(logits, layer.score_bias, self.cfg)
 
     def project(self, L: AttentionLayer, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -324,7 +345,8 @@ class AttentionModel:
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         return torch.cat([k_nope, k_rot.expand(*k_nope.shape[:-1], -1)], dim=-1), v
 
-    def attention(self, i: int, x: torch.Tensor, meta: AttentionMetadata, rope, kv_cache) -> torch.Tensor:
+    def attention(self, i: int, x: torch.Tensor, meta: AttentionMetadata, rope, kv_cache, masks) -> torch.Tensor:
+        """`masks`: (decode mask, one mask per prefill chunk), the layer's own (see window_masks)."""
         L = self.layers[i]
         q, new_a, new_b = self.project_mla(L.mla, x, rope) if L.mla else self.project(L, x, rope)
         pool_a, pool_b = kv_cache.layer(i)
@@ -339,28 +361,57 @@ class AttentionModel:
             return self.expand_mla(L.mla, a, b) if L.mla else (a, b)
 
         T = x.shape[0]
+        decode_mask, prefill_masks = masks
         if meta.decode_tokens is None:  # a pure decode step: no scatter needed
-            return F.linear(self.decode_attention(q, kv, meta).reshape(T, -1), L.o, L.o_bias)
+            return F.linear(self.decode_attention(q, kv, meta, decode_mask, L.sinks).reshape(T, -1), L.o, L.o_bias)
         out = q.new_empty(T, q.shape[1], self.v_dim)
         if meta.num_decode:
-            out[meta.decode_tokens] = self.decode_attention(q[meta.decode_tokens], kv, meta)
-        for start, n, slots, mask in meta.prefills:
-            k, v = kv(slots)
-            qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
-            kp, vp = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
-            out[start : start + n] = op[0].transpose(0, 1)
+            out[meta.decode_tokens] = self.decode_attention(q[meta.decode_tokens], kv, meta, decode_mask, L.sinks)
+        for (start, n, slots, _), mask in zip(meta.prefills, prefill_masks):
+            out[start : start + n] = self.prefill_attention(q[start : start + n], *kv(slots), mask, L.sinks)
         return F.linear(out.view(T, -1), L.o, L.o_bias)
 
-    def decode_attention(self, q: torch.Tensor, kv, meta: AttentionMetadata) -> torch.Tensor:
+    def prefill_attention(self, q, k, v, mask: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        """A prefill chunk's queries [n, nh, d] against its context [C, kvh, d]; `mask` [n, C]
+        bool (None: causal). SDPA, or with sinks the eager computation transformers does."""
+        if sinks is None:
+            qp, kp, vp = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, len, d]
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
+            return op[0].transpose(0, 1)
+        n, C, kvh = q.shape[0], k.shape[0], k.shape[1]
+        if mask is None:
+            mask = torch.arange(C, device=q.device)[None, :] <= torch.arange(C - n, C, device=q.device)[:, None]
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        qg = q.view(n, kvh, -1, q.shape[-1]).permute(1, 2, 0, 3)  # [kvh, g, n, d]
+        scores = torch.matmul(qg, k.permute(1, 2, 0).unsqueeze(1)) * self.scale + additive  # [kvh, g, n, C]
+        probs = softmax_with_sinks(scores, sinks.view(kvh, -1, 1, 1))
+        o = torch.matmul(probs, v.transpose(0, 1).unsqueeze(1))  # [kvh, g, n, dv]
+        return o.permute(2, 0, 1, 3).reshape(n, -1, v.shape[-1])
+
+    def decode_attention(self, q: torch.Tensor, kv, meta: AttentionMetadata, mask: torch.Tensor, sinks) -> torch.Tensor:
         """One new token per sequence against its padded context, grouped-query heads batched:
         the eager computation (fp32 softmax), without materialising repeated K/V heads."""
         B = meta.decode_slots.shape[0]
         k, v = kv(meta.decode_slots)  # [B, C, kvh, dk], [B, C, kvh, dv]
         kvh = k.shape[2]
-        scores = torch.matmul(q.view(B, kvh, -1, q.shape[-1]), k.permute(0, 2, 3, 1)) * self.scale + meta.decode_mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [B, kvh, g, C]
+        scores = torch.matmul(q.view(B, kvh, -1, q.shape[-1]), k.permute(0, 2, 3, 1)) * self.scale + mask
+        probs = softmax_with_sinks(scores, None if sinks is None else sinks.view(1, kvh, -1, 1))  # [B, kvh, g, C]
         return torch.matmul(probs, v.transpose(1, 2)).view(B, -1, v.shape[-1])
+
+    def window_masks(self, meta: AttentionMetadata, window: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Masks of a sliding-window layer: keys `window` or more positions behind the query hidden."""
+        decode_mask, device = meta.decode_mask, meta.positions.device
+        if meta.num_decode:
+            q_pos = meta.positions if meta.decode_tokens is None else meta.positions[meta.decode_tokens]
+            k_pos = torch.arange(meta.decode_slots.shape[1], device=device)
+            old = k_pos[None, :] <= q_pos[:, None] - window
+            decode_mask = decode_mask.masked_fill(old[:, None, None, :], float("-inf"))
+        prefill_masks = []
+        for _, n, slots, _ in meta.prefills:
+            C = slots.shape[0]
+            behind = torch.arange(C - n, C, device=device)[:, None] - torch.arange(C, device=device)[None, :]
+            prefill_masks.append((behind >= 0) & (behind < window))
+        return decode_mask, prefill_masks
 
     # ---- the forward pass -----------------------------------------------------------------
 
@@ -373,8 +424,11 @@ class AttentionModel:
         eps = self.cfg.rms_norm_eps
         h = self.embed[tokens]
         rope = self.rope(meta.positions)
+        full = (meta.decode_mask, [mask for *_, mask in meta.prefills])
+        windowed = {w: self.window_masks(meta, w) for w in set(self.cfg.layer_windows) if w}
         for i, L in enumerate(self.layers):
-            h = h + self.attention(i, rms_norm(h, L.input_norm, eps), meta, rope, kv_cache)
+            masks = windowed.get(self.cfg.window(i), full)
+            h = h + self.attention(i, rms_norm(h, L.input_norm, eps), meta, rope, kv_cache, masks)
             x = rms_norm(h, L.post_norm, eps)
             if L.router is None:
                 h = h + swiglu(x, *L.dense)
@@ -401,6 +455,9 @@ class ExpertBank:
         self.dtype = dtype
         self.device = torch.device(device)
         self.experts: dict[tuple[int, int], tuple[Linear, Linear]] = {}
+        if cfg.expert_act == "clamped_swiglu":
+            load_fused_experts(self, files, assigned)
+            return
         names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         for layer, e in assigned:
             p = f"model.layers.{layer}.{cfg.expert_prefix}.experts.{e}."
@@ -415,6 +472,41 @@ class ExpertBank:
         return key in self.experts
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.expert_act == "clamped_swiglu":
+            return clamped_swiglu_expert(self, layer, expert, x)
         gate_up, down = self.experts[(layer, expert)]
         gate, up = gate_up(x).chunk(2, dim=-1)
         return down(F.silu(gate) * up)
+
+
+# ---- per-family expert variants (kept apart from ExpertBank's common path) ---------------------
+
+
+def load_fused_experts(bank: ExpertBank, files: WeightFiles, assigned: list[tuple[int, int]]) -> None:
+    """gpt-oss stores each layer's experts fused: gate_up_proj [E, H, 2I] with gate and up
+    interleaved by column, down_proj [E, I, H], and biases; the released checkpoints hold the two
+    matrices as MXFP4 (`*_blocks`, `*_scales`), dequantised here. Kept as ExpertBank keeps every
+    expert: (gate_up, down) Linears, gate rows first, here with their biases."""
+    from .weights import fused_expert_weight
+
+    dtype, device = bank.dtype, bank.device
+    for layer in sorted({layer for layer, _ in assigned}):
+        p = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = (fused_expert_weight(files, p + n, dtype) for n in ("gate_up_proj", "down_proj"))
+        gate_up_bias, down_bias = (files.get(p + n, dtype) for n in ("gate_up_proj_bias", "down_proj_bias"))
+        for e in (e for lay, e in assigned if lay == layer):
+            w, b = gate_up[e].t(), gate_up_bias[e]  # [2I, H], rows gate, up, gate, up, ...
+            bank.experts[(layer, e)] = (
+                Linear(torch.cat([w[0::2], w[1::2]]).to(device), torch.cat([b[0::2], b[1::2]]).to(device)),
+                Linear(down[e].t().contiguous().to(device), down_bias[e].clone().to(device)),
+            )
+
+
+def clamped_swiglu_expert(bank: ExpertBank, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's expert: biased projections; gate clamped above at `limit`, up to [-limit, limit];
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate_up, down = bank.experts[(layer, expert)]
+    limit, alpha = bank.cfg.swiglu_limit, bank.cfg.swiglu_alpha
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return down((up + 1) * (gate * torch.sigmoid(gate * alpha)))

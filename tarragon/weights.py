@@ -79,3 +79,27 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise ValueError(f"dtype must be one of {sorted(table)}, not {name!r}")
     return table[name]
+
+
+# MXFP4 (OCP microscaling FP4, how gpt-oss is released): E2M1 values, two per byte (low nibble
+# first), one power-of-two scale (a biased exponent byte) per 32 values.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """blocks [..., rows, G, 16] uint8 and scales [..., rows, G] uint8 -> [..., rows, G * 32]."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1).flatten(-2)  # [..., G, 32]
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127).unsqueeze(-1).to(dtype))
+    return values.flatten(-2)
+
+
+def fused_expert_weight(files: WeightFiles, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A fused expert matrix as the model multiplies by it ([E, in, out]): stored plain, or as
+    MXFP4 blocks and scales ([E, out, in] once dequantised, so transposed back)."""
+    if name in files:
+        return files.get(name, dtype)
+    if name + "_blocks" not in files:
+        raise ModelLoadError(f"{files.dir}: neither {name!r} nor its MXFP4 blocks are in the checkpoint")
+    blocks, scales = files.get(name + "_blocks", torch.uint8), files.get(name + "_scales", torch.uint8)
+    return mxfp4_dequantize(blocks, scales, torch.float32).transpose(-1, -2).to(dtype)
