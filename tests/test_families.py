@@ -1,8 +1,11 @@
-"""The 2026 MoE families (GLM-4.5, DeepSeek-V3 / Kimi K2): outputs equal to transformers, routing
-equal to transformers' routers, MLA's latent KV in the cache and the checkpoint store, failover."""
+"""The 2026 MoE families (GLM-4.5, DeepSeek-V3 / Kimi K2, gpt-oss): outputs equal to transformers,
+routing equal to transformers' routers, MLA's latent KV in the cache and the checkpoint store,
+gpt-oss's MXFP4 experts, failover."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 
 import pytest
@@ -16,12 +19,12 @@ from tarragon.checkpoint_store import CheckpointStore
 from tarragon.config import ModelConfig
 from tarragon.kv_cache import KVCache, bytes_per_block
 from tarragon.make_model import hf_config, make_model
-from tarragon.model import sigmoid_group_topk, softmax_topk
+from tarragon.model import sigmoid_group_topk, softmax_topk, topk_softmax
 
 LENGTHS = [3, 7, 12, 20, 33, 5, 9, 40]
 MAX_TOKENS = 20
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, prompt_logits=True)
-NEW_FAMILIES = ["glm4_moe", "deepseek_v3"]
+NEW_FAMILIES = ["glm4_moe", "deepseek_v3", "gpt_oss"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,33 @@ def test_deepseek_without_q_lora_and_yarn(tmp_path, references):
     check_against_reference(references, str(d), 1, 1, lengths=[5, 17, 30], staggered=False)
 
 
+def test_gpt_oss_mxfp4_bf16_checkpoint(tmp_path, references):
+    """A checkpoint as gpt-oss is released (experts as MXFP4 blocks and scales, the rest bf16) serves
+    exactly what transformers computes from the same weights, dequantised by transformers' own code."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    released = make_model(tmp_path / "mxfp4", "gpt_oss", "tiny", seed=3, mxfp4=True)
+    tensors = load_file(released / "model.safetensors")
+    assert any(k.endswith("_blocks") for k in tensors) and tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    plain = tmp_path / "plain"
+    shutil.copytree(released, plain)
+    for name in [k.removesuffix("_blocks") for k in tensors if k.endswith("_blocks")]:
+        blocks, scales = tensors.pop(name + "_blocks"), tensors.pop(name + "_scales")
+        tensors[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).contiguous()
+    save_file(tensors, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((plain / "config.json").read_text())
+    del config["quantization_config"]
+    (plain / "config.json").write_text(json.dumps(config))
+    lengths = [6, 19, 31]
+    prompts, expected, logits = references(str(plain), lengths)
+    with LLM(str(released), attention_workers=1, expert_workers=1) as llm:
+        outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    for o, ref_logits in zip(outs, logits):
+        torch.testing.assert_close(o.prompt_logits, ref_logits, atol=1e-4, rtol=0)
+
+
 def test_routers_match_transformers():
     """The routing functions against transformers' own routers, on router logits with ties unlikely;
     the correction bias must change some choices (it is drawn, so ignoring it would show)."""
@@ -102,6 +132,19 @@ def test_routers_match_transformers():
     w, ids = softmax_topk(torch.nn.functional.linear(x, mref.weight), None, ModelConfig.from_dict(hf_config("mixtral", "tiny")))
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(w, ref_w.float())
+
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    oref = GptOssTopKRouter(GptOssConfig(hidden_size=32, num_local_experts=8, num_experts_per_tok=3))
+    with torch.no_grad():
+        oref.weight.normal_(0, 0.3, generator=g)
+        oref.bias.normal_(0, 0.3, generator=g)
+    _, ref_w, ref_ids = oref(x)
+    raw = hf_config("gpt_oss", "tiny") | dict(num_experts_per_tok=3)
+    w, ids = topk_softmax(torch.nn.functional.linear(x, oref.weight, oref.bias), None, ModelConfig.from_dict(raw))
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w)
 
 
 def test_mla_caches_the_latent_not_heads(tiny_models):
