@@ -122,6 +122,9 @@ class ModelConfig:
                 f"unsupported architecture model_type={family!r} ({c.get('architectures')}); "
                 f"supported: {', '.join(SUPPORTED_FAMILIES)}"
             )
+        quant = (c.get("quantization_config") or {}).get("quant_method")
+        if quant is not None and (quant, family) != ("mxfp4", "gpt_oss"):
+            raise ModelLoadError(f"quantization {quant!r} is not supported for {family} (only gpt_oss's mxfp4); use a bf16 checkpoint")
         if c.get("hidden_act", "silu") != "silu" and family != "gpt_oss":  # gpt-oss's experts use their own activation
             raise ModelLoadError(f"hidden_act={c['hidden_act']!r} is not supported (only silu)")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}

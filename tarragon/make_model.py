@@ -72,19 +72,19 @@ def hf_config(family: str, size: str) -> dict:
                     n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True,
                     attention_bias=True, rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5})
     if family == "deepseek_v3":  # DeepSeek-V3's layout, scaled down: MLA, 4 groups of experts, YaRN
-        H = s["hidden_size"]
+        H, context = s["hidden_size"], 256 if size == "tiny" else 4096
         return dict(base, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", n_routed_experts=s["num_experts"],
                     num_key_value_heads=s["num_attention_heads"], intermediate_size=s["intermediate_size"],
                     moe_intermediate_size=s["moe_intermediate_size"], n_shared_experts=1, first_k_dense_replace=1,
                     n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=3 * H // 4,
                     kv_lora_rank=H // 2, qk_nope_head_dim=H // 4, qk_rope_head_dim=H // 8, v_head_dim=H // 4,
-                    rope_interleave=True, attention_bias=False, num_nextn_predict_layers=0, max_position_embeddings=256,
-                    rope_parameters={"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                    rope_interleave=True, attention_bias=False, num_nextn_predict_layers=0, max_position_embeddings=context,
+                    rope_parameters={"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": context // 4,
                                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8})
     if family == "gpt_oss":  # gpt-oss's layout: sinks, sliding/full layers, biases, clamped SwiGLU, YaRN
         return dict(base, architectures=["GptOssForCausalLM"], model_type="gpt_oss", num_local_experts=s["num_experts"],
                     intermediate_size=s["moe_intermediate_size"], head_dim=2 * s["hidden_size"] // s["num_attention_heads"],
-                    attention_bias=True, sliding_window=8, max_position_embeddings=256,
+                    attention_bias=True, sliding_window=8 if size == "tiny" else 128, max_position_embeddings=256 if size == "tiny" else 4096,
                     layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(s["num_hidden_layers"])],
                     swiglu_alpha=1.702, swiglu_limit=1.5,  # a small limit, so that clamping happens in a tiny model
                     rope_parameters={"rope_theta": 150000.0, "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,

@@ -81,7 +81,7 @@ def test_unsupported_architecture_lists_supported(tiny_models, tmp_path):
     cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="unsupported architecture.*supported: mixtral, qwen3_moe, olmoe, qwen2_moe"):
+    with pytest.raises(ModelLoadError, match="unsupported architecture.*supported: mixtral, qwen3_moe, olmoe, qwen2_moe, glm4_moe, deepseek_v3, gpt_oss"):
         LLM(d)
     # The CLI says it in one line, no traceback.
     r = subprocess.run([sys.executable, "-m", "tarragon", "generate", "--model", d, "hi"], capture_output=True, text=True, timeout=120)
