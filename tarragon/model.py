@@ -353,23 +353,46 @@ class AttentionModel:
         pool_a.index_copy_(0, meta.slot_mapping, new_a)
         pool_b.index_copy_(0, meta.slot_mapping, new_b)
 
-        def kv(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Keys and values [*slots.shape, heads, dim] of these cache slots."""
+        def cached(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """What the two pools hold [*slots.shape, heads, dim] for these cache slots."""
             flat = slots.reshape(-1)
             a = pool_a.index_select(0, flat).view(*slots.shape, *pool_a.shape[1:])
-            b = pool_b.index_select(0, flat).view(*slots.shape, *pool_b.shape[1:])
-            return self.expand_mla(L.mla, a, b) if L.mla else (a, b)
+            return a, pool_b.index_select(0, flat).view(*slots.shape, *pool_b.shape[1:])
+
+        def kv(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Keys and values [*slots.shape, heads, dim] of these cache slots."""
+            return self.expand_mla(L.mla, *cached(slots)) if L.mla else cached(slots)
+
+        decode_mask, prefill_masks = masks
+
+        def decode(qd: torch.Tensor) -> torch.Tensor:
+            if L.mla:
+                return self.latent_decode_attention(L.mla, qd, *cached(meta.decode_slots), decode_mask)
+            return self.decode_attention(qd, kv, meta, decode_mask, L.sinks)
 
         T = x.shape[0]
-        decode_mask, prefill_masks = masks
         if meta.decode_tokens is None:  # a pure decode step: no scatter needed
-            return F.linear(self.decode_attention(q, kv, meta, decode_mask, L.sinks).reshape(T, -1), L.o, L.o_bias)
+            return F.linear(decode(q).reshape(T, -1), L.o, L.o_bias)
         out = q.new_empty(T, q.shape[1], self.v_dim)
         if meta.num_decode:
-            out[meta.decode_tokens] = self.decode_attention(q[meta.decode_tokens], kv, meta, decode_mask, L.sinks)
+            out[meta.decode_tokens] = decode(q[meta.decode_tokens])
         for (start, n, slots, _), mask in zip(meta.prefills, prefill_masks):
             out[start : start + n] = self.prefill_attention(q[start : start + n], *kv(slots), mask, L.sinks)
         return F.linear(out.view(T, -1), L.o, L.o_bias)
+
+    def latent_decode_attention(self, M: MLAWeights, q, latent, k_rot, mask: torch.Tensor) -> torch.Tensor:
+        """MLA decode in the latent space (weights absorbed): the query's no-rope part is moved
+        through kv_b's key half, scores are taken against the cached latents directly, and the
+        attended latent goes through kv_b's value half; the context is never expanded to heads.
+        q [B, nh, nope+rope], latent [B, C, 1, r], k_rot [B, C, 1, rope] -> [B, nh, v]."""
+        cfg = self.cfg
+        nope = cfg.qk_nope_head_dim
+        w = M.kv_b.view(cfg.num_heads, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+        latent, k_rot = latent.squeeze(2), k_rot.squeeze(2)
+        q_latent = torch.einsum("bhn,hnr->bhr", q[..., :nope], w[:, :nope])
+        scores = torch.matmul(q_latent, latent.transpose(1, 2)) + torch.matmul(q[..., nope:], k_rot.transpose(1, 2))
+        probs = softmax_with_sinks(scores * self.scale + mask.view(mask.shape[0], 1, -1), None)  # [B, nh, C]
+        return torch.einsum("bhr,hvr->bhv", torch.matmul(probs, latent), w[:, nope:])
 
     def prefill_attention(self, q, k, v, mask: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:
         """A prefill chunk's queries [n, nh, d] against its context [C, kvh, d]; `mask` [n, C]
