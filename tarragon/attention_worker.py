@@ -24,10 +24,13 @@ from .kv_cache import KVCache
 from .model import AttentionModel
 from .model_runner import Flight, ModelRunner, StepOutput
 from .scheduler import ScheduledChunk, Scheduler, Sequence
+from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
 from .weights import WeightFiles, torch_dtype
 from .worker import restore_priority
 
 log = logging.getLogger(__name__)
+
+FROM_DRIVER = (P.AddRequest, P.ResumeRequest, P.AbortRequest)
 
 
 class AttentionWorker:
@@ -59,13 +62,7 @@ class AttentionWorker:
         self.partial_logits: dict[str, list[torch.Tensor]] = {}
 
     def _socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.IDENTITY, self.spec.name.encode())
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        s.copy_threshold = P.COPY_THRESHOLD
-        s.connect(endpoint)
-        return s
+        return make_socket(ctx, zmq.DEALER, connect=endpoint, identity=self.spec.name, max_bytes=DATA_MAX_BYTES)
 
     def run(self) -> None:
         ready = P.Ready(self.spec.name, "attention", os.getpid(), {"kv_blocks": self.kv.num_blocks})
@@ -121,11 +118,8 @@ class AttentionWorker:
 
     def handle_driver(self) -> None:
         while self.driver.poll(0):
-            try:
-                msg, _ = P.decode(self.driver.recv_multipart())
-            except P.BadMessage as e:
-                log.warning("dropped driver message: %s", e)
-                continue
+            got = recv(self.driver, FROM_DRIVER, f"{self.spec.name} (driver)")
+            msg = got.msg if got else None
             if isinstance(msg, P.AddRequest):
                 self.sched.add(Sequence(msg.req_id, list(msg.prompt), msg.params))
             elif isinstance(msg, P.ResumeRequest):
@@ -144,16 +138,16 @@ class AttentionWorker:
     def handle_store(self) -> None:
         """Install restored KV; requests whose restore is overdue are recomputed instead."""
         while self.store is not None and self.store.poll(0):
-            frames = self.store.recv_multipart(copy=False)
+            got = recv(self.store, (P.RestoreData,), f"{self.spec.name} (store)")
+            if got is None:
+                continue
+            msg, bufs = got.msg, got.bufs
             try:
-                msg, bufs = P.decode(frames)
-                if not isinstance(msg, P.RestoreData) or len(bufs) != 2:
-                    raise P.BadMessage(f"unexpected {type(msg).__name__} from the store")
                 entry = self.restoring.pop(msg.req_id, None)
                 if entry is not None:
                     self.install(entry[0], msg, P.to_tensor(msg.k, bufs[0]), P.to_tensor(msg.v, bufs[1]), entry[1])
             except P.BadMessage as e:
-                log.warning("dropped store message: %s", e)
+                drops.note(f"{self.spec.name} (store)", "store", str(e))
         now = time.monotonic()
         for req_id, (seq, t0) in list(self.restoring.items()):
             if now - t0 > self.engine_cfg.restore_timeout_s:

@@ -8,6 +8,11 @@ hole (an earlier write was dropped under back-pressure, or this store replaced a
 that does not fit the byte budget freezes the request at its committed prefix: it stays
 restorable up to there, the rest is recomputed. Finished requests are dropped. Memory never
 grows past `store_max_bytes`.
+
+Each checkpoint belongs to the attention worker that wrote it first; only that owner may extend,
+drop or restore it, until the driver moves the request (`Handover`, relayed by the orchestrator).
+A restore asked by a worker that is not (yet) the owner waits briefly for that handover, which
+races the request itself; then it gets nothing (and recomputes).
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ import torch
 import zmq
 
 from . import protocol as P
+from .sockets import DATA_MAX_BYTES, Received, drops, make_socket, recv
+
+HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
+FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
+FROM_ORCHESTRATOR = (P.Shutdown, P.Handover)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,8 @@ class CheckpointStore:
         self.refused = 0  # writes refused (budget) or unusable (holes)
         self.last_seq: dict[str, int] = {}
         self.gaps = 0  # writes an attention worker dropped under back-pressure
+        self.foreign = 0  # writes to, or drops of, a request another worker owns: refused
+        self.parked: list[tuple[bytes, str, float]] = []  # (requester's identity, req_id, since): awaiting a handover
 
     def write(self, owner: str, msg: P.KVWrite, k: torch.Tensor, v: torch.Tensor) -> None:
         last = self.last_seq.get(owner)
@@ -61,11 +73,13 @@ class CheckpointStore:
             kc, vc = k[:, offset : offset + n], v[:, offset : offset + n]
             offset += n
             cp = self.requests.get(req_id)
+            if cp is not None and cp.owner != owner:
+                self.foreign += 1
+                continue
             if cp is None or start == 0:  # new, or recomputed from scratch after a preemption
                 if cp is not None:
                     self.drop(req_id)
                 cp = self.requests[req_id] = Checkpoint(owner)
-            cp.owner = owner
             if start < cp.committed:
                 self._truncate(cp, start)
             if cp.frozen or start > cp.committed or self.bytes + kc.nbytes + vc.nbytes > self.max_bytes:
@@ -77,7 +91,30 @@ class CheckpointStore:
             cp.committed += n
             self.bytes += kc.nbytes + vc.nbytes
         for req_id in msg.finished:
-            self.drop(req_id)
+            if self.requests.get(req_id, Checkpoint(owner)).owner == owner:
+                self.drop(req_id)
+            else:
+                self.foreign += 1
+
+    def hand_over(self, msg: P.Handover) -> None:
+        for req_id in msg.req_ids:
+            cp = self.requests.get(req_id)
+            if cp is not None:
+                cp.owner = msg.owner
+
+    def may_restore(self, requester: str, req_id: str) -> bool:
+        cp = self.requests.get(req_id)
+        return cp is None or cp.owner == requester
+
+    def due_restores(self, now: float) -> list[tuple[bytes, str, bool]]:
+        """Parked restores that can be answered: (requester, req_id, with its KV or with nothing)."""
+        def allowed(who: bytes, req_id: str) -> bool:
+            return self.may_restore(who.decode(errors="replace"), req_id)
+
+        due = [(who, r, allowed(who, r)) for who, r, t in self.parked if allowed(who, r) or now - t > HANDOVER_WAIT_S]
+        done = {(who, r) for who, r, _ in due}
+        self.parked = [p for p in self.parked if (p[0], p[1]) not in done]
+        return due
 
     def _truncate(self, cp: Checkpoint, length: int) -> None:
         self.bytes -= cp.nbytes
@@ -98,43 +135,59 @@ class CheckpointStore:
 
     def stats(self) -> dict[str, int]:
         return {"bytes": self.bytes, "max_bytes": self.max_bytes, "requests": len(self.requests),
-                "refused": self.refused, "gaps": self.gaps}
+                "refused": self.refused, "gaps": self.gaps, "foreign": self.foreign}
 
 
 def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
     store = CheckpointStore(spec.store_max_bytes)
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-    sock.bind(spec.endpoint)
+    sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
     orch.send_multipart(P.encode(P.Ready(spec.name, "store", os.getpid(), store.stats())))
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(orch, zmq.POLLIN)
     next_stats = 0.0
     while True:
-        events = dict(poller.poll(timeout=500))
-        if orch in events and isinstance(P.decode(orch.recv_multipart())[0], P.Shutdown):
-            return
+        events = dict(poller.poll(timeout=50 if store.parked else 500))
+        if orch in events:
+            got = recv(orch, FROM_ORCHESTRATOR, spec.name)
+            if got is not None and isinstance(got.msg, P.Shutdown):
+                return
+            if got is not None:
+                store.hand_over(got.msg)
         if sock in events:
-            frames = sock.recv_multipart(copy=False)
-            ident = bytes(frames[0].buffer)
-            try:
-                msg, bufs = P.decode(frames[1:])
-                if isinstance(msg, P.KVWrite) and len(bufs) == 2:
-                    k, v = P.to_tensor(msg.k, bufs[0]), P.to_tensor(msg.v, bufs[1])
-                    if k.shape[:2] != v.shape[:2] or k.dim() != 4 or v.dim() != 4 or k.shape[1] != sum(msg.counts) or min(msg.counts, default=0) < 0:
-                        raise P.BadMessage(f"KV of shape {list(k.shape)} for {sum(msg.counts)} positions")
-                    store.write(ident.decode(errors="replace"), msg, k, v)
-                elif isinstance(msg, P.RestoreRequest):
-                    committed, k, v = store.restore(msg.req_id)
-                    k = k if k is not None else torch.empty(0)
-                    v = v if v is not None else torch.empty(0)
-                    sock.send_multipart([ident, *P.encode(P.RestoreData(msg.req_id, committed, P.tensor_meta(k), P.tensor_meta(v)), k, v)], copy=False)
-                else:
-                    raise P.BadMessage(f"unexpected {type(msg).__name__}")
-            except P.BadMessage as e:
-                log.warning("%s: dropped message: %s", spec.name, e)
+            got = recv(sock, FROM_ATTENTION, spec.name)
+            if got is not None:
+                serve(store, sock, got, spec.name)
+        for requester, req_id, allowed in store.due_restores(time.monotonic()):
+            answer_restore(store, sock, requester, req_id, allowed)
         if time.monotonic() >= next_stats:  # byte accounting, for /metrics and llm.workers()
             orch.send_multipart(P.encode(P.Ready(spec.name, "store", os.getpid(), store.stats())))
             next_stats = time.monotonic() + 0.5
+
+
+def serve(store: CheckpointStore, sock: zmq.Socket, got: Received, name: str) -> None:
+    sender, msg, bufs = got.sender, got.msg, got.bufs
+    if isinstance(msg, P.RestoreRequest):
+        if store.may_restore(sender, msg.req_id):
+            answer_restore(store, sock, got.identity, msg.req_id, True)
+        elif len(store.parked) < 4096:
+            store.parked.append((got.identity, msg.req_id, time.monotonic()))
+        return
+    try:
+        k, v = P.to_tensor(msg.k, bufs[0]), P.to_tensor(msg.v, bufs[1])
+        if k.shape[:2] != v.shape[:2] or k.dim() != 4 or v.dim() != 4 or k.shape[1] != sum(msg.counts) \
+                or min(msg.counts, default=0) < 0 \
+                or not len(msg.req_ids) == len(msg.starts) == len(msg.counts) or min(msg.starts, default=0) < 0:
+            raise P.BadMessage(f"KV of shape {list(k.shape)} for {sum(msg.counts)} positions")
+    except P.BadMessage as e:
+        return drops.note(name, sender, str(e))
+    store.write(sender, msg, k, v)
+
+
+def answer_restore(store: CheckpointStore, sock: zmq.Socket, requester: bytes, req_id: str, allowed: bool) -> None:
+    """Send a request's committed KV, or nothing (committed 0) to a worker that does not own it."""
+    committed, k, v = store.restore(req_id) if allowed else (0, None, None)
+    k = k if k is not None else torch.empty(0)
+    v = v if v is not None else torch.empty(0)
+    header = P.RestoreData(req_id, committed, P.tensor_meta(k), P.tensor_meta(v))
+    sock.send_multipart([requester, *P.encode(header, k, v)], copy=False)

@@ -29,6 +29,14 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join-address", default=None, help="manual: tcp://HOST:PORT where `tarragon worker --join` finds us")
     p.add_argument("--node", action="append", default=[], metavar="WORKER=NODE",
                    help="WORKER (ew0, aw1, store) runs on NODE (ray: a resource only that node has); shadows avoid their primary's node")
+    add_key_args(p, "the cluster's CURVE key: read if the file exists, else a new one written there (0600); "
+                    "copy it to the hosts of workers that join by hand (default: a new key in the private run folder)")
+
+
+def add_key_args(p: argparse.ArgumentParser, key_help: str) -> None:
+    p.add_argument("--key-file", default=None, help=key_help)
+    p.add_argument("--insecure-transport", action="store_true",
+                   help="no CURVE authentication or encryption on the cluster's sockets: only on an isolated network")
 
 
 def start_llm(args: argparse.Namespace):
@@ -38,7 +46,8 @@ def start_llm(args: argparse.Namespace):
     return LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
                dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery,
                checkpoint=not args.no_checkpoint, probe_interval_s=args.probe_interval_s, launcher=args.launcher,
-               ray_address=args.ray_address, join_address=args.join_address, nodes=dict(n.split("=", 1) for n in args.node))
+               ray_address=args.ray_address, join_address=args.join_address, nodes=dict(n.split("=", 1) for n in args.node),
+               key_file=args.key_file, insecure_transport=args.insecure_transport)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -115,9 +124,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from .sockets import ClusterKey
     from .worker import join
 
-    return join(args.join, args.role, args.host, args.timeout)
+    if not args.key_file and not args.insecure_transport:
+        raise ValueError("a worker needs the cluster's key: --key-file (the file `serve --key-file` wrote)")
+    key = None if args.insecure_transport else ClusterKey.load(args.key_file)
+    return join(args.join, args.role, key, args.host, args.timeout)
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--join", required=True, metavar="ADDR", help="the cluster's join address, tcp://HOST:PORT (its --join-address)")
     w.add_argument("--host", default=None, help="the address to serve on (default: this host's on the route to ADDR)")
     w.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds without a slot")
+    add_key_args(w, "the cluster's CURVE key file (the one the cluster's `--key-file` names)")
     w.set_defaults(func=cmd_worker)
 
     m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout")
@@ -182,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ModelLoadError, ValueError) as e:
+    except (ModelLoadError, ValueError, PermissionError) as e:
         print(f"tarragon: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ import zmq
 from . import protocol as P
 from .config import ModelConfig
 from .model import ExpertBank
+from .sockets import DATA_MAX_BYTES, Received, drops, make_socket, recv
 from .weights import WeightFiles, torch_dtype
 from .worker import restore_priority
 
@@ -51,12 +52,9 @@ def serve_batch(bank: ExpertBank, requests: list[tuple[bytes, P.ExpertRequest, t
     return [(ident, P.ExpertReply(req.call_id, P.tensor_meta(out)), out) for (ident, req, _), out in zip(requests, outputs)]
 
 
-def validate(bank: ExpertBank, hidden_size: int, frames) -> tuple[bytes, P.ExpertRequest, torch.Tensor]:
-    ident = bytes(frames[0].buffer)
-    header, bufs = P.decode(frames[1:])
-    if not isinstance(header, P.ExpertRequest) or len(bufs) != 1:
-        raise P.BadMessage(f"unexpected {type(header).__name__} from {ident!r}")
-    x = P.to_tensor(header.hidden, bufs[0])
+def validate(bank: ExpertBank, hidden_size: int, got: Received) -> tuple[bytes, P.ExpertRequest, torch.Tensor]:
+    ident, header = got.identity, got.msg
+    x = P.to_tensor(header.hidden, got.bufs[0])
     if len(header.experts) != len(header.counts) or any(n < 0 for n in header.counts):
         raise P.BadMessage("experts and counts disagree")
     if x.dim() != 2 or x.shape[1] != hidden_size or x.shape[0] != sum(header.counts):
@@ -79,11 +77,7 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
             bank.run(*key, torch.zeros(2, cfg.hidden_size, dtype=bank.dtype, device=bank.device))
     shadow = {tuple(x) for x in spec.shadow_experts}
     shadow_bytes = sum(a.nbytes + b.nbytes for k, (a, b) in bank.experts.items() if k in shadow)
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-    sock.copy_threshold = P.COPY_THRESHOLD
-    sock.bind(spec.endpoint)
+    sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
     info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.experts), "shadows": len(shadow)}
     orch.send_multipart(P.encode(P.Ready(spec.name, "expert", os.getpid(), info)))
     restore_priority(spec)
@@ -92,18 +86,19 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
     poller.register(orch, zmq.POLLIN)
     while True:
         events = dict(poller.poll())
-        if orch in events and isinstance(P.decode(orch.recv_multipart())[0], P.Shutdown):
+        if orch in events and recv(orch, (P.Shutdown,), spec.name) is not None:
             return
         requests = []
         while sock in events and len(requests) < MAX_DRAIN:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                got = recv(sock, (P.ExpertRequest,), spec.name, zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
-                requests.append(validate(bank, cfg.hidden_size, frames))
-            except (P.BadMessage, IndexError) as e:
-                log.warning("%s: dropped message: %s", spec.name, e)
+                if got is not None:
+                    requests.append(validate(bank, cfg.hidden_size, got))
+            except P.BadMessage as e:
+                drops.note(spec.name, got.sender, str(e))
         replays = [r for r in requests if r[1].replay]
         for batch in (replays, [r for r in requests if not r[1].replay]):
             if batch:

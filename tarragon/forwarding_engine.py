@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import protocol as P
 from .model import MoECall
 from .routing_table import RoutingTable
+from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,7 @@ class ForwardingEngine:
     # ---- channels -------------------------------------------------------------------------
 
     def _socket(self, endpoint: str, worker: str) -> zmq.Socket:
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.IDENTITY, self.name.encode())
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        s.copy_threshold = P.COPY_THRESHOLD
-        s.connect(endpoint)
+        s = make_socket(self.ctx, zmq.DEALER, connect=endpoint, identity=self.name, max_bytes=DATA_MAX_BYTES)
         self.poller.register(s, zmq.POLLIN)
         self.owner_of[s] = worker
         return s
@@ -146,14 +142,11 @@ class ForwardingEngine:
     def service_control(self) -> None:
         """Apply pending orchestrator messages (routing tables; shutdown raises)."""
         while self.orch.poll(0):
-            self._on_control(self.orch.recv_multipart())
+            self._on_control()
 
-    def _on_control(self, frames) -> None:
-        try:
-            msg, _ = P.decode(frames)
-        except P.BadMessage as e:
-            log.warning("%s: dropped control message: %s", self.name, e)
-            return
+    def _on_control(self) -> None:
+        got = recv(self.orch, (P.TableUpdate, P.Shutdown), f"{self.name} (orchestrator)")
+        msg = got.msg if got else None
         if isinstance(msg, P.TableUpdate):
             self.apply_update(msg)
         elif isinstance(msg, P.Shutdown):
@@ -243,7 +236,7 @@ class ForwardingEngine:
 
     def _drain(self, sock: zmq.Socket) -> None:
         if sock is self.orch:
-            self._on_control(sock.recv_multipart())
+            self._on_control()
             return
         if sock in self.monitors:
             worker = self.monitors[sock]
@@ -254,20 +247,17 @@ class ForwardingEngine:
         worker = self.owner_of.get(sock)
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
+                got = recv(sock, (P.ExpertReply, P.Pong), self.name, zmq.NOBLOCK)
+            except zmq.ZMQError:  # zmq.Again (drained) included
                 return
             self.suspect_since.pop(worker, None)  # any answer proves it alive
-            if sock is self.probes.get(worker):
+            if sock is self.probes.get(worker) or got is None:
                 continue
-            self._accept(worker, frames)
+            self._accept(worker, got.msg, got.bufs)
 
-    def _accept(self, worker: str, frames) -> None:
+    def _accept(self, worker: str, header: P.Msg, bufs: list) -> None:
         try:
-            header, bufs = P.decode(frames)
-            if not isinstance(header, P.ExpertReply) or len(bufs) != 1:
+            if not isinstance(header, P.ExpertReply):
                 raise P.BadMessage(f"unexpected {type(header).__name__} on the datapath")
             part = self.expected.get(header.call_id)
             if part is None or part.worker != worker:
@@ -276,7 +266,7 @@ class ForwardingEngine:
             if hidden.shape != part.hidden.shape or hidden.dtype != part.hidden.dtype:
                 raise P.BadMessage(f"reply of {hidden.dtype}{list(hidden.shape)} to a call of {list(part.hidden.shape)}")
         except P.BadMessage as e:
-            log.warning("%s: dropped message: %s", self.name, e)
+            drops.note(self.name, worker, str(e))
             return
         del self.expected[header.call_id]
         self.replies[header.call_id] = hidden

@@ -103,11 +103,13 @@ class LocalLauncher:
 
 class JoinedWorker:
     """A slot for a worker started by hand. There is no process to watch: its failure is seen by
-    heartbeats (and by its peers' probes); fencing asks it to shut down, should it ever wake up."""
+    heartbeats (and by its peers' probes); fencing asks it to shut down, should it ever wake up.
+    Its pid stays 0: the pid a joiner claims is never believed, so nothing signals it by pid."""
 
     def __init__(self, spec: WorkerSpec, send: Callable[[str, P.Msg], None]):
         self.spec, self.send = spec, send
         self.pid = 0
+        self.joined = False
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -136,28 +138,30 @@ class ManualLauncher:
         return slot
 
     def join(self, identity: str, offer: P.Join) -> None:
+        if any(i == identity for i, _ in self.joiners) or len(self.joiners) >= 64:
+            return  # a joiner asks once; a flood of offers is not queued
         self.joiners.append((identity, offer))
         self.match()
 
     def match(self) -> None:
         for slot in self.slots.values():
             joiner = next((j for j in self.joiners if j[1].role == slot.spec.role), None)
-            if slot.pid or joiner is None:  # filled already, or nobody to fill it
+            if slot.joined or joiner is None:  # filled already, or nobody to fill it
                 continue
             self.joiners.remove(joiner)
             identity, offer = joiner
-            slot.pid = offer.pid
+            slot.joined = True
             slot.spec = msgspec.structs.replace(slot.spec, endpoint=slot.spec.endpoint or offer.endpoint,
                                                 probe_endpoint=offer.probe_endpoint)
             self.send(identity, P.Assign(msgspec.json.encode(slot.spec).decode()))
 
     def endpoint(self, name: str) -> str | None:
         slot = self.slots.get(name)
-        return slot.spec.endpoint if slot and slot.pid else None
+        return slot.spec.endpoint if slot and slot.joined else None
 
     def probe_endpoint(self, name: str) -> str | None:
         slot = self.slots.get(name)
-        return slot.spec.probe_endpoint if slot and slot.pid else None
+        return slot.spec.probe_endpoint if slot and slot.joined else None
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         return ""  # on the worker's own host

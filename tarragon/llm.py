@@ -32,6 +32,7 @@ from .kv_cache import bytes_per_block
 from .launcher import LocalLauncher, control_host
 from .orchestrator import ClusterSpec
 from .shadow_placement import place
+from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights import WeightFiles, torch_dtype
@@ -112,6 +113,8 @@ class LLM:
         ray_address: str | None = None,
         join_address: str | None = None,
         nodes: dict[str, str] | None = None,
+        key_file: str | None = None,
+        insecure_transport: bool = False,
         **engine_args,
     ):
         if model is None:
@@ -151,19 +154,16 @@ class LLM:
                                                             (attention_workers + expert_workers + 1) * e.threads_per_worker)
         self._run_dir = Path(tempfile.mkdtemp(prefix="tarragon-"))
         self._launcher = LocalLauncher(self._run_dir)
-        self._ctx = zmq.Context()
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        key, key_file = _cluster_key(self._run_dir, key_file, insecure_transport)
+        self._ctx = Context(key)
+        self._router = make_socket(self._ctx, zmq.ROUTER, bind=f"tcp://{host}:*" if host else self._launcher.endpoint("driver"),
+                                   max_bytes=P.MAX_MESSAGE_BYTES)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.bind(f"tcp://{host}:*" if host else self._launcher.endpoint("driver"))
         self._local = not host
         endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._outbox_addr = f"inproc://outbox-{id(self)}"
-        self._outbox_in = self._ctx.socket(zmq.PULL)
-        self._outbox_in.bind(self._outbox_addr)
-        self._outbox = self._ctx.socket(zmq.PUSH)
-        self._outbox.connect(self._outbox_addr)
+        self._outbox_in = make_socket(self._ctx, zmq.PULL, bind=self._outbox_addr, max_bytes=P.MAX_MESSAGE_BYTES)
+        self._outbox = make_socket(self._ctx, zmq.PUSH, connect=self._outbox_addr)
         self._lock = threading.Lock()
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -193,7 +193,8 @@ class LLM:
             run_dir=str(self._run_dir), driver_endpoint=endpoint, parent_pid=os.getpid(), threads=e.threads_per_worker,
             heartbeat_timeout_s=heartbeat_timeout_s, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s,
             replace_failed=replace_failed, recovery=recovery, launcher=launcher, host=host, ray_address=ray_address,
-            join_address=join_address or "", nodes=nodes or {}, gpus=gpus,
+            join_address=join_address or "", nodes=nodes or {}, gpus=gpus, key_file=key_file,
+            insecure_transport=insecure_transport,
         )
         atexit.register(self.shutdown)
         self._io = threading.Thread(target=self._io_loop, name="tarragon-io", daemon=True)
@@ -267,10 +268,14 @@ class LLM:
     # ---- failures (tests and demos) ---------------------------------------------------------
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send a signal to a worker process, e.g. SIGKILL or SIGSTOP (fault injection)."""
+        """Send a signal to a worker process, e.g. SIGKILL or SIGSTOP (fault injection). Only a
+        process the cluster started has a pid here: one that joined by hand has 0 (what it
+        claims is never believed), and signalling 0 would hit this process's own group."""
         pid = next((w.pid for w in self.workers() if w.name == name), None)
         if pid is None:
             raise KeyError(f"no worker named {name!r}")
+        if pid <= 0:
+            raise ValueError(f"{name} joined by hand: signal it on its own host")
         os.kill(pid, sig)
 
     def events(self, timeout: float = 5.0) -> list[P.Event]:
@@ -423,6 +428,7 @@ class LLM:
         with self._lock:
             orphans, self._orphans = sorted(self._orphans, key=lambda r: int(r.req_id.split("-")[1])), []
         recomputed = 0
+        self._hand_over(orphans, live)
         for i, req in enumerate(orphans):
             if req.done.is_set():
                 continue
@@ -442,6 +448,16 @@ class LLM:
         self.recomputed.append({"t": time.monotonic(), "requests": len(orphans), "tokens": recomputed, "policy": self.recovery})
         self._router.send_multipart([b"orchestrator", *P.encode(P.Report(
             "requests_reassigned", "driver", f"{len(orphans)} requests to {', '.join(live)} ({self.recovery})", 0.0))])
+
+    def _hand_over(self, orphans: list[Request], live: list[str]) -> None:
+        """Tell the store (through the orchestrator) who owns each moved request from now on, so
+        it lets the new owner restore and write it; sent before the requests themselves."""
+        owners: dict[str, list[str]] = {}
+        for i, req in enumerate(orphans):  # the placement `_place_orphans` makes next
+            if not req.done.is_set() and not req.skip:
+                owners.setdefault(live[i % len(live)], []).append(req.req_id)
+        for owner, req_ids in owners.items():
+            self._router.send_multipart([b"orchestrator", *P.encode(P.Handover(req_ids, owner))])
 
     def stats(self) -> dict[str, int]:
         return {"expert_calls_replayed": sum(self._replayed.values())}
@@ -472,18 +488,17 @@ class LLM:
                 except zmq.ZMQError as e:  # that worker is gone: nothing to deliver to
                     log.warning("cannot send to %s: %s", frames[0].decode(), e)
             if self._router in events:
-                frames = self._router.recv_multipart(copy=False)
-                self._on_message(bytes(frames[0].buffer).decode(errors="replace"), frames[1:])
+                got = recv(self._router, FROM_CLUSTER, "driver")
+                if got is not None:
+                    self._on_message(got)
         self._router.close(0)
         self._outbox_in.close(0)
 
-    def _on_message(self, sender: str, frames) -> None:
+    def _on_message(self, got: Received) -> None:
         now = time.monotonic()
-        try:
-            msg, bufs = P.decode(frames)
-        except P.BadMessage as e:
-            log.warning("dropped message from %s: %s", sender, e)
-            return
+        msg, bufs, sender = got.msg, got.bufs, got.sender
+        if not self._in_standing(sender, msg):
+            return drops.note("driver", sender, f"{type(msg).__name__} from a sender not entitled to it")
         if isinstance(msg, P.ClusterState):
             self._on_cluster_state(msg)
         elif isinstance(msg, P.EventLog):
@@ -513,8 +528,40 @@ class LLM:
                     req.listener()
         elif isinstance(msg, P.PromptLogits):
             req = self._requests.get(msg.req_id)
-            if req is not None and len(bufs) == 1:
-                req.prompt_logits = P.to_tensor(msg.logits, bufs[0]).clone()
+            if req is not None and req.worker == sender:
+                try:
+                    req.prompt_logits = P.to_tensor(msg.logits, bufs[0]).clone()
+                except P.BadMessage as e:
+                    drops.note("driver", sender, str(e))
+
+    def _in_standing(self, sender: str, msg: P.Msg) -> bool:
+        """Cluster state only from the orchestrator; the rest only from attention workers it has
+        not declared failed (a Ready may come before the state that lists its sender)."""
+        if isinstance(msg, (P.ClusterState, P.EventLog)):
+            return sender == "orchestrator"
+        record = next((w for w in self._state.workers if w.name == sender), None) if self._state else None
+        if isinstance(msg, P.Ready):
+            return msg.name == sender and msg.role == "attention" and (
+                record.role == "attention" and record.state in ("starting", "ready") if record else len(self._hello) < 4096)
+        return record is not None and record.role == "attention" and record.state == "ready"
+
+
+# What the driver accepts on its socket (who may send each is checked in `_in_standing`).
+FROM_CLUSTER = (P.ClusterState, P.EventLog, P.Ready, P.Tokens, P.PromptLogits)
+
+
+def _cluster_key(run_dir: Path, key_file: str | None, insecure: bool) -> tuple[ClusterKey | None, str]:
+    """The cluster's CURVE key and the file the orchestrator reads it from: `key_file` if it
+    exists (workers that join by hand hold a copy), else a new key written there (0600), or in
+    the 0700 run folder when no file is named."""
+    if insecure:
+        return None, ""
+    path = Path(key_file) if key_file else run_dir / "cluster.key"
+    if path.exists():
+        return ClusterKey.load(path), str(path)
+    key = ClusterKey.generate()
+    key.save(path)
+    return key, str(path)
 
 
 def _visible_gpus() -> list[str]:

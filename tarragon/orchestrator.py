@@ -26,6 +26,7 @@ from . import protocol as P
 from .config import EngineConfig
 from .launcher import Launcher, LocalLauncher, ManualLauncher, WorkerHandle
 from .routing_table import RoutingTable
+from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
 from .worker import WorkerSpec, die_with_parent
 
 log = logging.getLogger("tarragon.orchestrator")
@@ -54,6 +55,12 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     join_address: str = ""  # manual: where workers join (tcp://HOST:PORT)
     nodes: dict[str, str] = {}  # planned worker -> its node (ray: a resource only that node has)
     gpus: list[str] = []  # local launcher, device "cuda": the GPUs (CUDA_VISIBLE_DEVICES ids) workers take in turn
+    key_file: str = ""  # the cluster's CURVE key (0600 file written by the driver)
+    insecure_transport: bool = False  # no CURVE (isolated networks only, asked for explicitly)
+
+# What each side may send the orchestrator; anything else is dropped on receipt.
+FROM_WORKERS = (P.Join, P.Heartbeat, P.Ready, P.WorkerFailed, P.Report)
+FROM_DRIVER = (P.GetEvents, P.Report, P.Shutdown, P.Handover)
 
 
 @dataclass
@@ -73,15 +80,13 @@ class Worker:
 class Orchestrator:
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.launcher = self.make_launcher()
+        self.key = None if spec.insecure_transport else ClusterKey.load(spec.key_file)
+        self.ctx = Context(self.key)
+        self.launcher, address = self.make_launcher()
+        self.sock = make_socket(self.ctx, zmq.ROUTER, bind=address)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.driver = self.ctx.socket(zmq.DEALER)
-        self.driver.setsockopt(zmq.IDENTITY, b"orchestrator")
-        self.driver.setsockopt(zmq.LINGER, 1000)
-        self.driver.connect(spec.driver_endpoint)
+        self.driver = make_socket(self.ctx, zmq.DEALER, connect=spec.driver_endpoint, identity="orchestrator",
+                                  max_bytes=P.MAX_MESSAGE_BYTES, linger_ms=1000)
         self.workers: dict[str, Worker] = {}
         self.plan = spec.plan
         ew_slots = sorted({w for row in self.plan.candidates for c in row for w in c})
@@ -97,28 +102,25 @@ class Orchestrator:
 
     # ---- workers ------------------------------------------------------------------------
 
-    def make_launcher(self) -> Launcher:
-        """Binds the orchestrator's socket where the launcher's workers can reach it."""
+    def make_launcher(self) -> tuple[Launcher, str]:
+        """The launcher, and where the orchestrator binds so that its workers can reach it."""
         s = self.spec
         if s.launcher == "local":
             local = LocalLauncher(s.run_dir, s.gpus)
-            self.sock.bind(local.endpoint("orchestrator"))
-            return local
+            return local, local.endpoint("orchestrator")
         if s.launcher == "manual":
-            self.sock.bind(s.join_address)
-            return ManualLauncher(self.send)
+            return ManualLauncher(self.send), s.join_address
         import ray
 
         from .ray_launcher import RayLauncher
 
         ray.init(address=s.ray_address, namespace=Path(s.run_dir).name, logging_level="WARNING")
-        self.sock.bind(f"tcp://{s.host}:*")
-        return RayLauncher(s.host, Path(s.run_dir).name)
+        return RayLauncher(s.host, Path(s.run_dir).name, self.key), f"tcp://{s.host}:*"
 
     def common(self, name: str) -> dict:
         s = self.spec
         return dict(name=name, model_dir=s.model_dir, dtype=s.dtype, device=s.device, orch_endpoint=self.endpoint,
-                    parent_pid=os.getpid(), threads=s.threads,
+                    parent_pid=os.getpid(), threads=s.threads, key_file=s.key_file, insecure_transport=s.insecure_transport,
                     heartbeat_s=s.heartbeat_s, probe_interval_s=s.probe_interval_s, probe_timeout_s=s.probe_timeout_s)
 
     def launch(self, spec: WorkerSpec, slot: str, replacement: bool) -> None:
@@ -204,7 +206,7 @@ class Orchestrator:
         self.event("worker_failed", name, f"{w.role}: {reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
         if self.spec.recovery == "restart":
             return self.restart_all(t0)
-        if w.role == "expert":
+        if w.role == "expert" and self.current.get(w.slot) == w.name:  # only its holder clears a slot
             self.current[w.slot] = None
             self.push_table()
         if self.spec.replace_failed:
@@ -280,44 +282,49 @@ class Orchestrator:
             # Drain everything queued before judging liveness: a heartbeat waiting in the queue
             # behind other messages (a busy moment) is a heartbeat received.
             while self.driver.poll(0):
-                if not self.on_driver(self.driver.recv_multipart()):
+                got = recv(self.driver, FROM_DRIVER, "orchestrator (driver)")
+                if got is not None and not self.on_driver(got.msg):
                     return self.shutdown()
             while self.sock.poll(0):
-                frames = self.sock.recv_multipart()
-                self.on_worker(frames[0].decode(errors="replace"), frames[1:])
+                got = recv(self.sock, FROM_WORKERS, "orchestrator")
+                if got is not None:
+                    self.on_worker(got)
             for name, (slot, replacement) in list(self.waiting.items()):
                 self.start_attention(name, slot, replacement)
             self.check_liveness()
 
-    def on_worker(self, sender: str, frames) -> None:
-        try:
-            msg, _ = P.decode(frames)
-        except P.BadMessage as e:
-            log.warning("dropped message from %s: %s", sender, e)
+    def on_worker(self, got: Received) -> None:
+        """Act only on what a worker in good standing says of itself: never on an unknown or
+        failed worker (fenced: it must never come back), nor on a name other than its own."""
+        msg, sender = got.msg, got.sender
+        if isinstance(msg, P.Join):
+            if isinstance(self.launcher, ManualLauncher):
+                self.launcher.join(sender, msg)
             return
-        if isinstance(msg, P.Join) and isinstance(self.launcher, ManualLauncher):
-            return self.launcher.join(sender, msg)
         w = self.workers.get(sender.removesuffix("#hb"))
-        if w is None:
-            return
+        if w is None or w.state in ("failed", "stopped"):
+            return drops.note("orchestrator", sender, f"{type(msg).__name__} from a worker that is not in service")
+        if sender.endswith("#hb") != isinstance(msg, P.Heartbeat) or getattr(msg, "name", w.name) != w.name:
+            return drops.note("orchestrator", sender, f"{type(msg).__name__} on the wrong channel or under another name")
         w.last_beat = time.monotonic()  # any message is a sign of life (Ready may beat the first heartbeat)
-        if isinstance(msg, P.Ready):
+        if isinstance(msg, P.Ready) and msg.role == w.role:
             self.on_ready(w, msg)
-        elif isinstance(msg, P.WorkerFailed):
-            self.fail(msg.worker, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
-        elif isinstance(msg, P.Report):
+        elif isinstance(msg, P.WorkerFailed) and w.role == "attention" and msg.reporter == w.name:
+            target = self.workers.get(msg.worker)
+            if target is not None and target.role == "expert":  # an AW's evidence is about expert workers
+                self.fail(msg.worker, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
+        elif isinstance(msg, P.Report) and msg.worker == w.name:
             self.event(msg.kind, msg.worker, msg.detail, msg.ms)
 
-    def on_driver(self, frames) -> bool:
-        try:
-            msg, _ = P.decode(frames)
-        except P.BadMessage as e:
-            log.warning("dropped driver message: %s", e)
-            return True
+    def on_driver(self, msg: P.Msg) -> bool:
         if isinstance(msg, P.GetEvents):
             self.driver.send_multipart(P.encode(P.EventLog(list(self.events))))
         elif isinstance(msg, P.Report):
             self.event(msg.kind, msg.worker, msg.detail, msg.ms)
+        elif isinstance(msg, P.Handover):  # the driver moved requests: the store must let their new owner in
+            for w in self.workers.values():
+                if w.role == "store" and w.state in ("starting", "ready"):
+                    self.send(w.name, msg)
         elif isinstance(msg, P.Shutdown):
             return False
         return True

@@ -160,6 +160,14 @@ class ClusterState(Msg):
     unavailable_experts: int = 0  # (layer, expert) pairs with no live copy right now
 
 
+class Handover(Msg):
+    """Driver -> orchestrator -> checkpoint store: these requests now belong to `owner` (the
+    attention worker the driver moved them to); only the owner may write or restore them."""
+
+    req_ids: list[str]
+    owner: str
+
+
 class GetEvents(Msg):
     pass
 
@@ -256,10 +264,12 @@ class RestoreData(Msg):
 Message = Union[
     Ready, AddRequest, AbortRequest, Shutdown, Heartbeat, Probe, Pong, ClusterState, GetEvents, EventLog,
     WorkerFailed, TableUpdate, Tokens, PromptLogits, ExpertRequest, ExpertReply, ResumeRequest, Report, RestartAll,
-    KVWrite, RestoreRequest, RestoreData, Join, Assign,
+    KVWrite, RestoreRequest, RestoreData, Join, Assign, Handover,
 ]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
+# Tensor frames each message type carries (every other type: none); checked on receipt.
+TENSOR_FRAMES: dict[type, int] = {PromptLogits: 1, ExpertRequest: 1, ExpertReply: 1, KVWrite: 2, RestoreData: 2}
 
 
 def tensor_meta(t: torch.Tensor) -> TensorMeta:
@@ -310,6 +320,8 @@ def decode(frames: list) -> tuple[Msg, list[memoryview]]:
         header = _decoder.decode(bufs[0])
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
         raise BadMessage(f"bad header: {e}") from None
+    if len(bufs) - 1 != TENSOR_FRAMES.get(type(header), 0):
+        raise BadMessage(f"{type(header).__name__} with {len(bufs) - 1} tensor frames")
     return header, bufs[1:]
 
 

@@ -23,6 +23,7 @@ import subprocess
 import msgspec
 import ray
 
+from .sockets import ClusterKey
 from .worker import WorkerSpec, reserve_endpoints, serve
 
 LOOPBACK = "127.0.0.1"
@@ -58,20 +59,22 @@ class WorkerActor:
         return {"endpoint": self.endpoint, "probe_endpoint": self.probe_endpoint, "pid": os.getpid(),
                 "node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources()}
 
-    def run(self, spec_json: str) -> int:
-        """Serve until shut down (the orchestrator watches this call as it would a process)."""
+    def run(self, spec_json: str, key_json: str) -> int:
+        """Serve until shut down (the orchestrator watches this call as it would a process). The
+        cluster key travels in the call, through Ray's own channels ("": an insecure cluster)."""
         spec = msgspec.json.decode(spec_json, type=WorkerSpec)
-        return serve(msgspec.structs.replace(spec, endpoint=self.endpoint, probe_endpoint=self.probe_endpoint))
+        key = msgspec.json.decode(key_json, type=ClusterKey) if key_json else None
+        return serve(msgspec.structs.replace(spec, endpoint=self.endpoint, probe_endpoint=self.probe_endpoint), key)
 
 
 class RayWorker:
     """The orchestrator's handle on one actor: Popen's interface over Ray. The actor runs while
     its `run` call is pending; that call's failure is the process's death."""
 
-    def __init__(self, actor, spec: WorkerSpec):
+    def __init__(self, actor, spec: WorkerSpec, key: ClusterKey | None):
         self.actor = actor
         self._info = actor.info.remote()
-        self._run = actor.run.remote(msgspec.json.encode(spec).decode())
+        self._run = actor.run.remote(msgspec.json.encode(spec).decode(), msgspec.json.encode(key).decode() if key else "")
         self.returncode: int | None = None
         self.where: dict | None = None
 
@@ -113,8 +116,8 @@ class RayWorker:
 
 
 class RayLauncher:
-    def __init__(self, host: str, namespace: str):
-        self.host, self.namespace = host, namespace
+    def __init__(self, host: str, namespace: str, key: ClusterKey | None):
+        self.host, self.namespace, self.key = host, namespace, key
         self.workers: dict[str, RayWorker] = {}
 
     def start_worker(self, spec: WorkerSpec, node: str = "") -> RayWorker:
@@ -125,7 +128,7 @@ class RayLauncher:
         gpus = 1 if spec.device.startswith("cuda") and spec.role != "store" else 0
         actor = WorkerActor.options(name=spec.name, namespace=self.namespace, num_cpus=spec.threads, num_gpus=gpus,
                                     resources=resources).remote(self.host, spec.endpoint)
-        self.workers[spec.name] = handle = RayWorker(actor, spec)
+        self.workers[spec.name] = handle = RayWorker(actor, spec, self.key)
         return handle
 
     def endpoint(self, name: str) -> str | None:

@@ -22,11 +22,15 @@ import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from .config import EngineConfig
 from .routing_table import RoutingTable
+
+if TYPE_CHECKING:
+    from .sockets import ClusterKey
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
@@ -53,6 +57,19 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     probe_interval_s: float = 0.01
     probe_timeout_s: float = 0.1
     nice: int = 0  # replacements start at idle CPU priority, so serving workers keep their cores
+    key_file: str = ""  # local launcher: the cluster's CURVE key (0600, in the 0700 run folder)
+    insecure_transport: bool = False  # no CURVE at all (isolated networks only, asked for explicitly)
+
+
+def cluster_key(spec: WorkerSpec) -> ClusterKey | None:
+    """The key a worker started by the local launcher reads from its run folder."""
+    from .sockets import ClusterKey
+
+    if spec.insecure_transport:
+        return None
+    if not spec.key_file:
+        raise ValueError("no cluster key: a worker needs key_file (or insecure_transport, explicitly)")
+    return ClusterKey.load(spec.key_file)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -77,14 +94,10 @@ def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, hear
     import zmq
 
     from . import protocol as P
+    from .sockets import make_socket, recv
 
-    probe = ctx.socket(zmq.ROUTER)
-    probe.setsockopt(zmq.LINGER, 0)
-    probe.bind(probe_endpoint)
-    hb = ctx.socket(zmq.DEALER)
-    hb.setsockopt(zmq.IDENTITY, f"{name}#hb".encode())
-    hb.setsockopt(zmq.LINGER, 0)
-    hb.connect(orch_endpoint)
+    probe = make_socket(ctx, zmq.ROUTER, bind=probe_endpoint)
+    hb = make_socket(ctx, zmq.DEALER, connect=orch_endpoint, identity=f"{name}#hb")
     beat = P.encode(P.Heartbeat(name))
 
     def loop() -> None:
@@ -95,13 +108,9 @@ def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, hear
                 hb.send_multipart(beat)
                 next_beat = now + heartbeat_s
             if probe.poll((next_beat - now) * 1000):
-                frames = probe.recv_multipart()
-                try:
-                    msg, _ = P.decode(frames[1:])
-                except P.BadMessage:
-                    continue
-                if isinstance(msg, P.Probe):
-                    probe.send_multipart([frames[0], *P.encode(P.Pong(msg.seq))])
+                got = recv(probe, (P.Probe,), f"{name} probe")
+                if got is not None:
+                    probe.send_multipart([got.identity, *P.encode(P.Pong(got.msg.seq))])
 
     t = threading.Thread(target=loop, name="liveness", daemon=True)
     t.start()
@@ -133,31 +142,31 @@ def host_towards(address: str) -> str:
         return s.getsockname()[0]
 
 
-def join(address: str, role: str, host: str | None = None, timeout_s: float = 600.0) -> int:
-    """`tarragon worker --join ADDR`: offer this process to the orchestrator at ADDR for a planned
-    slot of `role`, then serve as the worker it assigns; returns the exit status."""
+def join(address: str, role: str, key: ClusterKey | None, host: str | None = None, timeout_s: float = 600.0) -> int:
+    """`tarragon worker --join ADDR --key-file F`: offer this process to the orchestrator at ADDR
+    for a planned slot of `role`, then serve as the worker it assigns; returns the exit status.
+    Without the cluster's key (None: an insecure cluster) the orchestrator never hears it."""
     import zmq
 
     from . import protocol as P
+    from .sockets import Context, make_socket, recv
 
     endpoint, probe_endpoint, _held = reserve_endpoints(host or host_towards(address))  # held while this runs
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.IDENTITY, f"join-{socket.gethostname()}-{os.getpid()}".encode())
-    s.connect(address)
+    ctx = Context(key)
+    s = make_socket(ctx, zmq.DEALER, connect=address, identity=f"join-{socket.gethostname()}-{os.getpid()}")
     s.send_multipart(P.encode(P.Join(role, os.getpid(), endpoint, probe_endpoint)))
-    answered = s.poll(timeout_s * 1000)
-    msg = P.decode(s.recv_multipart())[0] if answered else None
+    got = recv(s, (P.Assign,), "join") if s.poll(timeout_s * 1000) else None
+    msg = got.msg if got else None
     ctx.destroy(linger=0)
     if not isinstance(msg, P.Assign):
         print(f"tarragon worker: no {role} slot assigned by {address} within {timeout_s:.0f} s", file=sys.stderr)
         return 1
     spec = msgspec.json.decode(msg.spec, type=WorkerSpec)
     print(f"tarragon worker: joined as {spec.name}, serving on {spec.endpoint or spec.probe_endpoint}", flush=True)
-    return serve(spec)
+    return serve(spec, key)
 
 
-def serve(spec: WorkerSpec) -> int:
+def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
     """Run one worker until the orchestrator shuts it down; returns its exit status. How the
     process then ends is the caller's business (a subprocess exits, a Ray actor reports it)."""
     if spec.nice:  # start-up (imports, weight loading) only in CPU time nobody else wants
@@ -170,12 +179,11 @@ def serve(spec: WorkerSpec) -> int:
     import torch
     import zmq
 
+    from .sockets import Context, make_socket
+
     torch.set_num_threads(spec.threads)
-    ctx = zmq.Context()
-    orch = ctx.socket(zmq.DEALER)
-    orch.setsockopt(zmq.IDENTITY, spec.name.encode())
-    orch.setsockopt(zmq.LINGER, 1000)
-    orch.connect(spec.orch_endpoint)
+    ctx = Context(key)
+    orch = make_socket(ctx, zmq.DEALER, connect=spec.orch_endpoint, identity=spec.name, linger_ms=1000)
     start_liveness(ctx, spec.name, spec.probe_endpoint, spec.orch_endpoint, spec.heartbeat_s)
     if spec.role == "expert":
         from .expert_worker import run
@@ -194,7 +202,7 @@ def serve(spec: WorkerSpec) -> int:
 def main(argv: list[str]) -> None:
     spec = msgspec.json.decode(argv[0], type=WorkerSpec)
     die_with_parent(spec.parent_pid)
-    os._exit(serve(spec))  # the liveness thread's sockets need no orderly close
+    os._exit(serve(spec, cluster_key(spec)))  # the liveness thread's sockets need no orderly close
 
 
 if __name__ == "__main__":

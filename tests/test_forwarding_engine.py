@@ -12,20 +12,14 @@ from tarragon import protocol as P
 from tarragon.forwarding_engine import ForwardingEngine
 from tarragon.model import MoECall
 from tarragon.routing_table import RoutingTable
+from tarragon.sockets import ClusterKey, Context, make_socket
 
 
 def test_silent_worker_is_failed_and_its_calls_replayed(tmp_path):
-    ctx = zmq.Context()
+    ctx = Context(ClusterKey.generate())
     ep = {w: f"ipc://{tmp_path}/{w}.sock" for w in ("ew0", "ew1", "ew0-probe", "ew1-probe", "orch")}
-    fake = {}
-    for name in ep:
-        s = ctx.socket(zmq.ROUTER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.bind(ep[name])
-        fake[name] = s
-    orch = ctx.socket(zmq.DEALER)
-    orch.setsockopt(zmq.IDENTITY, b"aw0")
-    orch.connect(ep["orch"])
+    fake = {name: make_socket(ctx, zmq.ROUTER, bind=ep[name]) for name in ep}
+    orch = make_socket(ctx, zmq.DEALER, connect=ep["orch"], identity="aw0")
     table = RoutingTable(0, 2, [0], [[["ew0", "ew1"], ["ew1", "ew0"]]])  # expert 0: primary ew0, shadow ew1
     engine = ForwardingEngine("aw0", table, {"ew0": ep["ew0"], "ew1": ep["ew1"]}, ctx, orch,
                               {"ew0": ep["ew0-probe"], "ew1": ep["ew1-probe"]}, probe_interval_s=0.01, probe_timeout_s=0.03)

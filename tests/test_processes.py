@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_malformed_datapath_messages_are_dropped(tiny_models):
     with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=2) as llm:
         before = [o.token_ids for o in llm.generate(prompts, params)]
         ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)
+        s = ctx.socket(zmq.DEALER)  # ipc in the 0700 run folder: open to this user's processes
         s.setsockopt(zmq.LINGER, 0)
         s.connect(llm._launcher.endpoint("ew0"))
         garbage = [
@@ -97,7 +98,8 @@ def test_malformed_datapath_messages_are_dropped(tiny_models):
         after = [o.token_ids for o in llm.generate(prompts, params)]
         log = (llm._launcher.log_path("ew0")).read_text()
     assert before == after
-    assert log.count("dropped message") >= 6
+    dropped = [int(n) for n in re.findall(r"dropped (\d+) message\(s\) from", log)]
+    assert dropped and dropped[0] == 1  # the first is logged at once; the rest within a second are counted
 
 
 def test_cli_make_model_and_generate(tmp_path):
