@@ -10,7 +10,6 @@ resumptions: their KV is fetched from the store and installed beside the running
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -27,8 +26,6 @@ from .scheduler import ScheduledChunk, Scheduler, Sequence
 from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
 from .weights import WeightFiles, torch_dtype
 from .worker import restore_priority
-
-log = logging.getLogger(__name__)
 
 FROM_DRIVER = (P.AddRequest, P.ResumeRequest, P.AbortRequest)
 

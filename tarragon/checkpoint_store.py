@@ -17,7 +17,6 @@ races the request itself; then it gets nothing (and recomputes).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,8 +30,6 @@ from .sockets import DATA_MAX_BYTES, Received, drops, make_socket, recv
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
 FROM_ORCHESTRATOR = (P.Shutdown, P.Handover)
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

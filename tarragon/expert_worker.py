@@ -8,7 +8,6 @@ answers every request.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import defaultdict
 
@@ -21,8 +20,6 @@ from .model import ExpertBank
 from .sockets import DATA_MAX_BYTES, Received, drops, make_socket, recv
 from .weights import WeightFiles, torch_dtype
 from .worker import restore_priority
-
-log = logging.getLogger(__name__)
 
 MAX_DRAIN = 256  # requests batched per pass at most
 

@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from failover import LOAD_PARAMS, LOAD_PROMPTS, run_with_fault, wait_replaced, wait_until
 from tarragon import LLM
+from tarragon.sockets import ClusterKey
 
 ray = pytest.importorskip("ray")
 
@@ -93,29 +95,36 @@ def test_workers_that_join_by_hand(tiny_models, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    procs: list[subprocess.Popen] = []
+    procs: list[tuple[subprocess.Popen, Path]] = []
+    key_file = tmp_path / "cluster.key"
+    ClusterKey.generate().save(key_file)  # what `serve --launcher manual --key-file F` writes; copied to each host
 
     def start(role: str) -> None:  # as one would on another host, or in a Kubernetes pod
-        with open(tmp_path / f"{role}{len(procs)}.log", "wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "tarragon", "worker", "--role", role, "--join", address,
-                                           "--timeout", "120"], stdout=log, stderr=subprocess.STDOUT))
+        path = tmp_path / f"{role}{len(procs)}.log"
+        with open(path, "wb") as log:
+            procs.append((subprocess.Popen([sys.executable, "-m", "tarragon", "worker", "--role", role, "--join", address,
+                                            "--key-file", str(key_file), "--timeout", "120"], stdout=log, stderr=subprocess.STDOUT), path))
+
+    def joined_as(name: str) -> subprocess.Popen:  # the process that says it serves as `name`
+        return next(p for p, log in procs if f"joined as {name}," in log.read_text())
 
     prompts, params = LOAD_PROMPTS[:6], LOAD_PARAMS
     try:
         for role in ("store", "expert", "expert", "attention"):  # before the cluster listens: they wait
             start(role)
-        with LLM(tiny_models["olmoe"], attention_workers=1, expert_workers=2, launcher="manual", join_address=address) as llm:
-            assert sorted(w.pid for w in llm.workers() if w.role != "orchestrator") == sorted(p.pid for p in procs)
+        with LLM(tiny_models["olmoe"], attention_workers=1, expert_workers=2, launcher="manual", join_address=address,
+                 key_file=str(key_file)) as llm:
+            assert all(w.pid == 0 for w in llm.workers() if w.role != "orchestrator")  # a joiner's claimed pid: never used
             baseline = llm.generate(prompts, params)
-            killed = next(w.pid for w in llm.workers() if w.name == "ew0")
-            outs = run_with_fault(llm, lambda: llm.kill("ew0"), after_tokens=40, prompts=prompts, params=params)
+            killed = joined_as("ew0")
+            outs = run_with_fault(llm, killed.kill, after_tokens=40, prompts=prompts, params=params)  # on "its host"
             assert token_ids(outs) == token_ids(baseline)
             start("expert")  # fills the slot ew0 left
             new = wait_replaced(llm, "ew0")
-            assert next(w.pid for w in llm.workers() if w.name == new) == procs[-1].pid
+            assert joined_as(new) is procs[-1][0]
             assert token_ids(llm.generate(prompts, params)) == token_ids(baseline)
-        assert all(p.wait(15) == 0 for p in procs if p.pid != killed)  # told to shut down, they did
+        assert all(p.wait(15) == 0 for p, _ in procs if p is not killed)  # told to shut down, they did
     finally:
-        for p in procs:
+        for p, _ in procs:
             p.kill()
             p.wait()
