@@ -92,10 +92,14 @@ class Context(zmq.Context):
     def __init__(self, key: ClusterKey | None):
         super().__init__()
         self.key = key
-        if key is not None:
+
+    def start_auth(self) -> None:
+        """The ZAP handler, started before the first CURVE server binds (a process on ipc only
+        never needs the thread)."""
+        if self.authenticator is None and self.key is not None:
             self.authenticator = ThreadAuthenticator(self, log=logging.getLogger("tarragon.zap"))
             self.authenticator.start()
-            self.authenticator.configure_curve_callback(ZAP_DOMAIN.decode(), _AllowClusterKey(key.public))
+            self.authenticator.configure_curve_callback(ZAP_DOMAIN.decode(), _AllowClusterKey(self.key.public))
 
     def _stop_auth(self) -> None:
         if self.authenticator is not None:
@@ -126,6 +130,7 @@ def make_socket(ctx: Context, kind: int, *, bind: str = "", connect: str = "", i
     endpoint = bind or connect
     if ctx.key is not None and endpoint.startswith("tcp://"):
         if bind:
+            ctx.start_auth()
             s.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
             s.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler: refuse, never admit
             s.setsockopt(zmq.CURVE_SERVER, 1)

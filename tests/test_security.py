@@ -337,3 +337,70 @@ def test_tcp_sockets_serve_only_the_cluster_key(tiny_models, tmp_path):
         for p in procs.values():
             p.kill()
             p.wait()
+
+
+# ---- in-process: keys, the store's owners, drop logs, the explicit opt-out -------------------
+
+
+def test_key_files_are_private_and_checked(tmp_path):
+    key = ClusterKey.generate()
+    key.save(tmp_path / "k")
+    assert stat.S_IMODE(os.stat(tmp_path / "k").st_mode) == 0o600 and ClusterKey.load(tmp_path / "k") == key
+    with pytest.raises(FileExistsError):
+        key.save(tmp_path / "k")  # never overwritten
+    os.chmod(tmp_path / "k", 0o644)
+    with pytest.raises(PermissionError):
+        ClusterKey.load(tmp_path / "k")
+    (tmp_path / "bad").write_text('{"public": "x", "secret": "y"}')
+    os.chmod(tmp_path / "bad", 0o600)
+    with pytest.raises(ValueError):
+        ClusterKey.load(tmp_path / "bad")
+
+
+def test_store_serves_a_checkpoint_to_its_owner_only():
+    from tarragon.checkpoint_store import HANDOVER_WAIT_S, CheckpointStore
+
+    store = CheckpointStore(max_bytes=1 << 20)
+    k = torch.ones(3, 4, 2, 4)
+    write = P.KVWrite(0, ["r"], [0], [4], P.tensor_meta(k), P.tensor_meta(k), [])
+    store.write("aw0", write, k, k)
+    store.write("aw9", P.KVWrite(0, ["r"], [0], [4], P.tensor_meta(k), P.tensor_meta(k), ["r"]), k * 0, k * 0)
+    assert store.foreign == 2 and store.restore("r")[0] == 4 and torch.equal(store.restore("r")[1], k)
+    assert store.may_restore("aw0", "r") and not store.may_restore("aw1", "r")
+    store.parked = [(b"aw1", "r", 0.0), (b"aw9", "r", time.monotonic())]
+    store.hand_over(P.Handover(["r"], "aw1"))  # the driver moved r to aw1
+    assert store.due_restores(time.monotonic()) == [(b"aw1", "r", True)]
+    assert store.due_restores(time.monotonic() + HANDOVER_WAIT_S + 0.1) == [(b"aw9", "r", False)]
+    store.write("aw1", P.KVWrite(1, ["r"], [4], [4], P.tensor_meta(k), P.tensor_meta(k), []), k, k)
+    assert store.restore("r")[0] == 8
+
+
+def test_drop_log_is_rate_limited(caplog):
+    from tarragon.sockets import DropLog
+
+    d = DropLog(interval_s=0.2)
+    with caplog.at_level("WARNING", logger="tarragon.sockets"):
+        for _ in range(500):
+            d.note("ew0", "x", "bad")
+        time.sleep(0.25)
+        d.note("ew0", "x", "bad")
+        d.note("ew0", "y", "bad")
+    counts = [int(re.search(r"dropped (\d+)", r.message).group(1)) for r in caplog.records]
+    assert counts == [1, 500, 1] and d.total == 502
+
+
+def test_insecure_transport_is_explicit():
+    """CURVE is on for tcp unless the context was made without a key on purpose; sockets from a
+    plain zmq.Context are refused, so nothing is unauthenticated by accident."""
+    from tarragon.sockets import Context, make_socket
+
+    with pytest.raises(TypeError):
+        make_socket(zmq.Context.instance(), zmq.ROUTER, bind="tcp://127.0.0.1:*")
+    for key, answered in ((ClusterKey.generate(), False), (None, True)):
+        ctx = Context(key)
+        server = make_socket(ctx, zmq.ROUTER, bind="tcp://127.0.0.1:*")
+        client = Peer(server.getsockopt_string(zmq.LAST_ENDPOINT), "plain")
+        client.send(P.Probe(1))
+        assert bool(server.poll(500)) == answered
+        client.close()
+        ctx.destroy(0)
