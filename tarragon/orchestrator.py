@@ -58,6 +58,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     key_file: str = ""  # the cluster's CURVE key (0600 file written by the driver)
     insecure_transport: bool = False  # no CURVE (isolated networks only, asked for explicitly)
 
+
 # What each side may send the orchestrator; anything else is dropped on receipt.
 FROM_WORKERS = (P.Join, P.Heartbeat, P.Ready, P.WorkerFailed, P.Report)
 FROM_DRIVER = (P.GetEvents, P.Report, P.Shutdown, P.Handover)
