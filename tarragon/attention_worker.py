@@ -96,6 +96,7 @@ class AttentionWorker:
         self.driver.send_multipart(P.encode(P.Tokens(
             req_ids=[s.req_id for s in got], tokens=[s.output[-1] for s in got], finish=[s.finish_reason or "" for s in got],
             kv_used=self.kv.used, running=len(self.sched.running), waiting=len(self.sched.waiting), replayed=self.engine.replayed,
+            logprobs=out.logprobs if any(lp is not None for lp in out.logprobs) else [],
         )))
 
     def checkpoint(self, chunks: list[ScheduledChunk], slots: torch.Tensor, finished: list[str]) -> None:

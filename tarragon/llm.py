@@ -33,8 +33,8 @@ from .launcher import LocalLauncher, control_host
 from .orchestrator import ClusterSpec
 from .shadow_placement import place
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .sampling import SamplingParams, TokenLogprobs
+from .tokenizer import Detokenizer, Tokenizer
 from .weights import WeightFiles, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class RequestOutput:
     finish_reason: str | None
     token_times: list[float]  # time.monotonic() at which each token reached the driver
     prompt_logits: torch.Tensor | None = None  # [len(prompt), vocab] fp32, when asked for
+    logprobs: list[TokenLogprobs] | None = None  # per output token, when SamplingParams.logprobs is set
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: EOS or length)
 
 
 @dataclass
@@ -86,6 +88,9 @@ class Request:
     times: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_logits: torch.Tensor | None = None
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per token, when asked for
+    stop_reason: str | int | None = None
+    detok: Detokenizer | None = None  # its text, decoded as tokens arrive (see `advance`)
     done: threading.Event = field(default_factory=threading.Event)
     skip: int = 0  # tokens to drop: a rerun from the prompt regenerates what the client has
     submitted: float = field(default_factory=time.monotonic)
@@ -310,7 +315,8 @@ class LLM:
                 if r.worker in loads:
                     loads[r.worker] += 1
             worker = self._place(loads)
-            req = Request(f"req-{next(self._ids)}", text, ids, params, worker)
+            req = Request(f"req-{next(self._ids)}", text, ids, params, worker,
+                          detok=Detokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output))
             self._requests[req.req_id] = req
             if not worker:  # no attention worker up right now: placed as soon as one is
                 self._orphans.append(req)
@@ -331,12 +337,27 @@ class LLM:
                 return room[0]
         return min(loads, key=lambda n: (loads[n], n))
 
+    def advance(self, req: Request) -> int:
+        """Decode the request's new tokens (each once); a stop string ends the request here.
+        Returns how many of its tokens count as output (those up to the stop string)."""
+        tokens = req.tokens[:]  # the I/O thread appends meanwhile
+        if req.detok.update(tokens):
+            if req.stop_reason is None:
+                req.stop_reason = req.detok.stop_reason
+                if not req.done.is_set():
+                    self.abort(req)
+                req.finish_reason = "stop"
+        elif req.done.is_set() and req.finish_reason == "stop" and tokens and tokens[-1] in (req.params.stop_token_ids or ()):
+            req.stop_reason = tokens[-1]
+        return req.detok.consumed if req.stop_reason is not None and isinstance(req.stop_reason, str) else len(tokens)
+
     def wait(self, req: Request, timeout: float | None = None) -> RequestOutput:
         if not req.done.wait(timeout):
             raise TimeoutError(f"{req.req_id} not finished after {timeout}s")
+        n = self.advance(req)
         return RequestOutput(
-            req.req_id, req.prompt, req.prompt_ids, list(req.tokens), self.tokenizer.decode(req.tokens),
-            req.finish_reason, list(req.times), req.prompt_logits,
+            req.req_id, req.prompt, req.prompt_ids, req.tokens[:n], req.detok.text, req.finish_reason, req.times[:n],
+            req.prompt_logits, req.logprobs[:n] if req.params.logprobs is not None else None, req.stop_reason,
         )
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, timeout: float | None = None) -> list[RequestOutput]:
@@ -345,7 +366,22 @@ class LLM:
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params] * len(prompts)
         reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        if any(r.params.stop for r in reqs):  # watch the text as it comes, to stop at a stop string
+            self._until_stopped(reqs, timeout)
         return [self.wait(r, timeout) for r in reqs]
+
+    def _until_stopped(self, reqs: list[Request], timeout: float | None) -> None:
+        wake = threading.Event()
+        for r in reqs:
+            r.listener = wake.set
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not all(r.done.is_set() for r in reqs):
+            wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            wake.clear()
+            for r in reqs:
+                self.advance(r)
+            if deadline is not None and time.monotonic() > deadline:
+                return  # wait() raises the timeout
 
     def abort(self, req: Request) -> None:
         with self._lock:
@@ -509,7 +545,7 @@ class LLM:
         elif isinstance(msg, P.Tokens):
             self._kv_used[sender] = msg.kv_used
             self._replayed[sender] = msg.replayed
-            for req_id, tok, finish in zip(msg.req_ids, msg.tokens, msg.finish):
+            for i, (req_id, tok, finish) in enumerate(zip(msg.req_ids, msg.tokens, msg.finish)):
                 req = self._requests.get(req_id)
                 if req is None or req.worker != sender:  # e.g. an answer from before a failover
                     continue
@@ -518,6 +554,8 @@ class LLM:
                     continue
                 req.tokens.append(tok)
                 req.times.append(now)
+                if req.params.logprobs is not None:
+                    req.logprobs.append(msg.logprobs[i] if len(msg.logprobs) == len(msg.req_ids) else None)
                 self._watch_stall(req_id, now)
                 if finish:
                     req.finish_reason = finish

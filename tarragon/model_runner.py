@@ -24,6 +24,7 @@ from .scheduler import ScheduledChunk
 @dataclass
 class StepOutput:
     sampled: list[int]  # one per sampling chunk, in chunk order
+    logprobs: list  # TokenLogprobs | None per sampled token (None unless its request asks)
     prompt_logits: dict[str, torch.Tensor]  # req_id -> [n, V] logits of prompt positions computed
     slots: torch.Tensor  # KV slots written this step, in chunk order (what gets checkpointed)
 
@@ -132,5 +133,6 @@ class ModelRunner:
                 t0 += c.count
             h = h[meta.logits_index]
         rows = [c for c in flight.chunks if c.samples]
-        sampled = sample(self.model.logits(h), [c.seq.params for c in rows], [len(c.seq.output) for c in rows]) if rows else []
-        return StepOutput(sampled, prompt_logits, meta.slot_mapping)
+        sampled, logprobs = sample(self.model.logits(h), [c.seq.params for c in rows], [len(c.seq.output) for c in rows],
+                                   [(c.seq.prompt, c.seq.output) for c in rows]) if rows else ([], [])
+        return StepOutput(sampled, logprobs, prompt_logits, meta.slot_mapping)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Union
 import msgspec
 
 from .routing_table import RoutingTable
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
     import torch
@@ -204,6 +204,7 @@ class Tokens(Msg):
     running: int
     waiting: int
     replayed: int = 0  # expert calls this worker has replayed after failures, in total
+    logprobs: list[TokenLogprobs | None] = []  # per token when any request of the step asked, else empty
 
 
 class PromptLogits(Msg):

@@ -8,7 +8,9 @@ the cluster can serve; `/metrics` uses vLLM's metric names plus `tarragon:*` for
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import secrets
 import signal
 import time
@@ -22,8 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import __version__
 from .llm import LLM, Request
-from .sampling import SamplingParams
+from .sampling import MAX_LOGPROBS, SamplingParams
+
+log = logging.getLogger("tarragon.server")
 
 
 class APIError(Exception):
@@ -36,43 +41,113 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+# Fields of OpenAI's and vLLM's schemas this server accepts but honours only at these values;
+# any other value is a 400 that names the field.
+ONLY_AT: dict[str, tuple] = {
+    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0), "min_tokens": (None, 0), "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "truncate_prompt_tokens": (None,), "priority": (None, 0),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "structured_outputs": (None,), "tools": (None, []), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "tool_choice": (None, "none", "auto"), "chat_template": (None,),
+    "continue_final_message": (None, False), "audio": (None,), "prediction": (None,), "modalities": (None, ["text"]),
+    "prompt_embeds": (None,), "return_tokens_as_token_ids": (None, False), "documents": (None,),
+    "return_token_ids": (None, False), "mm_processor_kwargs": (None, {}),
+}
+# Accepted and without effect here (bookkeeping, hints): no warning.
+NO_EFFECT = {"user", "metadata", "store", "service_tier", "reasoning_effort", "request_id", "web_search_options",
+             "cache_salt", "parallel_tool_calls", "safety_identifier", "prompt_cache_key", "verbosity", "kv_transfer_params",
+             "vllm_xargs", "echo_prompt", "add_special_tokens", "stream_options"}
 
 
 class _Sampling(BaseModel):
-    """Fields shared by completions and chat completions. Unknown fields are rejected."""
+    """Fields shared by completions and chat completions (nulls mean the default, as in vLLM).
+    Other fields are checked against ONLY_AT / NO_EFFECT; unknown ones are ignored with a warning."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: str
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, lt=2**31)
     max_completion_tokens: int | None = Field(default=None, ge=1, lt=2**31)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1, lt=2**31)
+    temperature: float | None = Field(default=None, ge=0.0, le=1e6)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, lt=2**31)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = None
-    ignore_eos: bool = False
-    stream: bool = False
+    include_stop_str_in_output: bool | None = False
+    ignore_eos: bool | None = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1)
-    user: str | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[Annotated[int, Field(ge=-(2**31), lt=2**31)]] | list[str]
+    prompt: str | list[Annotated[int, Field(ge=-(2**31), lt=2**31)]] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1, lt=2**31)  # OpenAI's and vLLM's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_special_tokens: bool | None = True
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, ... go to the template as given
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """As vLLM's "string" content format: text parts joined by newlines; `developer` (OpenAI's
+        new name for system) as `system`, which every chat template knows."""
+        msg = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            bad = [p.type for p in self.content if p.type != "text" or p.text is None]
+            if bad:
+                raise APIError(400, f"content parts of type {bad[0]!r} are not supported (text only)", param="messages")
+            msg["content"] = "\n".join(p.text for p in self.content)
+        if self.role == "developer":
+            msg["role"] = "system"
+        return msg
 
 
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool | None = True
+    add_special_tokens: bool | None = False  # the template writes them
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the template."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
 
 
 class FaultBody(BaseModel):
@@ -147,6 +222,219 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def check_fields(body: BaseModel) -> None:
+    """400 for a field this server cannot honour at the value given; a warning for unknown ones."""
+    extra = body.model_extra or {}
+    for k, v in extra.items():
+        if k in ONLY_AT and v not in ONLY_AT[k]:
+            raise APIError(400, f"{k}={json.dumps(v)[:60]} is not supported by this server "
+                                f"(accepted only as {json.dumps(ONLY_AT[k][-1])})", param=k)
+    fmt = getattr(body, "response_format", None)
+    if fmt and fmt.get("type", "text") != "text":
+        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported (only 'text')", param="response_format")
+    unknown = [k for k in extra if k not in ONLY_AT and k not in NO_EFFECT]
+    if unknown:
+        log.warning("ignoring unknown request fields: %s", ", ".join(repr(k[:40]) for k in unknown[:10]))
+
+
+def context_error(max_model_len: int, prompt_len: int, max_tokens: int | None) -> APIError:
+    """vLLM's wording, which clients and their users recognise."""
+    if max_tokens is None:
+        return APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+                             f"{prompt_len} input tokens. Please reduce the length of the input messages.", param="messages")
+    return APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                         f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+                         "Please reduce the length of the messages or completion.", param="max_tokens")
+
+
+def sampling_params(body: _Sampling, chat: bool, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """The request's SamplingParams; without max_tokens, chat may use the rest of the context."""
+    if prompt_len >= max_model_len:
+        raise context_error(max_model_len, prompt_len, None)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+        max_tokens = max_model_len - prompt_len
+    elif prompt_len + max_tokens > max_model_len:
+        raise context_error(max_model_len, prompt_len, max_tokens)
+    logprobs = (body.top_logprobs or 0 if body.logprobs else None) if chat else body.logprobs
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=_or(body.temperature, 1.0), top_p=_or(body.top_p, 1.0), top_k=_or(body.top_k, -1),
+            min_p=_or(body.min_p, 0.0), seed=body.seed, repetition_penalty=_or(body.repetition_penalty, 1.0),
+            presence_penalty=_or(body.presence_penalty, 0.0), frequency_penalty=_or(body.frequency_penalty, 0.0),
+            logprobs=logprobs, stop=stop, include_stop_str_in_output=bool(body.include_stop_str_in_output),
+            stop_token_ids=body.stop_token_ids, ignore_eos=bool(body.ignore_eos))
+    except ValueError as e:
+        raise APIError(400, str(e), param="stop" if "stop" in str(e) else None) from None
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+class Serving:
+    """Completions and chat completions on one LLM: request to SamplingParams, then the response
+    as one JSON body or as a stream of chunks (the text of each read from the request's
+    incremental detokenizer)."""
+
+    def __init__(self, llm: LLM, model_name: str, metrics: Metrics, max_queue: int):
+        self.llm, self.model_name, self.metrics, self.max_queue = llm, model_name, metrics, max_queue
+        self._tok_str = functools.lru_cache(maxsize=65536)(lambda i: llm.tokenizer.tok.decode([i], skip_special_tokens=False))
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}", "not_found_error", "model")
+
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True, kwargs: dict | None = None) -> str:
+        try:
+            return self.llm.tokenizer.apply_chat_template([m.for_template() for m in messages], add_generation_prompt, **(kwargs or {}))
+        except APIError:
+            raise
+        except Exception as e:  # a template error is the request's fault
+            raise APIError(400, f"chat template: {e}", param="messages") from None
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return self.llm.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as e:  # e.g. lone surrogates the tokenizer cannot take
+            raise APIError(400, f"the prompt cannot be tokenized: {e}", param="prompt") from None
+
+    def completion_ids(self, body: CompletionBody) -> list[int]:
+        prompt: Any = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
+            prompt = prompt[0]
+        return self.encode(prompt, body.add_special_tokens is not False) if isinstance(prompt, str) else list(prompt)
+
+    def chat_ids(self, body: ChatBody) -> list[int]:
+        text = self.render(body.messages, body.add_generation_prompt is not False, body.chat_template_kwargs)
+        return self.encode(text, bool(body.add_special_tokens))
+
+    async def handle(self, body: _Sampling, chat: bool, http: HTTPRequest):
+        self.check_model(body.model)
+        check_fields(body)
+        ids = await asyncio.to_thread(self.chat_ids if chat else self.completion_ids, body)  # off the event loop
+        params = sampling_params(body, chat, len(ids), self.llm.max_model_len)
+        with self.llm._lock:
+            if len(self.llm._requests) >= self.max_queue:
+                raise APIError(429, f"too many requests in flight (limit {self.max_queue}); retry later", "rate_limit_error")
+        try:
+            req = self.llm.submit(ids, params)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{req.req_id}"
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self.stream(req, rid, chat, usage), media_type="text/event-stream")
+        return await self.complete(req, rid, chat, http)
+
+    async def _updates(self, req: Request):
+        """Yields (done, tokens counted) at every new token until the request ends."""
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        req.listener = lambda: loop.call_soon_threadsafe(wake.set)
+        while True:
+            done = req.done.is_set()  # read before decoding: every token up to the end is in then
+            n = self.llm.advance(req)
+            done = done or isinstance(req.stop_reason, str)
+            yield done, n
+            if done:
+                return
+            await wake.wait()
+            wake.clear()
+
+    async def complete(self, req: Request, rid: str, chat: bool, http: HTTPRequest) -> dict:
+        n = 0
+        try:
+            async for done, n in self._updates(req):
+                if not done and await http.is_disconnected():
+                    break
+        finally:
+            if not req.done.is_set():
+                self.llm.abort(req)  # the client went away
+            self.metrics.finished(req)
+        text, lps = req.detok.text, self.logprobs(req, 0, n, chat)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lps}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": lps}
+        choice |= {"finish_reason": req.finish_reason, "stop_reason": req.stop_reason}
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": [choice], "usage": self.usage(req, n)}
+
+    def usage(self, req: Request, n: int) -> dict:
+        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n, "total_tokens": len(req.prompt_ids) + n}
+
+    async def stream(self, req: Request, rid: str, chat: bool, include_usage: bool):
+        created = int(time.time())
+        obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created, "model": self.model_name}
+
+        def chunk(delta: str, lps, reason: str | None = None, first: bool = False) -> str:
+            if chat:
+                d = {"role": "assistant", "content": delta} if first else {"content": delta}
+                choice = {"index": 0, "delta": d, "logprobs": lps, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta, "logprobs": lps, "finish_reason": reason}
+            if reason is not None:
+                choice["stop_reason"] = req.stop_reason
+            return f"data: {json.dumps({**obj, 'choices': [choice]})}\n\n"
+
+        sent = tok_sent = n = 0  # characters and tokens already sent
+        finished = False
+        try:
+            if chat:
+                yield chunk("", None, first=True)
+            async for done, n in self._updates(req):
+                upto = req.detok.releasable(done)
+                if upto > sent or done:  # the last token's chunk carries the finish reason
+                    yield chunk(req.detok.text[sent:upto], self.logprobs(req, tok_sent, n, chat, sent), req.finish_reason if done else None)
+                    sent, tok_sent = upto, n
+            finished = True
+            if include_usage:
+                yield f"data: {json.dumps({**obj, 'choices': [], 'usage': self.usage(req, n)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished and not req.done.is_set():
+                self.llm.abort(req)  # the client went away
+            self.metrics.finished(req)
+
+    def logprobs(self, req: Request, start: int, end: int, chat: bool, offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object for output tokens [start, end)."""
+        if req.params.logprobs is None:
+            return None
+        lps = [lp for lp in req.logprobs[start:end] if lp is not None]
+        s = self._tok_str
+        if chat:
+            return {"content": [{"token": s(lp.ids[0]), "logprob": lp.logprobs[0], "bytes": list(s(lp.ids[0]).encode()),
+                                 "top_logprobs": [{"token": s(i), "logprob": v, "bytes": list(s(i).encode())}
+                                                  for i, v in zip(lp.ids[1:], lp.logprobs[1:])]} for lp in lps]}
+        offsets = []
+        for lp in lps:
+            offsets.append(offset)
+            offset += len(s(lp.ids[0]))
+        return {"tokens": [s(lp.ids[0]) for lp in lps], "token_logprobs": [lp.logprobs[0] for lp in lps],
+                "top_logprobs": [{s(i): v for i, v in zip(lp.ids, lp.logprobs)} for lp in lps], "text_offset": offsets}
+
+    def tokenize(self, body: TokenizeBody) -> dict:
+        self.check_model(body.model)
+        if body.messages:
+            ids = self.encode(self.render(body.messages, body.add_generation_prompt is not False), bool(body.add_special_tokens))
+        elif body.prompt is not None:
+            ids = self.encode(body.prompt, body.add_special_tokens is not False)
+        else:
+            raise APIError(400, "give a prompt or messages", param="prompt")
+        return {"count": len(ids), "max_model_len": self.llm.max_model_len, "tokens": ids, "token_strs": None}
+
+    def detokenize(self, body: DetokenizeBody) -> dict:
+        self.check_model(body.model)
+        vocab = self.llm.model_config.vocab_size
+        if any(t >= vocab for t in body.tokens):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param="tokens")
+        return {"prompt": self.llm.tokenizer.decode(body.tokens)}
+
+
 def health(llm: LLM) -> tuple[bool, str]:
     state = llm._state
     if llm._closed or state is None or llm._orch.poll() is not None:
@@ -186,7 +474,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
 
     @app.middleware("http")
     async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith(("/v1/", "/tarragon/")):
+        if api_key and request.url.path.startswith(("/v1/", "/tarragon/", "/tokenize", "/detokenize")):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "invalid or missing API key", "authentication_error")
@@ -219,137 +507,27 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             "events": [msgspec.structs.asdict(e) for e in llm.events()[-100:]],
         }
 
-    def sampling(body: _Sampling) -> tuple[SamplingParams, list[str]]:
-        if body.model != model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "not_found_error", "model")
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must not be empty", param="stop")
-        try:
-            params = SamplingParams(max_tokens=body.max_tokens or body.max_completion_tokens or 16, temperature=body.temperature,
-                                    top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop_token_ids=body.stop_token_ids,
-                                    ignore_eos=body.ignore_eos)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        return params, stop
+    serving = Serving(llm, model_name, metrics, max_queue)
 
-    def start(prompt: str | list[int], params: SamplingParams, add_special_tokens: bool = True) -> Request:
-        with llm._lock:
-            if len(llm._requests) >= max_queue:
-                raise APIError(429, f"too many requests in flight (limit {max_queue}); retry later", "rate_limit_error")
-        if isinstance(prompt, str):
-            try:
-                prompt = llm.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-            except Exception as e:  # e.g. lone surrogates the tokenizer cannot take
-                raise APIError(400, f"the prompt cannot be tokenized: {e}", param="prompt") from None
-        if isinstance(prompt, list) and prompt and len(prompt) + params.max_tokens > llm.max_model_len:
-            params.max_tokens = max(1, llm.max_model_len - len(prompt))
-        try:
-            return llm.submit(prompt, params)
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt") from None
+    @app.get("/version")
+    async def _version():
+        return {"version": __version__}
 
-    async def run(body: _Sampling, prompt, kind: str):
-        params, stop = sampling(body)
-        req = start(prompt, params, add_special_tokens=kind == "text_completion")
-        rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{req.req_id}"
-        if body.stream:
-            return StreamingResponse(stream(req, rid, kind, stop, body), media_type="text/event-stream")
-        await until_done(req)
-        text, reason = stopped_text(req, stop)
-        if reason == "stop" and req.finish_reason != "stop":
-            llm.abort(req)
-        metrics.finished(req)
-        usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.tokens),
-                 "total_tokens": len(req.prompt_ids) + len(req.tokens)}
-        choice = ({"index": 0, "text": text, "logprobs": None, "finish_reason": reason} if kind == "text_completion"
-                  else {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason})
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name, "choices": [choice], "usage": usage}
+    @app.post("/tokenize")
+    async def _tokenize(body: TokenizeBody):
+        return await asyncio.to_thread(serving.tokenize, body)
 
-    async def until_done(req: Request) -> None:
-        wake = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        req.listener = lambda: loop.call_soon_threadsafe(wake.set)
-        while not req.done.is_set():
-            await wake.wait()
-            wake.clear()
-
-    def stopped_text(req: Request, stop: list[str]) -> tuple[str, str | None]:
-        text = llm.tokenizer.decode(req.tokens)
-        for s in stop:
-            i = text.find(s)
-            if i >= 0:
-                return text[:i], "stop"
-        return text, req.finish_reason if req.done.is_set() else None
-
-    async def stream(req: Request, rid: str, kind: str, stop: list[str], body: _Sampling):
-        wake = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        req.listener = lambda: loop.call_soon_threadsafe(wake.set)
-        sent = ""  # text already streamed
-        hold = max((len(s) for s in stop), default=1) - 1  # keep back what could start a stop string
-        created = int(time.time())
-
-        def chunk(delta: str, reason: str | None, first: bool = False) -> str:
-            if kind == "text_completion":
-                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}
-            else:
-                d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
-            obj = {"id": rid, "object": "text_completion" if kind == "text_completion" else "chat.completion.chunk",
-                   "created": created, "model": model_name, "choices": [choice]}
-            return f"data: {json.dumps(obj)}\n\n"
-
-        finished = False
-        try:
-            if kind != "text_completion":
-                yield chunk("", None, first=True)
-            while True:
-                done = req.done.is_set()
-                text, reason = stopped_text(req, stop)
-                if reason == "stop" and req.finish_reason != "stop":
-                    llm.abort(req)  # a stop string: end generation now
-                    done = True
-                safe = text if done else text[: max(len(sent), len(text) - hold)]
-                if safe.endswith("\ufffd") and not done:  # an incomplete UTF-8 sequence: wait for the rest
-                    safe = safe[:-1]
-                if len(safe) > len(sent):
-                    yield chunk(safe[len(sent):], None)
-                    sent = safe
-                if done:
-                    break
-                await wake.wait()
-                wake.clear()
-            finished = True
-            yield chunk("", reason or req.finish_reason)
-            if body.stream_options and body.stream_options.include_usage:
-                usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.tokens),
-                         "total_tokens": len(req.prompt_ids) + len(req.tokens)}
-                yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk' if kind != 'text_completion' else 'text_completion', 'created': created, 'model': model_name, 'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            if not finished and not req.done.is_set():
-                llm.abort(req)  # the client went away
-            metrics.finished(req)
+    @app.post("/detokenize")
+    async def _detokenize(body: DetokenizeBody):
+        return await asyncio.to_thread(serving.detokenize, body)
 
     @app.post("/v1/completions")
-    async def _completions(body: CompletionBody):
-        prompt: Any = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
-            prompt = prompt[0]
-        return await run(body, prompt, "text_completion")
+    async def _completions(body: CompletionBody, request: HTTPRequest):
+        return await serving.handle(body, False, request)
 
     @app.post("/v1/chat/completions")
-    async def _chat(body: ChatBody):
-        try:
-            text = llm.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages])
-        except Exception as e:  # a template error is the request's fault
-            raise APIError(400, f"chat template: {e}", param="messages") from None
-        return await run(body, text, "chat.completion")
+    async def _chat(body: ChatBody, request: HTTPRequest):
+        return await serving.handle(body, True, request)
 
     if fault_injection:
         add_fault_injection(app, llm)

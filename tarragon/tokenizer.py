@@ -36,7 +36,7 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -48,9 +48,55 @@ class Tokenizer:
 
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "", eos_token=self.eos_token or ""
+            **kwargs, messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
         )
 
 
 def _token_text(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
+
+
+class Detokenizer:
+    """One request's output text, decoded as its tokens arrive (each token once, never the
+    whole output again) with its stop strings found as they appear. `LLM.generate` and the
+    server's responses both read their text from here."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None, include_stop: bool = False):
+        from tokenizers.decoders import DecodeStream
+
+        self._tok = tokenizer.tok
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self.stop = list(stop or [])
+        self._hold = max((len(s) for s in self.stop), default=1) - 1  # text that could begin a stop string
+        self._include_stop = include_stop
+        self.text = ""
+        self.consumed = 0  # tokens decoded so far
+        self.stop_reason: str | None = None  # the stop string that ended the text
+
+    def update(self, tokens: list[int]) -> bool:
+        """Decode `tokens[consumed:]` (tokens is the whole output so far); True once a stop string
+        has ended the text (the tokens after it are not consumed)."""
+        while self.consumed < len(tokens) and self.stop_reason is None:
+            piece = self._stream.step(self._tok, tokens[self.consumed])
+            self.consumed += 1
+            if piece:  # None while a multi-byte character is incomplete
+                start = max(0, len(self.text) - self._hold)
+                self.text += piece
+                if self.stop:
+                    self._find_stop(start)
+        return self.stop_reason is not None
+
+    def _find_stop(self, start: int) -> None:
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            i, s = min(hits)
+            self.text = self.text[: i + len(s) if self._include_stop else i]
+            self.stop_reason = s
+
+    def releasable(self, final: bool) -> int:
+        """How much of `text` a stream may send now: all once final or stopped, else all but what
+        could still turn out to begin a stop string."""
+        if final or self.stop_reason is not None:
+            return len(self.text)
+        return max(0, len(self.text) - self._hold)

@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import torch
 import pytest
 import uvicorn
 from hypothesis import HealthCheck, given, settings
@@ -239,3 +240,148 @@ def test_fuzzing_never_gives_5xx(served, path, body, raw):
     r = httpx.post(f"{srv.url}{path}", content=content, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code < 500, (body, r.text)
     assert r.status_code == 200 or "error" in r.json()
+
+
+def sse(resp: httpx.Response) -> list[dict]:
+    """The JSON chunks of an event stream, up to [DONE] (which must be there)."""
+    lines = [ln[6:] for ln in resp.text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]", resp.text[-300:]
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_vllm_bench_and_sdk_shaped_bodies(served, caplog):
+    """What `vllm bench serve`, the OpenAI SDK, LangChain and LiteLLM send is accepted; fields
+    that cannot be honoured at their value are a 400 naming them."""
+    llm, srv = served
+    u = srv.url
+    # vllm bench serve, completions: repetition_penalty 1.0 and logprobs null, always
+    body = {"model": MODEL, "prompt": "hello", "repetition_penalty": 1.0, "max_tokens": 8, "logprobs": None, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    chunks = sse(httpx.post(f"{u}/v1/completions", json=body, timeout=60))
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 8
+    # vllm bench serve, chat: content as a list of parts, max_completion_tokens
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "temperature": 0.0,
+            "max_completion_tokens": 6, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    chunks = sse(httpx.post(f"{u}/v1/chat/completions", json=body, timeout=60))
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[-1]["usage"]["completion_tokens"] == 6
+    # SDK / LangChain / LiteLLM shapes: every role, parts, zero penalties, logprobs false, unknown extras
+    sdk = {"model": MODEL, "temperature": 0, "max_tokens": 6, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False,
+           "response_format": {"type": "text"}, "user": "u-1", "n": 1, "top_p": 1, "stream": False, "tool_choice": "none",
+           "tools": [], "parallel_tool_calls": True, "metadata": {"a": "b"}, "some_future_field": {"x": 1},
+           "messages": [{"role": "developer", "content": "Be brief."},
+                        {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]},
+                        {"role": "assistant", "content": None, "tool_calls": []},
+                        {"role": "tool", "content": "42", "tool_call_id": "c1"}]}
+    r = httpx.post(f"{u}/v1/chat/completions", json=sdk, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "some_future_field" in caplog.text  # an unknown field: ignored, with a warning in the log
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello\nthere"}, {"role": "assistant"},
+             {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(plain), add_special_tokens=False)
+    assert r.json()["choices"][0]["message"]["content"] == llm.generate([ids], SamplingParams(max_tokens=6, temperature=0))[0].text
+    for field, value in [("logit_bias", {"5": 1}), ("n", 2), ("best_of", 3), ("response_format", {"type": "json_object"}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("min_tokens", 4), ("echo", True)]:
+        r = httpx.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "x", field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    r = httpx.post(f"{u}/v1/chat/completions", json={**sdk, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+
+
+def test_context_limits_tokenize_version(served):
+    """Prompt + max_tokens beyond the context is a 400 (vLLM's wording); chat without max_tokens
+    may use the rest of the context; /tokenize, /detokenize and /version as vLLM has them."""
+    llm, srv = served
+    u = srv.url
+    assert httpx.get(f"{u}/version").json()["version"]
+    r = httpx.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": list(range(3, 1003)), "max_tokens": 100})
+    assert r.status_code == 400 and "maximum context length is 1024" in r.json()["error"]["message"]
+    messages = [{"role": "user", "content": "word " * 300}]
+    tok = httpx.post(f"{u}/tokenize", json={"model": MODEL, "messages": messages}).json()
+    assert tok["max_model_len"] == 1024 and tok["count"] == len(tok["tokens"]) > 850
+    assert httpx.post(f"{u}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == llm.tokenizer.decode(tok["tokens"])
+    r = httpx.post(f"{u}/v1/chat/completions", json={"model": MODEL, "messages": messages, "ignore_eos": True}, timeout=120).json()
+    assert r["usage"] == {"prompt_tokens": tok["count"], "completion_tokens": 1024 - tok["count"], "total_tokens": 1024}
+    assert httpx.post(f"{u}/detokenize", json={"tokens": [10**6]}).status_code == 400
+
+
+def test_logprobs_and_finish_on_the_last_token(served):
+    """Streamed logprobs are the model's own (checked against the prompt logits of the whole
+    sequence), and the chunk with finish_reason carries the last token."""
+    llm, srv = served
+    body = {"model": MODEL, "prompt": "def main():", "max_tokens": 10, "temperature": 0, "logprobs": 2, "ignore_eos": True}
+    chunks = sse(httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60))
+    tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    lps = [x for c in chunks for x in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"][0]["logprobs"]["tokens"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]) and len(tokens) == 10
+    full = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert full["logprobs"]["tokens"] == tokens and "".join(c["choices"][0]["text"] for c in chunks) == full["text"]
+    out = llm.generate("def main():", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2))[0]
+    seq = out.prompt_token_ids + out.token_ids
+    logits = llm.generate([seq], SamplingParams(max_tokens=1, temperature=0, prompt_logits=True))[0].prompt_logits
+    ref = torch.log_softmax(logits, -1)[len(out.prompt_token_ids) - 1: -1].gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lps), ref, atol=1e-4) and [lp.ids[0] for lp in out.logprobs] == out.token_ids
+    assert all(lp.ids[1] == out.token_ids[i] for i, lp in enumerate(out.logprobs))  # greedy: the sampled one is the top one
+    # chat: logprobs true + top_logprobs
+    chat = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                      "max_tokens": 3, "logprobs": True, "top_logprobs": 3, "ignore_eos": True}, timeout=60).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(c["top_logprobs"]) == 3 and c["logprob"] <= 0 for c in content)
+
+
+def test_penalty_formulas_are_vllms():
+    """Repetition penalty as transformers' (and vLLM's) over prompt + output; frequency and
+    presence subtracted per output occurrence / once per output token."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from tarragon.sampling import apply_penalties
+
+    logits, prompt, output = torch.randn(50, generator=torch.Generator().manual_seed(0)), [1, 2, 3], [3, 4, 4, 5, 4]
+    want = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output]), logits[None].clone())[0]
+    counts = torch.bincount(torch.tensor(output), minlength=50)
+    want -= 0.5 * counts + 0.25 * (counts > 0)
+    got = apply_penalties(logits, SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.25), prompt, output)
+    assert torch.allclose(got, want) and not torch.equal(got, logits)
+
+
+def test_penalties_as_vllm_defines_them_and_through_failover(served):
+    """Greedy with penalties picks, at every step, the argmax of the penalised logits (vLLM's
+    formulas, from the model's own logits); a penalised, seeded request moved to another
+    attention worker by a SIGKILL gives the same tokens as without the failure."""
+    from tarragon.sampling import apply_penalties
+
+    llm, srv = served
+    pen = dict(repetition_penalty=1.8, frequency_penalty=0.7, presence_penalty=0.4)
+    prompt = llm.tokenizer.encode("abc abc abc abc abc")
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                                       "ignore_eos": True, **pen}, timeout=60).json()
+    out = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, **pen))[0]
+    assert r["choices"][0]["text"] == out.text
+    plain = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert plain.token_ids != out.token_ids  # the penalties change something
+    logits = llm.generate([prompt + out.token_ids[:-1]], SamplingParams(max_tokens=1, temperature=0, prompt_logits=True))[0].prompt_logits
+    params = SamplingParams(**pen)
+    for i, tok in enumerate(out.token_ids):
+        assert int(apply_penalties(logits[len(prompt) - 1 + i], params, prompt, out.token_ids[:i]).argmax()) == tok, i
+
+    sampled = SamplingParams(max_tokens=120, temperature=0.8, seed=7, ignore_eos=True, **pen)
+    expected = llm.generate([prompt], sampled)[0].token_ids
+    req = llm.submit(prompt, sampled)
+    wait_until(lambda: len(req.tokens) >= 30, 60, "tokens before the kill")
+    victim = req.worker
+    llm.kill(victim)
+    assert llm.wait(req, 120).token_ids == expected
+    wait_until(lambda: sum(w.role == "attention" and w.state == "ready" for w in llm.workers()) >= 2, 90, "a replacement AW")
+
+
+def test_generate_stops_at_stop_strings(served):
+    llm, _ = served
+    full = llm.generate("import os", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    stop = full.text[6:9]
+    cut = llm.generate("import os", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert cut.text == full.text[: full.text.find(stop)] and cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < 30
+    kept = llm.generate("import os", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True))[0]
+    assert kept.text == full.text[: full.text.find(stop) + len(stop)]
