@@ -159,30 +159,77 @@ class FaultBody(BaseModel):
     action: Literal["kill", "hang"] = "kill"
 
 
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours unchanged.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+                   960.0, 1920.0, 7680.0)
+STALL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+def buckets_1_2_5(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit`, as vLLM's token-count histograms."""
+    out = [m * 10**e for e in range(12) for m in (1, 2, 5)]
+    return [b for b in out if b <= limit]
+
+
 class Metrics:
-    def __init__(self, llm: LLM):
+    """vLLM's series, names and labels (`model_name`, `engine`), plus `tarragon:*` for resilience.
+    The cluster's cumulative figures become counters by adding what is new at each scrape."""
+
+    def __init__(self, llm: LLM, model_name: str):
         self.llm = llm
         r = self.registry = CollectorRegistry()
-        self.running = Gauge("vllm:num_requests_running", "Requests being generated", registry=r)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests not yet placed on a worker", registry=r)
-        buckets = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", registry=r, buckets=buckets)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency", registry=r, buckets=buckets)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", registry=r, buckets=buckets)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", registry=r)
-        self.success = Counter("vllm:request_success", "Finished requests", ["finished_reason"], registry=r)
-        self.failures = Gauge("tarragon:failures_detected", "Worker failures detected, by role", ["role"], registry=r)
-        self.stall = Histogram("tarragon:stall_seconds", "Per failure: the largest token gap it caused across streams",
-                               registry=r, buckets=buckets)
-        self.replayed = Gauge("tarragon:expert_calls_replayed", "Expert calls replayed to another worker", registry=r)
-        self.restored = Gauge("tarragon:requests_restored", "Requests resumed from checkpointed KV", registry=r)
-        self.recomputed = Gauge("tarragon:requests_recomputed", "Requests resumed by recomputing their KV", registry=r)
-        self.rerun = Gauge("tarragon:requests_rerun", "Requests rerun from the prompt (restart policy)", registry=r)
-        self.ckpt_bytes = Gauge("tarragon:checkpoint_bytes", "KV bytes held by the checkpoint store", registry=r)
-        self.ckpt_dropped = Gauge("tarragon:checkpoint_writes_dropped", "KV writes lost before the store (lag, back-pressure)", registry=r)
-        self.table_version = Gauge("tarragon:routing_table_version", "Version of the authoritative routing table", registry=r)
-        self.workers_up = Gauge("tarragon:workers", "Workers by role and state", ["role", "state"], registry=r)
+        lab = ("model_name", "engine")
+        self.labels = (model_name, "0")
+
+        def gauge(name, doc, extra=()):
+            return Gauge(name, doc, lab + extra, registry=r)
+
+        def counter(name, doc, extra=()):
+            return Counter(name, doc, lab + extra, registry=r)
+
+        def hist(name, doc, buckets):
+            return Histogram(name, doc, lab, registry=r, buckets=buckets).labels(*self.labels)
+
+        self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.").labels(*self.labels)
+        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.").labels(*self.labels)
+        self.success = counter("vllm:request_success", "Count of successfully processed requests.", ("finished_reason",))
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(*self.labels, reason)
+        counts = buckets_1_2_5(llm.max_model_len)
+        self.req_prompt = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", counts)
+        self.req_generation = hist("vllm:request_generation_tokens", "Number of generation tokens processed.", counts)
+        self.req_max_tokens = hist("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", counts)
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)
+        self.tpot = hist("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", TPOT_BUCKETS)
+        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", TPOT_BUCKETS)
+        self.req_tpot = hist("vllm:request_time_per_output_token_seconds",
+                             "Histogram of time_per_output_token_seconds per request.", TPOT_BUCKETS)
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", LATENCY_BUCKETS)
+        self.decode = hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", LATENCY_BUCKETS)
+
+        self.failures = counter("tarragon:failures_detected", "Worker failures detected, by role.", ("role",))
+        self.stall = hist("tarragon:stall_seconds", "Per failure: the largest token gap it caused across streams.", STALL_BUCKETS)
+        self.cumulative = {  # counter -> where its running total comes from
+            counter("tarragon:expert_calls_replayed", "Expert calls replayed to another worker.").labels(*self.labels):
+                lambda: llm.stats()["expert_calls_replayed"],
+            counter("tarragon:requests_restored", "Requests resumed from checkpointed KV.").labels(*self.labels):
+                lambda: llm.reassigned["restored"],
+            counter("tarragon:requests_recomputed", "Requests resumed by recomputing their KV.").labels(*self.labels):
+                lambda: llm.reassigned["recomputed"],
+            counter("tarragon:requests_rerun", "Requests rerun from the prompt (restart policy).").labels(*self.labels):
+                lambda: llm.reassigned["rerun"],
+        }
+        self.ckpt_dropped = counter("tarragon:checkpoint_writes_dropped", "KV writes lost before the store (lag, back-pressure).")
+        self.ckpt_bytes = gauge("tarragon:checkpoint_bytes", "KV bytes held by the checkpoint store.")
+        self.table_version = gauge("tarragon:routing_table_version", "Version of the authoritative routing table.")
+        self.workers_up = gauge("tarragon:workers", "Workers by role and state.", ("role", "state"))
+        self._seen: dict = {}  # running totals already added to counters
         self._stalls_seen = 0
 
     def finished(self, req: Request) -> None:
@@ -191,34 +238,48 @@ class Metrics:
             self.ttft.observe(t[0] - req.submitted)
             for a, b in zip(t, t[1:]):
                 self.itl.observe(b - a)
+                self.tpot.observe(b - a)
+            if len(t) > 1:
+                self.req_tpot.observe((t[-1] - t[0]) / (len(t) - 1))
+                self.decode.observe(t[-1] - t[0])
         self.e2e.observe(time.monotonic() - req.submitted)
         self.prompt_tokens.inc(len(req.prompt_ids))
         self.generation_tokens.inc(len(req.tokens))
-        self.success.labels(req.finish_reason or "abort").inc()
+        self.req_prompt.observe(len(req.prompt_ids))
+        self.req_generation.observe(len(req.tokens))
+        self.req_max_tokens.observe(req.params.max_tokens)
+        self.success.labels(*self.labels, req.finish_reason or "abort").inc()
+
+    def _add_new(self, counter, total: float) -> None:
+        """Counters only go up: add what the running total gained since the last scrape."""
+        seen = self._seen.get(counter, 0)
+        if total > seen:
+            counter.inc(total - seen)
+        self._seen[counter] = total  # lower: a new source (e.g. a replaced store) counting from 0
 
     def render(self) -> bytes:
         llm = self.llm
         with llm._lock:
             reqs = list(llm._requests.values())
-        self.running.set(sum(1 for r in reqs if r.worker))
-        self.waiting.set(sum(1 for r in reqs if not r.worker))
-        for role, n in llm.failures.items():
-            self.failures.labels(role).set(n)
+        self.running.labels(*self.labels).set(sum(1 for r in reqs if r.worker))
+        self.waiting.labels(*self.labels).set(sum(1 for r in reqs if not r.worker))
+        for role, n in list(llm.failures.items()):
+            self._add_new(self.failures.labels(*self.labels, role), n)
         for s in llm.stalls[self._stalls_seen:]:
             self.stall.observe(s)
         self._stalls_seen = len(llm.stalls)
-        self.replayed.set(llm.stats()["expert_calls_replayed"])
-        self.restored.set(llm.reassigned["restored"])
-        self.recomputed.set(llm.reassigned["recomputed"])
-        self.rerun.set(llm.reassigned["rerun"])
+        for counter, total in self.cumulative.items():
+            self._add_new(counter, total())
         workers = llm.workers()
+        aws = [w for w in workers if w.role == "attention" and w.state == "ready" and w.kv_blocks_total]
+        self.kv_usage.labels(*self.labels).set(sum(w.kv_blocks_used for w in aws) / max(1, sum(w.kv_blocks_total for w in aws)))
         store = [w for w in workers if w.role == "store" and w.state == "ready"]
-        self.ckpt_bytes.set(store[0].info.get("bytes", 0) if store else 0)
-        self.ckpt_dropped.set(sum(w.info.get("gaps", 0) for w in store))
-        self.table_version.set(llm._state.table_version if llm._state else 0)
+        self.ckpt_bytes.labels(*self.labels).set(store[0].info.get("bytes", 0) if store else 0)
+        self._add_new(self.ckpt_dropped.labels(*self.labels), sum(w.info.get("gaps", 0) for w in store))
+        self.table_version.labels(*self.labels).set(llm._state.table_version if llm._state else 0)
         self.workers_up.clear()
         for w in workers:
-            self.workers_up.labels(w.role, w.state).inc()
+            self.workers_up.labels(*self.labels, w.role, w.state).inc()
         return generate_latest(self.registry)
 
 
@@ -451,7 +512,7 @@ def health(llm: LLM) -> tuple[bool, str]:
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
                fault_injection: bool = False) -> FastAPI:
     app = FastAPI(title="Tarragon", version="0.1.0")
-    metrics = Metrics(llm)
+    metrics = Metrics(llm, model_name)
     created = int(time.time())
 
     @app.exception_handler(APIError)

@@ -117,24 +117,40 @@ def test_stream_survives_expert_then_attention_failure(served):
     wait_replaced(llm, "ew1")
 
 
-def test_metrics_move(served):
+def scrape(srv) -> tuple[dict[str, str], dict[tuple, float]]:
+    """(family -> type, (sample name, labels without model_name/engine) -> value); every series
+    must carry the served model's name, as vLLM's do."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    types, values = {}, {}
+    for fam in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text):
+        types[fam.name] = fam.type
+        for s in fam.samples:
+            if s.name.startswith(("vllm:", "tarragon:")):
+                assert s.labels.get("model_name") == MODEL and s.labels.get("engine") == "0", s
+                values[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine"))))] = s.value
+    return types, values
+
+
+def test_metrics_as_vllm_names_them(served):
     llm, srv = served
-    def scrape() -> dict[str, float]:
-        out = {}
-        for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                k, v = line.rsplit(" ", 1)
-                out[k] = float(v)
-        return out
-    before = scrape()
+    _, before = scrape(srv)
     client(srv).completions.create(model=MODEL, prompt="hello", max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
-    after = scrape()
-    assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) == 7
-    assert after['vllm:request_success_total{finished_reason="length"}'] > before.get('vllm:request_success_total{finished_reason="length"}', 0)
-    assert after["vllm:time_to_first_token_seconds_count"] > before.get("vllm:time_to_first_token_seconds_count", 0)
-    assert after.get('tarragon:failures_detected{role="expert"}', 0) >= 1  # from the failure test above
-    assert after["tarragon:routing_table_version"] >= 1 and after["tarragon:checkpoint_bytes"] >= 0
-    assert after["tarragon:stall_seconds_count"] >= 1
+    types, after = scrape(srv)
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0)
+    assert delta("vllm:generation_tokens_total") == 7 and delta("vllm:request_success_total", finished_reason="length") == 1
+    assert delta("vllm:time_to_first_token_seconds_count") == 1 and delta("vllm:inter_token_latency_seconds_count") == 6
+    assert delta("vllm:request_generation_tokens_count") == 1 and 0 <= after[("vllm:kv_cache_usage_perc", ())] <= 1
+    ttft_buckets = sorted(float(dict(k[1])["le"]) for k in after if k[0] == "vllm:time_to_first_token_seconds_bucket")
+    assert ttft_buckets[:3] == [0.001, 0.005, 0.01] and ttft_buckets[-2:] == [2560.0, float("inf")]
+    for name in ("vllm:prompt_tokens", "vllm:request_success", "tarragon:failures_detected", "tarragon:expert_calls_replayed",
+                 "tarragon:requests_restored", "tarragon:requests_recomputed", "tarragon:checkpoint_writes_dropped"):
+        assert types[name] == "counter", name  # exposed as NAME_total
+    assert after[("tarragon:failures_detected_total", (("role", "expert"),))] >= 1  # from the failure test above
+    assert after[("tarragon:requests_restored_total", ())] >= 1 and after[("tarragon:routing_table_version", ())] >= 1
+    assert after[("tarragon:stall_seconds_count", ())] >= 1
 
 
 def test_errors_have_openai_shape(served):
