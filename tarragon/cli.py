@@ -10,13 +10,15 @@ from .config import SUPPORTED_FAMILIES
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in demo model)")
-    p.add_argument("--attention-workers", type=int, default=2)
-    p.add_argument("--expert-workers", type=int, default=2)
+    p.add_argument("--model", help="a checkpoint folder in Hugging Face layout, or a Hub id (org/name) resolved into the "
+                                    "Hugging Face cache (default: a random-weight demo model)")
+    p.add_argument("--attention-workers", type=int, default=2, help="attention worker processes (they hold the KV cache)")
+    p.add_argument("--expert-workers", type=int, default=2, help="expert worker processes (they hold the experts)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-model-len", type=int, default=2048)
+                   help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (each GPU worker gets a GPU of its own while they last)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context limit in tokens (prompt + output)")
+    p.add_argument("--log-dir", default=None, help="keep every worker's log here after shutdown (default: deleted with the run)")
     p.add_argument("--shadows", type=int, default=1, help="inactive copies of each expert on other expert workers")
     p.add_argument("--recovery", default="tarragon", choices=["tarragon", "recompute", "restart"],
                    help="what an attention worker's failure costs: restore KV, re-prefill, or restart everything")
@@ -43,7 +45,7 @@ def start_llm(args: argparse.Namespace):
     """The cluster that `add_cluster_args` describes."""
     from . import LLM
 
-    return LLM(args.model, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
+    return LLM(args.model, log_dir=args.log_dir, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
                dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery,
                checkpoint=not args.no_checkpoint, probe_interval_s=args.probe_interval_s, launcher=args.launcher,
                ray_address=args.ray_address, join_address=args.join_address, nodes=dict(n.split("=", 1) for n in args.node),
@@ -111,16 +113,40 @@ def failover_demo(llm, prompts, params, reference) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    """Port first (a busy one fails before any worker starts), then the cluster, then HTTP; exits
+    non-zero when start-up fails or the cluster stops being able to serve."""
+    import logging
+    import os
 
-    from .server import serve
+    from .config import ModelLoadError
+    from .server import listen_socket, serve
 
-    with start_llm(args) as llm:
-        name = args.served_model_name or (Path(args.model).name if args.model else "tarragon-demo")
-        print(f"serving {name!r} on http://{args.host}:{args.port}/v1 with "
-              f"{', '.join(f'{w.name}(pid {w.pid})' for w in llm.workers())}", flush=True)
-        serve(llm, name, args.host, args.port, args.api_key, args.max_queue, args.enable_fault_injection)
-    return 0
+    if args.model_pos and args.model and args.model_pos != args.model:
+        print(f"tarragon: error: two models given: {args.model_pos} and --model {args.model}", file=sys.stderr)
+        return 2
+    args.model = args.model_pos or args.model
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log = logging.getLogger("tarragon.serve")
+    api_key = args.api_key or os.environ.get("TARRAGON_API_KEY")  # the environment keeps it out of `ps`
+    try:
+        sock = listen_socket(args.host, args.port)
+    except OSError as e:
+        print(f"tarragon: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    with sock:
+        name = args.served_model_name or args.model or "tarragon-demo"
+        log.info("starting %d attention + %d expert workers for %s", args.attention_workers, args.expert_workers, args.model or "the demo model")
+        try:
+            llm = start_llm(args)
+        except ModelLoadError:
+            raise
+        except (RuntimeError, TimeoutError) as e:  # a worker failed or hung during start-up
+            print(f"tarragon: error: the cluster did not start: {e}", file=sys.stderr)
+            return 1
+        with llm:
+            log.info("serving %r on http://%s:%d/v1 with %s", name, args.host, args.port,
+                     ", ".join(f"{w.name}(pid {w.pid})" for w in llm.workers()))
+            return serve(llm, name, args.host, args.port, api_key, args.max_queue, args.enable_fault_injection, sock=sock)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -141,27 +167,42 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help, except where its help already tells it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tarragon", description="Resilient Mixture-of-Experts serving")
+    from . import __version__
+
+    fmt = HelpFormatter
+    parser = argparse.ArgumentParser(prog="tarragon", description="Resilient Mixture-of-Experts serving", formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"tarragon {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    g = sub.add_parser("generate", help="generate text for some prompts on a local cluster")
+    g = sub.add_parser("generate", help="generate text for some prompts on a local cluster", formatter_class=fmt)
     add_cluster_args(g)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this mass")
+    g.add_argument("--top-k", type=int, default=-1, help="sample among the k likeliest tokens (-1: all)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one per request)")
     g.add_argument("--failover", action="store_true", help="then rerun twice: an expert, then an attention worker killed mid-way")
     g.add_argument("prompt", nargs="*", help="prompts (default: a few built-in ones)")
     g.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("serve", help="an OpenAI-compatible server on a local cluster")
+    s = sub.add_parser("serve", help="an OpenAI-compatible server on a local cluster", formatter_class=fmt)
+    s.add_argument("model_pos", nargs="?", metavar="MODEL", help="as --model: a checkpoint folder or a Hugging Face Hub id")
     add_cluster_args(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (checked before any worker starts)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (also $TARRAGON_API_KEY, "
+                                                    "which keeps the key out of `ps`)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL as given)")
     s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
     s.add_argument("--enable-fault-injection", action="store_true",
                    help="expose POST /tarragon/fault (SIGKILL/SIGSTOP a worker) and GET /tarragon/events, for `tarragon bench`")
@@ -169,26 +210,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from .bench import add_bench_args, cmd_bench
 
-    b = sub.add_parser("bench", help="load a server (a running one, or one it starts) with optional faults; report latencies and stalls")
+    b = sub.add_parser("bench", help="load a server (a running one, or one it starts) with optional faults; report latencies and stalls",
+                       formatter_class=fmt)
     add_cluster_args(b)
     add_bench_args(b)
     b.set_defaults(func=cmd_bench)
 
-    w = sub.add_parser("worker", help="start one worker by hand that joins a cluster (e.g. on another host)")
-    w.add_argument("--role", required=True, choices=["attention", "expert", "store"])
+    w = sub.add_parser("worker", help="start one worker by hand that joins a cluster (e.g. on another host)", formatter_class=fmt)
+    w.add_argument("--role", required=True, choices=["attention", "expert", "store"], help="the kind of slot to fill")
     w.add_argument("--join", required=True, metavar="ADDR", help="the cluster's join address, tcp://HOST:PORT (its --join-address)")
     w.add_argument("--host", default=None, help="the address to serve on (default: this host's on the route to ADDR)")
     w.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds without a slot")
     add_key_args(w, "the cluster's CURVE key file (the one the cluster's `--key-file` names)")
     w.set_defaults(func=cmd_worker)
 
-    m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout")
-    m.add_argument("--family", default="mixtral", choices=list(SUPPORTED_FAMILIES))
-    m.add_argument("--size", default="tiny", choices=["tiny", "bench", "gpu"])
-    m.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("make-model", help="write a random-weight checkpoint in Hugging Face layout", formatter_class=fmt)
+    m.add_argument("--family", default="mixtral", choices=list(SUPPORTED_FAMILIES), help="architecture")
+    m.add_argument("--size", default="tiny", choices=["tiny", "bench", "gpu"], help="tiny: tests; bench: benchmarks; gpu: a GPU's worth")
+    m.add_argument("--seed", type=int, default=0, help="weights' random seed")
     m.add_argument("--shard-bytes", type=int, default=None, help="split into shards of about this many bytes")
     m.add_argument("--mxfp4", action="store_true", help="gpt_oss: expert matrices as MXFP4 blocks and scales, as released")
-    m.add_argument("out")
+    m.add_argument("out", help="the folder to write")
     m.set_defaults(func=cmd_make_model)
 
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ import zmq
 
 from . import protocol as P
 from .config import EngineConfig, ModelConfig
+from .hub import resolve_model
 from .kv_cache import bytes_per_block
 from .launcher import LocalLauncher, control_host
 from .orchestrator import ClusterSpec
@@ -120,12 +121,14 @@ class LLM:
         nodes: dict[str, str] | None = None,
         key_file: str | None = None,
         insecure_transport: bool = False,
+        log_dir: str | Path | None = None,
         **engine_args,
     ):
         if model is None:
             from .make_model import demo_model
 
             model = demo_model()
+        model = resolve_model(model)  # a folder, or a Hub id resolved into the Hugging Face cache
         if attention_workers < 1 or expert_workers < 1:
             raise ValueError("need at least one attention worker and one expert worker")
         if recovery not in RECOVERY_POLICIES:
@@ -158,6 +161,8 @@ class LLM:
         host, ray_address, self._ray_started = control_host(launcher, ray_address, join_address,
                                                             (attention_workers + expert_workers + 1) * e.threads_per_worker)
         self._run_dir = Path(tempfile.mkdtemp(prefix="tarragon-"))
+        self._log_dir = Path(log_dir) if log_dir else None  # where the workers' logs are kept at shutdown
+        self._events_lock = threading.Lock()  # one GetEvents in flight: replies carry no request id
         self._launcher = LocalLauncher(self._run_dir)
         key, key_file = _cluster_key(self._run_dir, key_file, insecure_transport)
         self._ctx = Context(key)
@@ -217,11 +222,15 @@ class LLM:
         from tqdm import tqdm
 
         deadline = time.monotonic() + timeout
+        last = 0
         with tqdm(total=total, desc="starting workers", unit="worker", leave=False, disable=None) as bar:
             while True:
                 state = self._state
                 ready = sum(w.state == "ready" for w in state.workers) if state else 0
-                bar.update(ready - bar.n)
+                if ready != last:
+                    log.info("workers ready: %d of %d", ready, len(state.workers) if state else total)  # progress where there is no terminal for the bar
+                    bar.update(ready - last)
+                    last = ready
                 aws = [w.name for w in state.workers if w.role == "attention"] if state else []
                 if state and state.ready and all(a in self._hello for a in aws):
                     return
@@ -258,6 +267,10 @@ class LLM:
             self._ctx.destroy(linger=0)
         else:
             self._ctx.term()
+        if self._log_dir:
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+            for f in self._run_dir.glob("*.log"):
+                shutil.copy2(f, self._log_dir / f.name)
         shutil.rmtree(self._run_dir, ignore_errors=True)
         if self._ray_started:
             import ray
@@ -285,10 +298,11 @@ class LLM:
 
     def events(self, timeout: float = 5.0) -> list[P.Event]:
         """The orchestrator's event log: failures, detections, routing updates, replacements."""
-        while not self._replies.empty():
-            self._replies.get_nowait()
-        self._send("orchestrator", P.GetEvents())
-        return self._replies.get(timeout=timeout).events
+        with self._events_lock:
+            while not self._replies.empty():
+                self._replies.get_nowait()
+            self._send("orchestrator", P.GetEvents())
+            return self._replies.get(timeout=timeout).events
 
     # ---- requests ---------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import json
 import logging
 import secrets
 import signal
+import socket
+import threading
 import time
 from typing import Annotated, Any, Literal
 
@@ -623,8 +625,53 @@ def add_fault_injection(app: FastAPI, llm: LLM) -> None:
         }
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before any worker starts: a busy port is a clear error at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def watch_cluster(llm: LLM, server, failed: threading.Event, stop: threading.Event, interval_s: float = 0.5) -> None:
+    """Log each orchestrator event (failure, reroute, restore, replacement) as one line, and stop
+    the server (failed) once the cluster can no longer serve at all."""
+    events = logging.getLogger("tarragon.events")
+    seen = 0
+    while not stop.wait(interval_s):
+        if llm._orch.poll() is not None or not llm._io.is_alive():
+            logging.getLogger("tarragon.server").error(
+                "the cluster cannot serve any more (%s); stopping", "the orchestrator exited" if llm._io.is_alive() else "the driver's I/O thread died")
+            failed.set()
+            server.should_exit = True
+            return
+        try:
+            log_ = llm.events(timeout=2.0)
+        except Exception:  # the orchestrator is busy or going: try again next round
+            continue
+        for e in log_[seen:]:
+            events.info("%s%s%s%s", e.kind, f" {e.worker}" if e.worker else "", f": {e.detail}" if e.detail else "",
+                        f" ({e.ms:.1f} ms)" if e.ms else "")
+        seen = max(seen, len(log_))
+
+
 def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_queue: int = 256,
-          fault_injection: bool = False) -> None:
+          fault_injection: bool = False, sock: socket.socket | None = None) -> int:
+    """Run the HTTP server until a signal (returns 0) or until the cluster cannot serve (1)."""
     import uvicorn
 
-    uvicorn.run(create_app(llm, model_name, api_key, max_queue, fault_injection), host=host, port=port, log_level="warning")
+    app = create_app(llm, model_name, api_key, max_queue, fault_injection)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=True, timeout_graceful_shutdown=5))
+    failed, stop = threading.Event(), threading.Event()
+    watcher = threading.Thread(target=watch_cluster, args=(llm, server, failed, stop), name="tarragon-watch", daemon=True)
+    watcher.start()
+    try:
+        server.run(sockets=[sock] if sock is not None else None)
+    finally:
+        stop.set()
+        watcher.join(5)
+    return 1 if failed.is_set() else 0

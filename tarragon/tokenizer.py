@@ -1,6 +1,6 @@
 """A checkpoint's tokenizer: `tokenizer.json` through the `tokenizers` library, plus the chat
-template (from `tokenizer_config.json` or `chat_template.jinja`) rendered with Jinja2, as
-transformers renders it."""
+template (from `tokenizer_config.json` or `chat_template.jinja`) rendered as transformers renders
+it, and the incremental detokenizer every response's text comes from."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class Tokenizer:
         self.chat_template: str | None = template.read_text() if template.is_file() else cfg.get("chat_template")
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
+        names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+        self.special_tokens = {n: _token_text(cfg[n]) for n in names if _token_text(cfg.get(n)) is not None}  # as transformers passes them
         self.vocab_size = self.tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -37,20 +39,40 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Rendered by transformers' own renderer where transformers is installed (the output
+        vLLM and transformers users get), else by a Jinja2 set-up with the same extras."""
         if not self.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        kwargs = {**self.special_tokens, **kwargs}
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:
+            return _render(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        rendered, _ = render_jinja_template([messages], chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
+                                            **kwargs)
+        return rendered[0]
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
-        def raise_exception(msg: str):
-            raise ValueError(msg)
+def _render(template: str, **context) -> str:
+    """transformers' Jinja2 environment, for when transformers is not installed: sandboxed,
+    trim_blocks/lstrip_blocks, loop controls ({% break %}), `tojson` without ASCII escapes,
+    `strftime_now`, `raise_exception`."""
+    from datetime import datetime
 
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            **kwargs, messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+    def raise_exception(msg: str):
+        raise ValueError(msg)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template).render(**context)
 
 
 def _token_text(tok) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -401,3 +402,102 @@ def test_generate_stops_at_stop_strings(served):
     assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < 30
     kept = llm.generate("import os", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True))[0]
     assert kept.text == full.text[: full.text.find(stop) + len(stop)]
+
+
+BREAK_AND_DATE = ("{%- for m in messages %}{%- if m['role'] == 'assistant' %}{% break %}{% endif %}"
+                  "{{ m['role'] }}: {{ m['content'] | tojson }}\n{%- endfor %}Today: {{ strftime_now('%Y-%m-%d') }}")
+
+
+@pytest.mark.parametrize("with_transformers", [True, False])
+def test_chat_templates_render_as_transformers(tiny_models, tmp_path, monkeypatch, with_transformers):
+    """Real templates (Llama 4's, as transformers ships it: tools through tojson) and one with
+    {% break %} and strftime_now render exactly as transformers' tokenizer renders them, through
+    transformers' renderer and through the Jinja2 fallback used without transformers."""
+    import shutil
+    import sys
+
+    from transformers import AutoTokenizer
+    from transformers.models.llama4.processing_llama4 import chat_template as llama4
+
+    from tarragon.tokenizer import Tokenizer
+
+    messages = [{"role": "system", "content": "Réponds en français."}, {"role": "user", "content": "Wetter in Zürich? 東京?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "weather",
+                 "arguments": {"city": "Zürich"}}}]}, {"role": "tool", "content": {"temp": "12°C"}}]
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Météo", "parameters": {"type": "object"}}}]
+    for i, (template, kw) in enumerate([(llama4, {"tools": tools}), (BREAK_AND_DATE, {})]):
+        d = tmp_path / str(i)
+        shutil.copytree(tiny_models["mixtral"], d)
+        (d / "chat_template.jinja").write_text(template)
+        want = AutoTokenizer.from_pretrained(d).apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
+        if not with_transformers:
+            monkeypatch.setitem(sys.modules, "transformers.utils.chat_template_utils", None)  # import fails: the fallback
+        assert Tokenizer(d).apply_chat_template(messages, **kw) == want
+        monkeypatch.undo()
+    assert "Zürich" in want or "12°C" in want
+
+
+def hub_cache(root, model_dir: str, repo: str = "tiny-org/moe"):
+    """HF_HOME laid out as huggingface_hub's cache holding `model_dir` as `repo`'s main revision."""
+    import shutil
+
+    entry = root / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model_dir, entry / "snapshots" / "0123abcd")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0123abcd")
+    return root
+
+
+def test_serve_cli_like_a_server(tiny_models, tmp_path):
+    """`tarragon serve ORG/NAME` from the Hugging Face cache (offline); a busy port and a model
+    nowhere to be found fail at once in one line; the log tells start-up, each request and each
+    failure/replacement; --log-dir survives; the server exits non-zero once the cluster cannot serve."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(hub_cache(tmp_path / "hf", tiny_models["mixtral"])), "HF_HUB_OFFLINE": "1"}
+    serve = [sys.executable, "-m", "tarragon", "serve", "--attention-workers", "1", "--expert-workers", "2", "--host", "127.0.0.1"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        t0 = time.monotonic()
+        r = subprocess.run([*serve, "tiny-org/moe", "--port", str(busy.getsockname()[1])], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "cannot listen" in r.stderr and "workers ready" not in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 20  # no cluster was started
+    r = subprocess.run([*serve, "tiny-org/missing", "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "HF_HUB_OFFLINE" in r.stderr.strip().splitlines()[-1]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path, log_dir = tmp_path / "serve.log", tmp_path / "logs"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*serve, "tiny-org/moe", "--port", str(port), "--log-dir", str(log_dir)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ok(f"{url}/health"), 180, "the server to be healthy")
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-org/moe"
+        assert httpx.post(f"{url}/v1/completions", json={"model": "tiny-org/moe", "prompt": "hi", "max_tokens": 3}).status_code == 200
+        workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
+        victim = next(w for w in workers if w["role"] == "expert" and w["state"] == "ready")  # a loaded machine may have replaced some
+        os.kill(victim["pid"], signal.SIGKILL)
+        failed = f"tarragon.events: worker_failed {victim['name']}"
+        wait_until(lambda: failed in (t := log_path.read_text()) and "replacement_ready" in t[t.index(failed):], 120, "the replacement in the log")
+        os.kill(next(w["pid"] for w in workers if w["role"] == "orchestrator"), signal.SIGKILL)
+        assert proc.wait(30) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log_path.read_text()
+    assert "workers ready: 1 of" in text and '"POST /v1/completions HTTP/1.1" 200' in text
+    assert "the cluster cannot serve" in text
+    assert {"aw0.log", "ew0.log", "orchestrator.log"} <= {p.name for p in log_dir.iterdir()}
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
