@@ -69,10 +69,21 @@ class BenchRequest:
     output_len: int
 
 
-def random_requests(n: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0) -> list[BenchRequest]:
-    """Token-id prompts of a fixed length (ids from 3 up, clear of the usual special tokens)."""
+def random_requests(n: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0, range_ratio: float = 0.0) -> list[BenchRequest]:
+    """Token-id prompts (ids from 3 up, clear of the usual special tokens); lengths drawn
+    uniformly from [len * (1 - range_ratio), len * (1 + range_ratio)], as `vllm bench serve`."""
+    if not 0.0 <= range_ratio < 1.0:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     rng = random.Random(seed)
-    return [BenchRequest([rng.randrange(3, vocab_size) for _ in range(input_len)], input_len, output_len) for _ in range(n)]
+
+    def length(n: int) -> int:
+        return max(1, rng.randint(int(n * (1 - range_ratio)), int(n * (1 + range_ratio))))
+
+    out = []
+    for _ in range(n):
+        i, o = length(input_len), length(output_len)
+        out.append(BenchRequest([rng.randrange(3, vocab_size) for _ in range(i)], i, o))
+    return out
 
 
 def sharegpt_requests(path: str | Path, n: int, tokenizer, max_model_len: int, output_len: int | None = None,
@@ -127,6 +138,7 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # arrival of each streamed chunk with text
     end: float = 0.0
     error: str = ""
+    text: str = ""
 
 
 @dataclass
@@ -147,11 +159,19 @@ class BenchRun:
     server: dict | None = None  # GET /tarragon/events after the run
 
 
-async def _stream_one(client, url: str, headers: dict, model: str, req: BenchRequest) -> RequestResult:
-    """One streamed completion, greedy and ignoring EOS so its length is exactly the one asked
-    for: a request that gets fewer tokens (or an error) counts as failed."""
-    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+def request_body(model: str, req: BenchRequest, chat: bool) -> dict[str, Any]:
+    """What `vllm bench serve` sends (openai / openai-chat backends), greedy and ignoring EOS so
+    that every request's length is exactly the one asked for."""
+    common = {"model": model, "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if chat:
+        return {**common, "messages": [{"role": "user", "content": [{"type": "text", "text": req.prompt}]}],
+                "max_completion_tokens": req.output_len}
+    return {**common, "prompt": req.prompt, "max_tokens": req.output_len, "repetition_penalty": 1.0, "logprobs": None}
+
+
+async def _stream_one(client, url: str, headers: dict, model: str, req: BenchRequest, chat: bool = False) -> RequestResult:
+    """One streamed request; fewer tokens than asked for (or an error) counts as a failure."""
+    body = request_body(model, req, chat)
     res = RequestResult(False, time.monotonic(), req.prompt_len, 0)
     finish = None
     try:
@@ -168,8 +188,10 @@ async def _stream_one(client, url: str, headers: dict, model: str, req: BenchReq
                     res.prompt_len = chunk["usage"]["prompt_tokens"]
                     res.output_len = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
-                    if choice.get("text"):
+                    piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if piece:
                         res.chunk_times.append(now)
+                        res.text += piece
                     finish = choice.get("finish_reason") or finish
     except Exception as e:  # a dropped connection is a failed request, not a crashed benchmark
         res.error = f"{type(e).__name__}: {e}"
@@ -205,7 +227,8 @@ async def _inject(client, base_url: str, headers: dict, fault: Fault, t0: float)
 
 async def run_load(base_url: str, requests: list[BenchRequest], rate: float = math.inf, burstiness: float = 1.0,
                    max_concurrency: int | None = None, faults: list[Fault] = (), duration: float | None = None,
-                   api_key: str | None = None, seed: int = 0, progress: bool = True) -> BenchRun:
+                   api_key: str | None = None, seed: int = 0, progress: bool = True, endpoint: str = "/v1/completions",
+                   model: str | None = None) -> BenchRun:
     """Send `requests` at the given arrival rate (stopping new sends after `duration` seconds, if
     given), fire `faults` on schedule, and collect every stream's chunk arrival times."""
     import httpx
@@ -214,7 +237,8 @@ async def run_load(base_url: str, requests: list[BenchRequest], rate: float = ma
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = httpx.Timeout(None, connect=30.0)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
-        model = (await client.get(f"{base_url}/v1/models", headers=headers)).json()["data"][0]["id"]
+        model = model or (await client.get(f"{base_url}/v1/models", headers=headers)).json()["data"][0]["id"]
+        chat = "chat" in endpoint
         gate = asyncio.Semaphore(max_concurrency or len(requests) or 1)
         bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not progress)
 
@@ -223,7 +247,7 @@ async def run_load(base_url: str, requests: list[BenchRequest], rate: float = ma
             if duration is not None and time.monotonic() - t0 > duration:
                 return None
             async with gate:
-                res = await _stream_one(client, f"{base_url}/v1/completions", headers, model, req)
+                res = await _stream_one(client, f"{base_url}{endpoint}", headers, model, req, chat)
             bar.update(1)
             return res
 
@@ -254,23 +278,51 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
 
 
-def _stats_ms(xs: list[float]) -> dict[str, float]:
+def _stats_ms(xs: list[float], percentiles: tuple[float, ...] = (99,)) -> dict[str, float]:
     ms = [1000 * x for x in xs]
-    return {"mean": statistics.fmean(ms) if ms else float("nan"), "median": percentile(ms, 50), "p99": percentile(ms, 99)}
+    out = {"mean": statistics.fmean(ms) if ms else float("nan"), "median": percentile(ms, 50), "p99": percentile(ms, 99),
+           "std": statistics.pstdev(ms) if ms else float("nan")}
+    return out | {f"p{p:g}": percentile(ms, p) for p in percentiles}
+
+
+METRICS = ("ttft", "tpot", "itl", "e2el")  # --percentile-metrics / --goodput names, as vLLM's
+
+
+def request_metrics(r: RequestResult) -> dict[str, float | None]:
+    """One request's TTFT, TPOT and E2EL in seconds (None where undefined)."""
+    ttft = r.chunk_times[0] - r.start if r.chunk_times else None
+    tpot = (r.end - r.chunk_times[0]) / (r.output_len - 1) if r.chunk_times and r.output_len > 1 else None
+    return {"ttft": ttft, "tpot": tpot, "e2el": r.end - r.start}
+
+
+def parse_goodput(specs: list[str]) -> dict[str, float]:
+    """`ttft:500 tpot:50` -> SLOs in seconds (given in ms, as vllm bench serve takes them)."""
+    slos = {}
+    for spec in specs:
+        name, _, value = spec.partition(":")
+        if name not in ("ttft", "tpot", "e2el") or not value:
+            raise ValueError(f"bad --goodput {spec!r}: expected ttft|tpot|e2el:MILLISECONDS")
+        try:
+            slos[name] = float(value) / 1000
+        except ValueError:
+            raise ValueError(f"bad --goodput {spec!r}: {value!r} is not a number of milliseconds") from None
+    return slos
 
 
 def itl_samples(reqs: list[RequestResult]) -> list[float]:
     return [b - a for r in reqs for a, b in zip(r.chunk_times, r.chunk_times[1:])]
 
 
-def summarize(run: BenchRun) -> dict[str, Any]:
+def summarize(run: BenchRun, percentiles: tuple[float, ...] = (99,), goodput: dict[str, float] | None = None) -> dict[str, Any]:
     """`vllm bench serve`'s figures, plus one record per fault."""
     ok = [r for r in run.requests if r.ok]
     duration = run.end - run.start
     out_tokens = sum(r.output_len for r in ok)
     in_tokens = sum(r.prompt_len for r in ok)
-    ttft = [r.chunk_times[0] - r.start for r in ok if r.chunk_times]
-    tpot = [(r.end - r.chunk_times[0]) / (r.output_len - 1) for r in ok if r.chunk_times and r.output_len > 1]
+    per = [request_metrics(r) for r in ok]
+    ttft = [m["ttft"] for m in per if m["ttft"] is not None]
+    tpot = [m["tpot"] for m in per if m["tpot"] is not None]
+    good = sum(all(m[k] is not None and m[k] <= v for k, v in goodput.items()) for m in per) if goodput else None
     return {
         "successful_requests": len(ok),
         "failed_requests": len(run.requests) - len(ok),
@@ -279,14 +331,29 @@ def summarize(run: BenchRun) -> dict[str, Any]:
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
         "request_throughput": len(ok) / duration if duration else 0.0,
+        "request_goodput": good / duration if good is not None and duration else None,
         "output_throughput": out_tokens / duration if duration else 0.0,
         "total_token_throughput": (in_tokens + out_tokens) / duration if duration else 0.0,
-        "ttft_ms": _stats_ms(ttft),
-        "tpot_ms": _stats_ms(tpot),
-        "itl_ms": _stats_ms(itl_samples(ok)),
-        "e2el_ms": _stats_ms([r.end - r.start for r in ok]),
+        "ttft_ms": _stats_ms(ttft, percentiles),
+        "tpot_ms": _stats_ms(tpot, percentiles),
+        "itl_ms": _stats_ms(itl_samples(ok), percentiles),
+        "e2el_ms": _stats_ms([m["e2el"] for m in per], percentiles),
         "faults": [fault_report(run, i) for i in range(len(run.faults))],
     }
+
+
+def stall_s(streams: list[list[float]], t_fault: float) -> float:
+    """THE stall of a fault, the one figure every report gives: the largest gap between
+    consecutive tokens of any stream across the fault (a gap ending after it and starting before
+    it or within SETTLE_S of it). `streams` are token (or chunk) arrival times on the clock of
+    `t_fault`; a stream that had not started streaming shows the fault in its TTFT instead."""
+    return max((b - a for times in streams if times and times[0] < t_fault
+                for a, b in zip(times, times[1:]) if b > t_fault and a < t_fault + SETTLE_S), default=0.0)
+
+
+def largest_gap_before_s(streams: list[list[float]], t_fault: float) -> float:
+    """The same streams' largest token gap before the fault: what the stall compares with."""
+    return max((b - a for times in streams for a, b in zip(times, times[1:]) if b <= t_fault), default=0.0)
 
 
 def fault_report(run: BenchRun, i: int) -> dict[str, Any]:
@@ -298,20 +365,15 @@ def fault_report(run: BenchRun, i: int) -> dict[str, Any]:
         return out
     tf = rec.client_t
     # Streams that had started streaming (a request still in its prefill shows up in TTFT).
-    in_flight = [r for r in run.requests if r.chunk_times and r.chunk_times[0] < tf < r.end]
-    stall, before = 0.0, 0.0
-    for r in in_flight:
-        for a, b in zip(r.chunk_times, r.chunk_times[1:]):
-            if b > tf and a < tf + SETTLE_S:
-                stall = max(stall, b - a)
-            elif b <= tf:
-                before = max(before, b - a)
-    out.update(streams_in_flight=len(in_flight), stall_ms=1000 * stall, largest_gap_before_ms=1000 * before)
+    streams = [r.chunk_times for r in run.requests if r.chunk_times and r.chunk_times[0] < tf < r.end]
+    out.update(streams_in_flight=len(streams), stall_ms=1000 * stall_s(streams, tf),
+               largest_gap_before_ms=1000 * largest_gap_before_s(streams, tf))
     if run.server is None:
         return out
     # The server's own clock from here on: events between this fault and the next one.
     t_end = min((f.server_t for f in run.faults[i + 1:] if f.server_t > rec.server_t), default=math.inf)
-    events = [e for e in run.server["events"] if rec.server_t <= e["t"] < t_end]
+    # The driver's own "stall" report is left out: the stall is the one above, as the clients saw it.
+    events = [e for e in run.server["events"] if rec.server_t <= e["t"] < t_end and e["kind"] != "stall"]
     steps = [{"after_ms": 1000 * (e["t"] - rec.server_t), **{k: e[k] for k in ("kind", "worker", "detail", "ms")}} for e in events]
     detected = next((s for s in steps if s["kind"] == "worker_failed" and s["worker"] == rec.victim), None)
     tail = 0  # a restore's uncommitted tail, as its new worker reported it
@@ -338,20 +400,24 @@ def _step_lines(steps: list[dict]) -> list[str]:
     return lines
 
 
-def format_report(s: dict[str, Any], title: str = "Serving Benchmark Result") -> str:
+def format_report(s: dict[str, Any], title: str = "Serving Benchmark Result", metrics: tuple[str, ...] = ("ttft", "tpot", "itl"),
+                  percentiles: tuple[float, ...] = (99,)) -> str:
     """The summary as `vllm bench serve` prints it, then the faults."""
     rows = [("Successful requests:", s["successful_requests"]), ("Failed requests:", s["failed_requests"]),
             ("Benchmark duration (s):", f"{s['duration_s']:.2f}"), ("Total input tokens:", s["total_input_tokens"]),
             ("Total generated tokens:", s["total_output_tokens"]), ("Request throughput (req/s):", f"{s['request_throughput']:.2f}"),
             ("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}"),
             ("Total token throughput (tok/s):", f"{s['total_token_throughput']:.2f}")]
+    if s.get("request_goodput") is not None:
+        rows.insert(6, ("Request goodput (req/s):", f"{s['request_goodput']:.2f}"))
     lines = [f"{' ' + title + ' ':=^60}", *(f"{k:<40}{v:<20}" for k, v in rows)]
-    for key, name in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st token)"),
-                      ("itl_ms", "Inter-token Latency"), ("e2el_ms", "End-to-end Latency")):
-        lines.append(f"{name:-^60}")
-        short = key.split("_")[0].upper()
-        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
-            lines.append(f"{f'{label} {short} (ms):':<40}{s[key][stat]:<20.2f}")
+    names = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)", "itl": "Inter-token Latency",
+             "e2el": "End-to-end Latency"}
+    for metric in metrics:
+        lines.append(f"{names[metric]:-^60}")
+        stats = [("mean", "Mean"), ("median", "Median")] + [(f"p{p:g}", f"P{p:g}") for p in percentiles]
+        for stat, label in stats:
+            lines.append(f"{f'{label} {metric.upper()} (ms):':<40}{s[f'{metric}_ms'][stat]:<20.2f}")
     for e in s["errors"]:
         lines.append(f"error: {e}")
     for f in s["faults"]:
@@ -372,9 +438,10 @@ def format_report(s: dict[str, Any], title: str = "Serving Benchmark Result") ->
     return "\n".join(lines)
 
 
-def timeline(run: BenchRun) -> dict[str, list[float]]:
+def timeline(run: BenchRun) -> dict[str, Any]:
     """Output tokens/s in BIN_S bins and each inter-chunk gap at its arrival, from the run's start
-    (a chunk carries output_len / chunks tokens: almost always one)."""
+    (a chunk carries output_len / chunks tokens: almost always one); per fault, its time, label,
+    stall and replacement window; the failure-free rate (median of the bins before the first fault)."""
     end = run.end - run.start
     bins = [0.0] * (int(end / BIN_S) + 1)
     itl_t, itl = [], []
@@ -387,14 +454,26 @@ def timeline(run: BenchRun) -> dict[str, list[float]]:
             if j:
                 itl_t.append(t - run.start)
                 itl.append(1000 * (t - r.chunk_times[j - 1]))
-    return {"t": [BIN_S * i for i in range(len(bins))], "tokens_per_s": bins, "itl_t": itl_t, "itl_ms": itl,
-            "faults": [f.client_t - run.start for f in run.faults if not f.error],
-            "fault_labels": [f"{f.fault.action} {f.victim}" for f in run.faults if not f.error]}
+    faults = []
+    for f in run.faults:
+        if f.error:
+            continue
+        streams = [r.chunk_times for r in run.requests if r.chunk_times and r.chunk_times[0] < f.client_t < r.end]
+        ready = [e["t"] for e in (run.server or {}).get("events", [])
+                 if e["kind"] == "replacement_ready" and e["t"] > f.server_t and e["detail"].endswith(f" {f.victim}")]
+        faults.append({"t": f.client_t - run.start, "label": f"{'SIGSTOP' if f.action == 'hang' else 'SIGKILL'} {f.victim}",
+                       "stall_ms": 1000 * stall_s(streams, f.client_t),
+                       "replaced_t": f.client_t - run.start + (min(ready) - f.server_t) if ready else None})
+    first = min((f["t"] for f in faults), default=end)
+    before = [v for t, v in zip([BIN_S * i for i in range(len(bins))], bins) if t + BIN_S <= first and v > 0]
+    return {"t": [BIN_S * i for i in range(len(bins))], "tokens_per_s": bins, "itl_t": itl_t, "itl_ms": itl, "faults": faults,
+            "baseline": statistics.median(before) if before and faults else None}
 
 
 def plot_timelines(panels: list[tuple[str, BenchRun]], path: str | Path, title: str = "") -> bool:
-    """One column per run: output tokens/s (top) and inter-token latency (bottom) over time,
-    faults as vertical lines, like the paper's failover figure. False without matplotlib."""
+    """One column per run: output tokens/s (top) and inter-token latency (bottom) over time, both
+    from 0; each fault a red line with its stall written beside it, its replacement window shaded,
+    the failure-free rate dashed. False without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -407,19 +486,28 @@ def plot_timelines(panels: list[tuple[str, BenchRun]], path: str | Path, title: 
     for col, (name, run) in enumerate(panels):
         tl = timeline(run)
         top, bottom = axes[0][col], axes[1][col]
-        top.step(tl["t"], tl["tokens_per_s"], where="post", lw=1)
+        top.step(tl["t"], tl["tokens_per_s"], where="post", lw=1, label="output tokens/s")
+        if tl["baseline"]:
+            top.axhline(tl["baseline"], color="grey", ls=":", lw=1, label=f"failure-free: {tl['baseline']:.0f} tokens/s")
         bottom.scatter(tl["itl_t"], tl["itl_ms"], s=2, alpha=0.5)
-        bottom.set_yscale("log")
-        for x, label in zip(tl["faults"], tl["fault_labels"]):
+        for i, f in enumerate(tl["faults"]):
             for ax in (top, bottom):
-                ax.axvline(x, color="red", ls="--", lw=1)
-            top.annotate(label, (x, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7, color="red")
+                ax.axvline(f["t"], color="red", ls="--", lw=1)
+                if f["replaced_t"] is not None:
+                    ax.axvspan(f["t"], f["replaced_t"], color="orange", alpha=0.15, lw=0,
+                               label="until the replacement is ready" if ax is top and i == 0 else None)
+            top.annotate(f["label"], (f["t"], 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
+                         fontsize=7, color="red")
+            bottom.annotate(f"stall {f['stall_ms']:.0f} ms", (f["t"], f["stall_ms"]), xytext=(4, 0), textcoords="offset points",
+                            fontsize=7, color="red", va="center")
+        top.set_ylim(bottom=0)
+        bottom.set_ylim(bottom=0)
         top.set_title(name, fontsize=10)
-        bottom.set_xlabel("time (s)")
+        top.legend(fontsize=7, loc="lower left")
+        bottom.set_xlabel("time since the start (s)")
     axes[0][0].set_ylabel(f"output tokens/s ({int(1000 * BIN_S)} ms bins)")
-    axes[1][0].set_ylabel("inter-token latency (ms)")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    axes[1][0].set_ylabel("gap between tokens (ms)")
+    fig.suptitle(title or "Output tokens/s and token gaps while workers fail", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -447,6 +535,44 @@ def machine() -> dict[str, Any]:
 
     return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def vllm_result(run: BenchRun, s: dict[str, Any], args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
+    """`vllm bench serve --save-result`'s JSON (its keys and units), plus our fault records and,
+    with --save-detailed, every request's chunk times."""
+    rate = args.request_rate
+    ok = [r for r in run.requests if r.ok]
+    out: dict[str, Any] = {
+        "date": time.strftime("%Y%m%d-%H%M%S"), "backend": args.backend, "label": args.label, "model_id": info["id"],
+        "tokenizer_id": args.tokenizer or info["id"], "num_prompts": len(run.requests),
+        "request_rate": rate if math.isfinite(rate) else "inf", "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
+        "duration": s["duration_s"], "completed": s["successful_requests"], "failed": s["failed_requests"],
+        "total_input_tokens": s["total_input_tokens"], "total_output_tokens": s["total_output_tokens"],
+        "request_throughput": s["request_throughput"], "request_goodput": s["request_goodput"],
+        "output_throughput": s["output_throughput"], "total_token_throughput": s["total_token_throughput"],
+        **dict(kv.split("=", 1) for kv in args.metadata or []),
+    }
+    for metric in args.percentile_metrics:
+        st = s[f"{metric}_ms"]
+        out |= {f"mean_{metric}_ms": st["mean"], f"median_{metric}_ms": st["median"], f"std_{metric}_ms": st["std"]}
+        out |= {f"p{p:g}_{metric}_ms": st[f"p{p:g}"] for p in args.metric_percentiles}
+    if args.save_detailed:
+        out |= {"input_lens": [r.prompt_len for r in ok], "output_lens": [r.output_len for r in ok],
+                "ttfts": [r.chunk_times[0] - r.start if r.chunk_times else 0.0 for r in ok],
+                "itls": [[b - a for a, b in zip(r.chunk_times, r.chunk_times[1:])] for r in ok],
+                "generated_texts": [r.text for r in ok], "errors": [r.error for r in run.requests if r.error]}
+    out["faults"] = s["faults"]  # ours: what each fault cost (stall, detection, recovery steps)
+    return out
+
+
+def result_path(args: argparse.Namespace, info: dict[str, Any]) -> Path:
+    """--result-file, else --result-dir / (--result-filename or vLLM's default name)."""
+    if args.result_file:
+        return Path(args.result_file)
+    rate = f"{args.request_rate:g}" if math.isfinite(args.request_rate) else "inf"
+    name = args.result_filename or (f"{args.backend}-{rate}qps{f'-concurrency{args.max_concurrency}' if args.max_concurrency else ''}"
+                                    f"-{info['id'].split('/')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    return Path(args.result_dir or ".") / name
 
 
 def run_json(run: BenchRun, detail: bool = False) -> dict[str, Any]:
@@ -566,11 +692,19 @@ def server_info(base_url: str, api_key: str | None = None) -> dict[str, Any]:
     return info
 
 
-def make_requests(args: argparse.Namespace, info: dict[str, Any], n: int) -> list[BenchRequest]:
-    """The dataset that --dataset-name / --dataset-path / --random-* ask for."""
+def make_requests(args: argparse.Namespace, info: dict[str, Any], n: int, url: str = "") -> list[BenchRequest]:
+    """The dataset that --dataset-name / --dataset-path / --random-* ask for; for chat, random
+    token ids become text through the server's /detokenize (as vLLM decodes them)."""
     if args.dataset_name == "random":
         vocab = info.get("vocab_size") or _tokenizer(args).vocab_size
-        return random_requests(n, args.random_input_len, args.random_output_len, vocab, args.seed)
+        reqs = random_requests(n, args.random_input_len, args.random_output_len, vocab, args.seed, args.random_range_ratio)
+        if "chat" in getattr(args, "endpoint", ""):
+            import httpx
+
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            for r in reqs:
+                r.prompt = httpx.post(f"{url}/detokenize", json={"tokens": r.prompt}, headers=headers, timeout=30).json()["prompt"]
+        return reqs
     path = BUILTIN_DATASET if args.dataset_name == "builtin" else args.dataset_path
     if not path:
         raise ValueError("--dataset-name sharegpt needs --dataset-path FILE")
@@ -688,25 +822,72 @@ def experiment_header(what: str, model: str, load: str) -> dict[str, Any]:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default=None, help="a running server (default: start one with the cluster arguments above)")
-    p.add_argument("--api-key", default=None)
+    """`vllm bench serve`'s flags (those that apply here), plus --fault, --duration and --plot."""
+    p.add_argument("--backend", default="openai", choices=["openai", "openai-chat", "vllm"],
+                   help="openai/vllm: /v1/completions; openai-chat: /v1/chat/completions")
+    p.add_argument("--endpoint", default=None, help="the API path (default: the backend's)")
+    p.add_argument("--base-url", default=None, help="a running server (default: --host/--port if given, else start one with the "
+                                                    "cluster arguments above)")
+    p.add_argument("--host", default=None, help="a running server's host (with --port; default: start a server)")
+    p.add_argument("--port", type=int, default=None, help="a running server's port (default host: 127.0.0.1)")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY if set)")
+    p.add_argument("--served-model-name", default=None, help="the model name sent (default: the server's /v1/models entry)")
     p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "builtin"],
                    help="random token ids of fixed lengths; a ShareGPT JSON file (--dataset-path); a small built-in conversation set")
-    p.add_argument("--dataset-path", default=None)
+    p.add_argument("--dataset-path", default=None, help="the ShareGPT JSON file for --dataset-name sharegpt")
     p.add_argument("--tokenizer", default=None, help="checkpoint folder whose tokenizer measures text prompts (default: --model)")
-    p.add_argument("--random-input-len", type=int, default=10)
-    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-input-len", type=int, default=10, help="prompt tokens (random dataset)")
+    p.add_argument("--random-output-len", type=int, default=128, help="tokens to generate per request (random dataset)")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths drawn uniformly from [len * (1 - r), len * (1 + r)] (random dataset)")
     p.add_argument("--sharegpt-output-len", type=int, default=None, help="override each reply's length")
-    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--num-prompts", type=int, default=100, help="requests to send")
     p.add_argument("--duration", type=float, default=None, help="stop sending new requests after this many seconds")
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (inf: all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 is Poisson")
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no limit)")
+    p.add_argument("--ignore-eos", action="store_true", help="accepted for vllm bench serve's sake: requests always ignore EOS here, "
+                                                             "so each has exactly the length asked for")
     p.add_argument("--fault", action="append", default=[], metavar="[hang:]ROLE:INDEX@TIME",
                    help="e.g. expert:1@20s, attention:0@40s, hang:expert:2@30s (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--result-file", default=None, help="write the report (and every request's chunk times) as JSON")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dataset and the arrival times")
+    p.add_argument("--percentile-metrics", default="ttft,tpot,itl", help="comma-separated metrics to report percentiles of "
+                                                                          "(ttft, tpot, itl, e2el)")
+    p.add_argument("--metric-percentiles", default="99", help="comma-separated percentiles to report, e.g. 25,50,99")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                   help="SLOs for request goodput, e.g. ttft:500 tpot:50 (milliseconds; keys ttft, tpot, e2el)")
+    p.add_argument("--save-result", action="store_true", help="write vllm bench serve's result JSON (plus our fault records)")
+    p.add_argument("--save-detailed", action="store_true", help="with --save-result: add per-request lengths, TTFTs, ITLs, texts")
+    p.add_argument("--result-dir", default=None, help="folder of the result JSON (default: the current one)")
+    p.add_argument("--result-filename", default=None, help="name of the result JSON (default: BACKEND-RATEqps-MODEL-DATE.json)")
+    p.add_argument("--result-file", default=None, help="write the result JSON to this path (implies --save-result --save-detailed)")
+    p.add_argument("--metadata", nargs="*", default=None, metavar="KEY=VALUE", help="extra fields for the result JSON")
+    p.add_argument("--label", default=None, help="a label for the result JSON")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     p.add_argument("--plot", default=None, help="write a PNG timeline: output tokens/s and inter-token latency, faults marked")
+
+
+def check_bench_args(args: argparse.Namespace) -> list[Fault]:
+    """Parse and check what argparse cannot; ValueError names the flag at fault."""
+    faults = sorted((Fault.parse(f) for f in args.fault), key=lambda f: f.at_s)
+    if args.request_rate <= 0 or args.burstiness <= 0 or args.num_prompts < 1 or (args.max_concurrency or 1) < 1:
+        raise ValueError("--request-rate, --burstiness, --num-prompts and --max-concurrency must be positive")
+    args.percentile_metrics = tuple(m.strip() for m in args.percentile_metrics.split(",") if m.strip())
+    if bad := [m for m in args.percentile_metrics if m not in METRICS]:
+        raise ValueError(f"--percentile-metrics: unknown {', '.join(bad)} (known: {', '.join(METRICS)})")
+    try:
+        args.metric_percentiles = tuple(float(p) for p in args.metric_percentiles.split(","))
+    except ValueError:
+        raise ValueError(f"--metric-percentiles: {args.metric_percentiles!r} is not a list of numbers") from None
+    if not all(0 < p < 100 for p in args.metric_percentiles):
+        raise ValueError("--metric-percentiles must lie in (0, 100)")
+    args.goodput_slos = parse_goodput(args.goodput or [])
+    args.endpoint = args.endpoint or ("/v1/chat/completions" if args.backend == "openai-chat" else "/v1/completions")
+    if args.metadata and any("=" not in kv for kv in args.metadata):
+        raise ValueError("--metadata takes KEY=VALUE pairs")
+    if args.result_file:
+        args.save_result = args.save_detailed = True
+    return faults
 
 
 def cluster_argv(args: argparse.Namespace) -> list[str]:
@@ -731,33 +912,43 @@ def cluster_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import httpx
+
     try:
-        faults = sorted((Fault.parse(f) for f in args.fault), key=lambda f: f.at_s)
+        faults = check_bench_args(args)
     except ValueError as e:
         print(f"tarragon bench: error: {e}", file=sys.stderr)
         return 2
-    if args.request_rate <= 0 or args.burstiness <= 0 or args.num_prompts < 1 or (args.max_concurrency or 1) < 1:
-        print("tarragon bench: error: --request-rate, --burstiness, --num-prompts and --max-concurrency must be positive", file=sys.stderr)
-        return 2
-    server = None if args.base_url else Server(cluster_argv(args), api_key=args.api_key)
+    args.api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    target = args.base_url or (f"http://{args.host or '127.0.0.1'}:{args.port or 8000}" if args.host or args.port else None)
+    server = None
     try:
-        url = args.base_url.rstrip("/") if args.base_url else server.url
+        server = None if target else Server(cluster_argv(args), api_key=args.api_key)
+        url = target.rstrip("/") if target else server.url
         info = server_info(url, args.api_key)
+        if args.served_model_name:
+            info["id"] = args.served_model_name
         timed = args.duration is not None and not math.isinf(args.request_rate)
         n = math.ceil(args.request_rate * args.duration) if timed else args.num_prompts  # --duration: as many as fit
-        reqs = make_requests(args, info, n)
+        reqs = make_requests(args, info, n, url)
         run = asyncio.run(run_load(url, reqs, args.request_rate, args.burstiness, args.max_concurrency, faults, args.duration,
-                                   args.api_key, args.seed))
+                                   args.api_key, args.seed, not args.disable_tqdm, args.endpoint, info["id"]))
+    except (httpx.HTTPError, OSError) as e:
+        print(f"tarragon bench: error: cannot reach the server at {target or 'the one started'}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except (RuntimeError, TimeoutError, ValueError) as e:  # the server we started did not come up; a bad dataset
+        print(f"tarragon bench: error: {e}", file=sys.stderr)
+        return 1
     finally:
         if server:
             server.stop()
-    summary = summarize(run)
-    print(format_report(summary))
-    if args.result_file:
-        record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "server": info,
-                  "args": {k: v for k, v in vars(args).items() if k != "func" and k != "api_key"}, **run_json(run, detail=True)}
-        write_json(record, args.result_file)
-        print(f"wrote {args.result_file}")
-    if args.plot and plot_timelines([(f"{info['id']}, {info.get('recovery', '')}", run)], args.plot):
+    summary = summarize(run, args.metric_percentiles, args.goodput_slos or None)
+    print(format_report(summary, metrics=args.percentile_metrics, percentiles=args.metric_percentiles))
+    if args.save_result:
+        path = result_path(args, info)
+        write_json({**vllm_result(run, summary, args, info), "machine": machine(), "server": info, "summary": summary,
+                    **({"requests": run_json(run, detail=True)["requests"]} if args.save_detailed else {})}, path)
+        print(f"wrote {path}")
+    if args.plot and plot_timelines([(f"{info['id']} (recovery: {info.get('recovery', 'unknown')})", run)], args.plot):
         print(f"wrote {args.plot}")
     return 0 if summary["successful_requests"] else 1

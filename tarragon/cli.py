@@ -53,36 +53,57 @@ def start_llm(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """What matters first: the text and tokens/s; then, with --failover, the failover story."""
     from . import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompts = args.prompt or ["The quick brown fox", "def fibonacci(n):", "import numpy as np", "class Server:"]
+    if args.model is None:
+        print("model: the built-in demo model (Mixtral layout) with RANDOM weights: its text is gibberish; "
+              "the point is how it is served")
     with start_llm(args) as llm:
-        print(f"workers: {', '.join(f'{w.name}(pid {w.pid})' for w in llm.workers())}")
+        print(f"cluster: {args.attention_workers} attention workers, {args.expert_workers} expert workers, "
+              f"{llm.shadows} shadow cop{'y' if llm.shadows == 1 else 'ies'} of each expert, a KV checkpoint store, an orchestrator")
         t0 = time.monotonic()
         outs = llm.generate(prompts, params)
         elapsed = time.monotonic() - t0
-        total = 0
+        total = sum(len(o.token_ids) for o in outs)
+        print(f"{len(outs)} requests, {total} tokens in {elapsed:.2f} s: {total / elapsed:.0f} tokens/s")
         for o in outs:
-            total += len(o.token_ids)
-            print(f"\n--- prompt: {o.prompt if o.prompt is not None else o.prompt_token_ids}")
-            print(f"tokens ({len(o.token_ids)}, finish={o.finish_reason}): {o.token_ids}")
-            print(f"text: {o.text!r}")
-        print(f"\n{len(outs)} requests, {total} tokens in {elapsed:.2f} s: {total / elapsed:.1f} tokens/s")
+            prompt = o.prompt if o.prompt is not None else str(o.prompt_token_ids)
+            text = o.text if len(o.text) <= 60 else o.text[:57] + "..."
+            print(f"  {prompt[:24]!r:<27} -> {text!r} ({len(o.token_ids)} tokens, {o.finish_reason})")
         if args.failover:
-            failover_demo(llm, prompts, params, outs)
+            print("\nfailover: the same prompts again, a worker SIGKILLed a third of the way in. Stall: the largest gap "
+                  "between tokens across the failure.")
+            for role in ("expert", "attention"):
+                print(failover_line(role, kill_under_load(llm, prompts, params, outs, role)))
+    if args.failover and args.recovery != "restart":
+        print("for comparison, a cluster with --recovery restart (every worker restarted, every request rerun):")
+        with start_llm(argparse.Namespace(**{**vars(args), "recovery": "restart"})) as llm:
+            print(failover_line("attention", kill_under_load(llm, prompts, params, outs, "attention")))
     return 0
 
 
-def max_gap(outs) -> float:
-    """The largest gap between consecutive tokens of any of the outputs (seconds)."""
-    return max((b - a for o in outs for a, b in zip(o.token_times, o.token_times[1:])), default=0.0)
+def failover_line(role: str, r: dict) -> str:
+    """One failure in one line: detection, what the cluster did, the stall, token identity."""
+    from collections import Counter
+
+    failed = next((e for e in r["events"] if e.kind == "worker_failed" and e.worker == r["victim"]), None)
+    detect = f"detected after {1000 * (failed.t - r['killed_at']):.0f} ms" if failed else "not detected"
+    steps = Counter(e.kind for e in r["events"] if e.kind != "stall")
+    did = ", ".join(f"{k}{f' x{n}' if n > 1 else ''}" for k, n in steps.items())
+    return (f"  {role} worker {r['victim']} killed: {detect}; stall {r['stall_ms']:.0f} ms (largest gap before: "
+            f"{r['gap_before_ms']:.0f} ms); tokens identical to the failure-free run: {'yes' if r['tokens_identical'] else 'NO'}\n"
+            f"    what happened: {did}")
 
 
 def kill_under_load(llm, prompts, params, reference, role: str) -> dict:
     """Rerun `prompts` and SIGKILL a worker of `role` (an attention worker that holds requests) a
     third of the way in; returns the victim, the events since, whether every output equals
-    `reference`, and the stall: the largest token gap minus the reference run's."""
+    `reference`, and the stall (`tarragon.bench.stall_s`, the one definition every report uses)."""
+    from .bench import largest_gap_before_s, stall_s
+
     reqs = [llm.submit(p, params) for p in prompts]
     while min(len(r.tokens) for r in reqs) < max(1, params.max_tokens // 3):
         time.sleep(0.001)
@@ -95,21 +116,10 @@ def kill_under_load(llm, prompts, params, reference, role: str) -> dict:
     deadline = time.monotonic() + 120
     while any(w.state == "starting" for w in llm.workers()) and time.monotonic() < deadline:
         time.sleep(0.05)  # the replacement joins before the next measurement
-    return {"victim": victim, "killed_at": killed_at, "events": llm.events()[seen:], "stall_ms": 1000 * (max_gap(outs) - max_gap(reference)),
+    streams = [o.token_times for o in outs]
+    return {"victim": victim, "killed_at": killed_at, "events": llm.events()[seen:], "stall_ms": 1000 * stall_s(streams, killed_at),
+            "gap_before_ms": 1000 * largest_gap_before_s(streams, killed_at),
             "tokens_identical": [o.token_ids for o in outs] == [o.token_ids for o in reference]}
-
-
-def failover_demo(llm, prompts, params, reference) -> None:
-    """Run the same prompts twice more: SIGKILL an expert worker, then an attention worker, a
-    third of the way in; report what happened and the stall."""
-    for role in ("expert", "attention"):
-        print(f"\n=== failover: the same prompts again; an {role} worker gets SIGKILL a third of the way in ===")
-        r = kill_under_load(llm, prompts, params, reference, role)
-        print(f"  killed {r['victim']}")
-        for e in r["events"]:
-            print(f"  event +{1000 * (e.t - r['killed_at']):4.0f} ms: {e.kind:<20} {e.worker:<8} {e.detail} {f'({e.ms:.1f} ms)' if e.ms else ''}")
-        print(f"every request finished; tokens identical to the failure-free run: {r['tokens_identical']}")
-        print(f"stall (largest token gap minus the failure-free run's): {r['stall_ms']:.1f} ms")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -46,6 +46,9 @@ def test_datasets_and_arrivals(tiny_models, tmp_path):
     reqs = random_requests(5, 10, 128, vocab_size=1024, seed=1)
     assert all(len(r.prompt) == r.prompt_len == 10 and r.output_len == 128 and 3 <= min(r.prompt) for r in reqs)
     assert reqs == random_requests(5, 10, 128, vocab_size=1024, seed=1)
+    varied = random_requests(200, 10, 100, vocab_size=1024, range_ratio=0.5)
+    ins, outs = [len(r.prompt) for r in varied], [r.output_len for r in varied]
+    assert 5 <= min(ins) and max(ins) <= 15 and 50 <= min(outs) and max(outs) <= 150 and max(outs) - min(outs) > 50
     tok = Tokenizer(tiny_models["mixtral"])
     builtin = sharegpt_requests(BUILTIN_DATASET, 50, tok, max_model_len=512)  # more than the set holds: repeated
     assert len(builtin) == 50 and all(isinstance(r.prompt, str) and r.prompt_len > 0 and r.output_len >= 4 for r in builtin)
@@ -69,10 +72,14 @@ def test_bench_cli_with_every_fault_kind(tiny_models, tmp_path):
     r = run([sys.executable, "-m", "tarragon", "bench", "--model", tiny_models["mixtral"], "--max-model-len", "512", "--shadows", "2",
              "--num-prompts", "30", "--request-rate", "6", "--random-output-len", "48",
              "--fault", "expert:0@1.5s", "--fault", "attention:0@3s", "--fault", "hang:expert:0@4.5s",
-             "--result-file", str(result), "--plot", str(png)], timeout=140)
+             "--save-result", "--save-detailed", "--result-dir", str(tmp_path), "--result-filename", "r.json",
+             "--metric-percentiles", "50,99", "--plot", str(png)], timeout=140)
     assert r.returncode == 0, r.stdout[-4000:]
     assert "Successful requests:" in r.stdout and "Time to detect (ms):" in r.stdout
-    s = json.loads(result.read_text())["summary"]
+    saved = json.loads(result.read_text())
+    s = saved["summary"]
+    assert saved["completed"] == 30 and saved["backend"] == "openai" and saved["p50_ttft_ms"] <= saved["p99_ttft_ms"]
+    assert len(saved["itls"]) == 30 and saved["faults"] == s["faults"]  # vLLM's keys, plus our fault records
     assert s["successful_requests"] == 30 and s["failed_requests"] == 0, s["errors"]
     assert s["total_output_tokens"] == 30 * 48
     assert s["ttft_ms"]["median"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["median"] > 0

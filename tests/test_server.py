@@ -501,3 +501,28 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_bench_takes_vllm_flags_and_chat(served, tmp_path, capsys):
+    """`tarragon bench` against a running server with `vllm bench serve`'s flags, chat backend
+    included, writing vLLM's result keys; an unreachable server is a one-line error."""
+    from tarragon.cli import main
+
+    _, srv = served
+    host, port = srv.url.rsplit(":", 1)
+    argv = ["bench", "--host", host.split("//")[1], "--port", port, "--backend", "openai-chat", "--num-prompts", "4",
+            "--random-input-len", "8", "--random-output-len", "6", "--random-range-ratio", "0.5", "--disable-tqdm", "--save-result",
+            "--result-dir", str(tmp_path), "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,90", "--goodput", "e2el:600000"]
+    assert main(argv) == 0
+    (path,) = tmp_path.glob("openai-chat-infqps-*.json")
+    saved = json.loads(path.read_text())
+    assert saved["completed"] == 4 and saved["failed"] == 0 and saved["p90_e2el_ms"] >= saved["p50_e2el_ms"] > 0
+    assert saved["request_goodput"] == saved["request_throughput"] > 0 and "p99_itl_ms" not in saved and saved["faults"] == []
+    assert "P90 TTFT (ms):" in capsys.readouterr().out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    assert main(["bench", "--port", str(free), "--num-prompts", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the server" in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", "--base-url", srv.url, "--goodput", "ttft=5"]) == 2 and "--goodput" in capsys.readouterr().err
