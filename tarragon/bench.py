@@ -461,7 +461,7 @@ def timeline(run: BenchRun) -> dict[str, Any]:
         streams = [r.chunk_times for r in run.requests if r.chunk_times and r.chunk_times[0] < f.client_t < r.end]
         ready = [e["t"] for e in (run.server or {}).get("events", [])
                  if e["kind"] == "replacement_ready" and e["t"] > f.server_t and e["detail"].endswith(f" {f.victim}")]
-        faults.append({"t": f.client_t - run.start, "label": f"{'SIGSTOP' if f.action == 'hang' else 'SIGKILL'} {f.victim}",
+        faults.append({"t": f.client_t - run.start, "label": f"{'SIGSTOP' if f.fault.action == 'hang' else 'SIGKILL'} {f.victim}",
                        "stall_ms": 1000 * stall_s(streams, f.client_t),
                        "replaced_t": f.client_t - run.start + (min(ready) - f.server_t) if ready else None})
     first = min((f["t"] for f in faults), default=end)
@@ -493,9 +493,8 @@ def plot_timelines(panels: list[tuple[str, BenchRun]], path: str | Path, title: 
         for i, f in enumerate(tl["faults"]):
             for ax in (top, bottom):
                 ax.axvline(f["t"], color="red", ls="--", lw=1)
-                if f["replaced_t"] is not None:
-                    ax.axvspan(f["t"], f["replaced_t"], color="orange", alpha=0.15, lw=0,
-                               label="until the replacement is ready" if ax is top and i == 0 else None)
+                ax.axvspan(f["t"], f["replaced_t"] or tl["t"][-1] + BIN_S, color="orange", alpha=0.15, lw=0,
+                           label="until the replacement is ready" if ax is top and i == 0 else None)
             top.annotate(f["label"], (f["t"], 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
                          fontsize=7, color="red")
             bottom.annotate(f"stall {f['stall_ms']:.0f} ms", (f["t"], f["stall_ms"]), xytext=(4, 0), textcoords="offset points",
