@@ -35,6 +35,10 @@ class Sequence:
     max_chunk: int | None = None  # 1: recompute token by token (the `replay` baseline)
     group: int = 0  # the micro-batch group it runs in, once admitted
     aborted: bool = False  # aborted while its step was in flight: dropped when that step ends
+    stop_ids: frozenset[int] = field(init=False)  # params.stop_token_ids as a set: one lookup per token
+
+    def __post_init__(self) -> None:
+        self.stop_ids = frozenset(self.params.stop_token_ids or ())
 
     def token_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt)
@@ -154,7 +158,7 @@ class Scheduler:
                 continue
             seq.output.append(tok)
             p = seq.params
-            if (tok in self.eos and not p.ignore_eos) or (p.stop_token_ids and tok in p.stop_token_ids):
+            if (tok in self.eos and not p.ignore_eos) or tok in seq.stop_ids:
                 seq.finish_reason = "stop"
             elif len(seq.output) >= p.max_tokens or seq.length >= self.max_model_len:
                 seq.finish_reason = "length"

@@ -68,6 +68,13 @@ NO_EFFECT = {"user", "metadata", "store", "service_tier", "reasoning_effort", "r
              "vllm_xargs", "echo_prompt", "add_special_tokens", "stream_options"}
 
 
+MAX_BODY_BYTES = 8 << 20
+MAX_STOP = 64  # stop strings, each at most MAX_STOP_CHARS; stop token ids at most MAX_STOP_IDS
+MAX_STOP_CHARS = 1024
+MAX_STOP_IDS = 4096
+PROMPT_CHARS_PER_TOKEN = 64  # text longer than this many characters per context token cannot fit: refused before tokenizing
+
+
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions (nulls mean the default, as in vLLM).
     Other fields are checked against ONLY_AT / NO_EFFECT; unknown ones are ignored with a warning."""
@@ -84,8 +91,8 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = None
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=MAX_STOP_IDS)
     include_stop_str_in_output: bool | None = False
     ignore_eos: bool | None = False
     stream: bool | None = False
@@ -321,6 +328,8 @@ def sampling_params(body: _Sampling, chat: bool, prompt_len: int, max_model_len:
         raise context_error(max_model_len, prompt_len, max_tokens)
     logprobs = (body.top_logprobs or 0 if body.logprobs else None) if chat else body.logprobs
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"at most {MAX_STOP} stop strings", param="stop")
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=_or(body.temperature, 1.0), top_p=_or(body.top_p, 1.0), top_k=_or(body.top_k, -1),
@@ -358,6 +367,10 @@ class Serving:
             raise APIError(400, f"chat template: {e}", param="messages") from None
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        limit = PROMPT_CHARS_PER_TOKEN * self.llm.max_model_len
+        if len(text) > limit:  # far beyond the context whatever the tokenizer: not worth tokenizing
+            raise APIError(400, f"the prompt has {len(text)} characters; this model's context ({self.llm.max_model_len} tokens) "
+                                f"cannot hold that many", param="prompt")
         try:
             return self.llm.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except Exception as e:  # e.g. lone surrogates the tokenizer cannot take
@@ -511,9 +524,48 @@ def health(llm: LLM) -> tuple[bool, str]:
     return True, "ok"
 
 
+class BodyLimit:
+    """413 for a request body over `max_bytes`: at once from Content-Length; a chunked body (no
+    length given) is read here first, up to the limit, and handed on."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = error_response(413, f"the request body is over {self.max_bytes} bytes", param="body")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:  # the server holds the body to this length
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await too_large(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # e.g. http.disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               fault_injection: bool = False) -> FastAPI:
-    app = FastAPI(title="Tarragon", version="0.1.0")
+               fault_injection: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    # No /docs, /redoc, /openapi.json: nothing is served that the API key does not cover.
+    app = FastAPI(title="Tarragon", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     metrics = Metrics(llm, model_name)
     created = int(time.time())
 
@@ -567,7 +619,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             "shadows": llm.shadows,
             "recovery": llm.recovery,
             "vocab_size": llm.model_config.vocab_size,
-            "events": [msgspec.structs.asdict(e) for e in llm.events()[-100:]],
+            "events": [msgspec.structs.asdict(e) for e in (await asyncio.to_thread(llm.events))[-100:]],  # waits on the orchestrator
         }
 
     serving = Serving(llm, model_name, metrics, max_queue)

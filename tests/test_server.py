@@ -526,3 +526,26 @@ def test_bench_takes_vllm_flags_and_chat(served, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot reach the server" in err and len(err.strip().splitlines()) == 1
     assert main(["bench", "--base-url", srv.url, "--goodput", "ttft=5"]) == 2 and "--goodput" in capsys.readouterr().err
+
+
+def test_http_limits(served):
+    """Issue 16's HTTP half: a body over the limit is a 413 (declared or chunked), a prompt that
+    cannot fit is refused before tokenizing, stop lists are capped, the docs routes are off."""
+    _, srv = served
+    u = f"{srv.url}/v1/completions"
+    assert httpx.post(u, content=b"x" * (9 << 20), headers={"content-type": "application/json"}).status_code == 413
+
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(9):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+    assert httpx.post(u, content=chunks(), headers={"content-type": "application/json"}).status_code == 413
+    t0 = time.monotonic()
+    r = httpx.post(u, json={"model": MODEL, "prompt": "word " * 200_000})
+    assert r.status_code == 400 and "cannot hold" in r.json()["error"]["message"] and time.monotonic() - t0 < 2
+    assert httpx.post(u, json={"model": MODEL, "prompt": "x", "stop": ["a"] * 65}).status_code == 400
+    assert httpx.post(u, json={"model": MODEL, "prompt": "x", "stop_token_ids": [5] * 5000}).status_code == 400
+    ok = httpx.post(u, json={"model": MODEL, "prompt": "x", "max_tokens": 3, "stop_token_ids": list(range(900, 1000)), "stop": ["zz" * 300]})
+    assert ok.status_code == 200, ok.text
+    assert all(httpx.get(f"{srv.url}{p}").status_code == 404 for p in ("/docs", "/redoc", "/openapi.json"))
