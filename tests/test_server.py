@@ -92,6 +92,9 @@ def test_stop_strings_and_client_disconnect(served):
             if i > 5:
                 break
     wait_until(lambda: not llm._requests, 10, "the abandoned request to be cancelled")
+    with pytest.raises(httpx.ReadTimeout):  # not streaming: the client gives up after 1 s
+        httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1000, "ignore_eos": True}, timeout=1.0)
+    wait_until(lambda: not llm._requests, 30, "the abandoned non-streaming request to be cancelled")
 
 
 def test_stream_survives_expert_then_attention_failure(served):
