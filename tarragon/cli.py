@@ -186,6 +186,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_serve_parser(sub, fmt: type[argparse.HelpFormatter]) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible server on a local cluster", formatter_class=fmt)
+    s.add_argument("model_pos", nargs="?", metavar="MODEL", help="as --model: a checkpoint folder or a Hugging Face Hub id")
+    add_cluster_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (checked before any worker starts)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (also $TARRAGON_API_KEY, "
+                                                    "which keeps the key out of `ps`)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL as given)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    s.add_argument("--enable-fault-injection", action="store_true",
+                   help="expose POST /tarragon/fault (SIGKILL/SIGSTOP a worker) and GET /tarragon/events, for `tarragon bench`")
+    s.set_defaults(func=cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
@@ -205,18 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt", nargs="*", help="prompts (default: a few built-in ones)")
     g.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("serve", help="an OpenAI-compatible server on a local cluster", formatter_class=fmt)
-    s.add_argument("model_pos", nargs="?", metavar="MODEL", help="as --model: a checkpoint folder or a Hugging Face Hub id")
-    add_cluster_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on (checked before any worker starts)")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (also $TARRAGON_API_KEY, "
-                                                    "which keeps the key out of `ps`)")
-    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL as given)")
-    s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
-    s.add_argument("--enable-fault-injection", action="store_true",
-                   help="expose POST /tarragon/fault (SIGKILL/SIGSTOP a worker) and GET /tarragon/events, for `tarragon bench`")
-    s.set_defaults(func=cmd_serve)
+    add_serve_parser(sub, fmt)
 
     from .bench import add_bench_args, cmd_bench
 

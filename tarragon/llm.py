@@ -227,8 +227,8 @@ class LLM:
             while True:
                 state = self._state
                 ready = sum(w.state == "ready" for w in state.workers) if state else 0
-                if ready != last:
-                    log.info("workers ready: %d of %d", ready, len(state.workers) if state else total)  # progress where there is no terminal for the bar
+                if ready != last:  # progress lines too: there may be no terminal for the bar
+                    log.info("workers ready: %d of %d", ready, len(state.workers) if state else total)
                     bar.update(ready - last)
                     last = ready
                 aws = [w.name for w in state.workers if w.role == "attention"] if state else []
@@ -354,16 +354,16 @@ class LLM:
     def advance(self, req: Request) -> int:
         """Decode the request's new tokens (each once); a stop string ends the request here.
         Returns how many of its tokens count as output (those up to the stop string)."""
-        tokens = req.tokens[:]  # the I/O thread appends meanwhile
-        if req.detok.update(tokens):
+        n = len(req.tokens)  # the I/O thread appends meanwhile: read up to here, without a copy
+        if req.detok.update(req.tokens, n):
             if req.stop_reason is None:
                 req.stop_reason = req.detok.stop_reason
                 if not req.done.is_set():
                     self.abort(req)
                 req.finish_reason = "stop"
-        elif req.done.is_set() and req.finish_reason == "stop" and tokens and tokens[-1] in (req.params.stop_token_ids or ()):
-            req.stop_reason = tokens[-1]
-        return req.detok.consumed if req.stop_reason is not None and isinstance(req.stop_reason, str) else len(tokens)
+        elif req.done.is_set() and req.finish_reason == "stop" and n and req.tokens[n - 1] in (req.params.stop_token_ids or ()):
+            req.stop_reason = req.tokens[n - 1]
+        return req.detok.consumed if isinstance(req.stop_reason, str) else n
 
     def wait(self, req: Request, timeout: float | None = None) -> RequestOutput:
         if not req.done.wait(timeout):

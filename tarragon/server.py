@@ -465,7 +465,8 @@ class Serving:
             async for done, n in self._updates(req):
                 upto = req.detok.releasable(done)
                 if upto > sent or done:  # the last token's chunk carries the finish reason
-                    yield chunk(req.detok.text[sent:upto], self.logprobs(req, tok_sent, n, chat, sent), req.finish_reason if done else None)
+                    lps = self.logprobs(req, tok_sent, n, chat, sent)
+                    yield chunk(req.detok.text[sent:upto], lps, req.finish_reason if done else None)
                     sent, tok_sent = upto, n
             finished = True
             if include_usage:
@@ -622,7 +623,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             "events": [msgspec.structs.asdict(e) for e in (await asyncio.to_thread(llm.events))[-100:]],  # waits on the orchestrator
         }
 
-    serving = Serving(llm, model_name, metrics, max_queue)
+    add_openai_routes(app, Serving(llm, model_name, metrics, max_queue))
+    if fault_injection:
+        add_fault_injection(app, llm)
+    return app
+
+
+def add_openai_routes(app: FastAPI, serving: Serving) -> None:
+    """The OpenAI API and vLLM's additions (/version, /tokenize, /detokenize)."""
 
     @app.get("/version")
     async def _version():
@@ -643,10 +651,6 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     @app.post("/v1/chat/completions")
     async def _chat(body: ChatBody, request: HTTPRequest):
         return await serving.handle(body, True, request)
-
-    if fault_injection:
-        add_fault_injection(app, llm)
-    return app
 
 
 def add_fault_injection(app: FastAPI, llm: LLM) -> None:
@@ -696,8 +700,8 @@ def watch_cluster(llm: LLM, server, failed: threading.Event, stop: threading.Eve
     seen = 0
     while not stop.wait(interval_s):
         if llm._orch.poll() is not None or not llm._io.is_alive():
-            logging.getLogger("tarragon.server").error(
-                "the cluster cannot serve any more (%s); stopping", "the orchestrator exited" if llm._io.is_alive() else "the driver's I/O thread died")
+            why = "the orchestrator exited" if llm._io.is_alive() else "the driver's I/O thread died"
+            logging.getLogger("tarragon.server").error("the cluster cannot serve any more (%s); stopping", why)
             failed.set()
             server.should_exit = True
             return

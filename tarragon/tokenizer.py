@@ -96,10 +96,11 @@ class Detokenizer:
         self.consumed = 0  # tokens decoded so far
         self.stop_reason: str | None = None  # the stop string that ended the text
 
-    def update(self, tokens: list[int]) -> bool:
-        """Decode `tokens[consumed:]` (tokens is the whole output so far); True once a stop string
-        has ended the text (the tokens after it are not consumed)."""
-        while self.consumed < len(tokens) and self.stop_reason is None:
+    def update(self, tokens: list[int], upto: int | None = None) -> bool:
+        """Decode `tokens[consumed:upto]` (tokens is the whole output so far); True once a stop
+        string has ended the text (the tokens after it are not consumed)."""
+        upto = len(tokens) if upto is None else upto
+        while self.consumed < upto and self.stop_reason is None:
             piece = self._stream.step(self._tok, tokens[self.consumed])
             self.consumed += 1
             if piece:  # None while a multi-byte character is incomplete
