@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/failover.json")
     args = ap.parse_args()
     if args.short:
-        args.runs, args.rate, args.num_prompts, args.output_len, args.fault_at = 1, 8.0, 8, 40, 1.0
+        args.runs, args.rate, args.num_prompts, args.output_len, args.fault_at = 1, 8.0, 8, 200, 1.0  # all in flight at 1 s
         args.faults, args.expert_workers = ["attention"], 1
     model = args.model or str(demo_model())
     load = Load(f"{args.rate:g} req/s", args.rate, args.num_prompts, output_len=args.output_len)

@@ -131,7 +131,9 @@ def check_record(script: str, record: dict, folder: Path) -> None:
         att = record["table"]["attention"]
         assert all(row["failed_requests"] == 0 for row in att.values())
         assert att["restart"]["stall_ms"] > att["tarragon"]["stall_ms"]  # a restart reruns everything: seconds, not ms
-        assert att["restart"]["tokens_recomputed"] > att["recompute"]["tokens_recomputed"] > att["tarragon"]["tokens_recomputed"]
+        # Both baselines recompute what the failed worker held; with requests packed onto one attention worker
+        # (the default on 2 cores) that is every stream in flight, so only restoring must cost fewer tokens.
+        assert min(att["restart"]["tokens_recomputed"], att["recompute"]["tokens_recomputed"]) > att["tarragon"]["tokens_recomputed"]
         assert (folder / "failover_attention.png").stat().st_size > 0
     elif script == "restore":
         (ctx,) = record["median_gap_ms"].values()
