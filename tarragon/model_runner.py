@@ -121,18 +121,18 @@ class ModelRunner:
             flight.pending, flight.hidden = None, stop.value
 
     def _finish(self, flight: Flight) -> StepOutput:
-        h, meta = flight.hidden, flight.meta
+        meta = flight.meta
+        logits = self.model.logits(flight.hidden)  # every token's when prompt logits are wanted
         prompt_logits: dict[str, torch.Tensor] = {}
         if flight.want_prompt:
-            logits = self.model.logits(h)
             t0 = 0
             for c in flight.chunks:
                 if c.seq.params.prompt_logits and c.start < len(c.seq.prompt):
                     n = min(c.count, len(c.seq.prompt) - c.start)
                     prompt_logits[c.seq.req_id] = logits[t0 : t0 + n]
                 t0 += c.count
-            h = h[meta.logits_index]
+            logits = logits[meta.logits_index]
         rows = [c for c in flight.chunks if c.samples]
-        sampled, logprobs = sample(self.model.logits(h), [c.seq.params for c in rows], [len(c.seq.output) for c in rows],
+        sampled, logprobs = sample(logits, [c.seq.params for c in rows], [len(c.seq.output) for c in rows],
                                    [(c.seq.prompt, c.seq.output) for c in rows]) if rows else ([], [])
         return StepOutput(sampled, logprobs, prompt_logits, meta.slot_mapping)
