@@ -10,8 +10,10 @@ Each hands back a `WorkerHandle`: the part of `subprocess.Popen` the orchestrato
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +48,43 @@ class Launcher(Protocol):
     def probe_endpoint(self, name: str) -> str | None: ...
 
     def log_tail(self, name: str, lines: int = 15) -> str: ...
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a stopped process is alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class AdoptedProcess:
+    """A local worker started by a predecessor orchestrator: not this process's child (its parent
+    died), so it is watched and fenced by pid."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not pid_alive(self.pid):
+            self.returncode = -signal.SIGKILL  # its real status went to whoever reaped it
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.01)
+        return self.returncode
 
 
 class LocalLauncher:

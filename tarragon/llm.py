@@ -2,12 +2,16 @@
 
 It launches the expert workers and attention workers, spreads requests over the attention
 workers, and collects their tokens. One I/O thread owns the control socket (ZMQ sockets are not
-thread-safe): other threads hand it outgoing messages through an in-process pipe.
+thread-safe): other threads hand it outgoing messages through an in-process pipe. The I/O thread
+survives any error of a handler (logged), supervises the orchestrator (a dead or silent one is
+replaced by a successor that adopts the running workers), and ends requests with an error when the
+cluster has produced no token for `stall_timeout_s`: no request ever waits forever.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -30,7 +34,7 @@ from . import protocol as P
 from .config import EngineConfig, ModelConfig
 from .hub import resolve_model
 from .kv_cache import bytes_per_block
-from .launcher import LocalLauncher, control_host
+from .launcher import LocalLauncher, control_host, pid_alive as _pid_alive
 from .orchestrator import ClusterSpec
 from .shadow_placement import place
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
@@ -58,6 +62,7 @@ class RequestOutput:
     prompt_logits: torch.Tensor | None = None  # [len(prompt), vocab] fp32, when asked for
     logprobs: list[TokenLogprobs] | None = None  # per output token, when SamplingParams.logprobs is set
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: EOS or length)
+    error: str | None = None  # why it ended early (finish_reason "error"): the cluster could not serve it
 
 
 @dataclass
@@ -95,6 +100,7 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     skip: int = 0  # tokens to drop: a rerun from the prompt regenerates what the client has
     submitted: float = field(default_factory=time.monotonic)
+    error: str | None = None  # set with finish_reason "error"
     listener: Callable[[], None] | None = None  # called (on the I/O thread) at each token and at the end
 
 
@@ -122,8 +128,15 @@ class LLM:
         key_file: str | None = None,
         insecure_transport: bool = False,
         log_dir: str | Path | None = None,
+        stall_timeout_s: float = 60.0,
+        progress_timeout_s: float = 10.0,
+        orchestrator_timeout_s: float = 2.0,
         **engine_args,
     ):
+        """`stall_timeout_s`: requests end with an error once the cluster has produced no token for
+        this long while they wait; `progress_timeout_s`: `health()` fails after this long without a
+        token while requests wait; `orchestrator_timeout_s`: an orchestrator silent this long is
+        replaced (local launcher), or reported unhealthy."""
         if model is None:
             from .make_model import demo_model
 
@@ -160,7 +173,9 @@ class LLM:
         # Workers on other hosts reach the driver over TCP (ray, manual); local ones over IPC.
         host, ray_address, self._ray_started = control_host(launcher, ray_address, join_address,
                                                             (attention_workers + expert_workers + 1) * e.threads_per_worker)
+        _remove_orphaned_run_dirs()
         self._run_dir = Path(tempfile.mkdtemp(prefix="tarragon-"))
+        (self._run_dir / "driver").write_text(_process_id(os.getpid()))  # whose it is, for the clean-up above
         self._log_dir = Path(log_dir) if log_dir else None  # where the workers' logs are kept at shutdown
         self._events_lock = threading.Lock()  # one GetEvents in flight: replies carry no request id
         self._launcher = LocalLauncher(self._run_dir)
@@ -174,6 +189,7 @@ class LLM:
         self._outbox_addr = f"inproc://outbox-{id(self)}"
         self._outbox_in = make_socket(self._ctx, zmq.PULL, bind=self._outbox_addr, max_bytes=P.MAX_MESSAGE_BYTES)
         self._outbox = make_socket(self._ctx, zmq.PUSH, connect=self._outbox_addr)
+        self._outbox.setsockopt(zmq.SNDTIMEO, 2000)  # never block a caller forever on a stuck I/O thread
         self._lock = threading.Lock()
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -185,6 +201,12 @@ class LLM:
         self._replies: queue.Queue = queue.Queue()
         self._orphans: list[Request] = []  # requests waiting for a live attention worker
         self._epoch = 0
+        self.stall_timeout_s, self.progress_timeout_s, self.orchestrator_timeout_s = stall_timeout_s, progress_timeout_s, orchestrator_timeout_s
+        self._progress = time.monotonic()  # the last token, or when requests began waiting on an idle cluster
+        self._orch_seen = 0.0  # the last message from the orchestrator
+        self._serving = False  # start-up is over: the orchestrator is supervised from now on
+        self._orch_started = self._next_check = 0.0
+        self.orchestrator_restarts = 0
         self._stall_watch: list[tuple[dict[str, float], list[float]]] = []  # per failure: last token times, max gap
         self.stalls: list[float] = []  # per failure: the largest token gap it caused across streams
         self.failures: dict[str, int] = {}  # failures seen, by role
@@ -198,7 +220,7 @@ class LLM:
         plan = place(cfg.num_experts, list(cfg.sparse_layers), [f"ew{j}" for j in range(expert_workers)],
                      shadows, expert_bytes, shadow_budget_bytes, nodes)
         self.plan = plan  # version 0 of the routing table: primaries and shadows
-        cluster = ClusterSpec(
+        self._cluster = cluster = ClusterSpec(
             model_dir=str(model), dtype=dtype, device=device, engine=e, plan=plan, attention_workers=attention_workers,
             run_dir=str(self._run_dir), driver_endpoint=endpoint, parent_pid=os.getpid(), threads=e.threads_per_worker,
             heartbeat_timeout_s=heartbeat_timeout_s, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s,
@@ -209,12 +231,14 @@ class LLM:
         atexit.register(self.shutdown)
         self._io = threading.Thread(target=self._io_loop, name="tarragon-io", daemon=True)
         self._io.start()
-        self._orch = self._launcher.start("tarragon.orchestrator", "orchestrator", cluster)
+        self._orch = _spawn(self._launcher.start, "tarragon.orchestrator", "orchestrator", cluster)
+        self._orch_started = time.monotonic()
         try:
             self._wait_ready(startup_timeout, attention_workers + expert_workers)
         except BaseException:
             self.shutdown()
             raise
+        self._serving = True
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -250,8 +274,12 @@ class LLM:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
-        self._send("orchestrator", P.Shutdown())
+        with self._lock:
+            pending = list(self._requests.values())
+        for req in pending:
+            self._end_with_error(req, "the LLM was shut down")
         try:
+            self._send("orchestrator", P.Shutdown())
             self._orch.wait(8.0)
         except Exception:
             self._orch.kill()
@@ -302,7 +330,10 @@ class LLM:
             while not self._replies.empty():
                 self._replies.get_nowait()
             self._send("orchestrator", P.GetEvents())
-            return self._replies.get(timeout=timeout).events
+            try:
+                return self._replies.get(timeout=timeout).events
+            except queue.Empty:
+                raise TimeoutError(f"the orchestrator did not answer within {timeout:.1f} s") from None
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -324,6 +355,8 @@ class LLM:
         if params.seed is None:
             params.seed = secrets.randbits(62)
         with self._lock:
+            if not self._requests:
+                self._progress = time.monotonic()  # an idle cluster has not stalled: its clock starts now
             loads = {name: 0 for name in self._live_attention()}
             for r in self._requests.values():
                 if r.worker in loads:
@@ -371,7 +404,7 @@ class LLM:
         n = self.advance(req)
         return RequestOutput(
             req.req_id, req.prompt, req.prompt_ids, req.tokens[:n], req.detok.text, req.finish_reason, req.times[:n],
-            req.prompt_logits, req.logprobs[:n] if req.params.logprobs is not None else None, req.stop_reason,
+            req.prompt_logits, req.logprobs[:n] if req.params.logprobs is not None else None, req.stop_reason, req.error,
         )
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, timeout: float | None = None) -> list[RequestOutput]:
@@ -405,7 +438,51 @@ class LLM:
         self._send("", P.AbortRequest([req.req_id]))  # tells the I/O thread (below) to stop watching it
         if req.listener:
             req.listener()
-        self._send(req.worker, P.AbortRequest([req.req_id]))
+        live = self._live_attention()
+        # An orphan (its worker failed) has no worker to tell, but may have a checkpoint: any live
+        # attention worker passes the abort on to the store, which drops it.
+        worker = req.worker if req.worker in live else (live[0] if live else "")
+        if worker:
+            self._send(worker, P.AbortRequest([req.req_id]))
+
+    def health(self) -> tuple[bool, str]:
+        """Whether the cluster serves, and proves it: (ok, why not). Unhealthy while requests wait
+        and no token came for `progress_timeout_s`, or the orchestrator is gone or silent."""
+        if self._closed or self._state is None:
+            return False, "the cluster is not running"
+        if not self._io.is_alive():
+            return False, "the driver's I/O thread died"
+        if self._orch.poll() is not None:
+            return False, "the orchestrator is gone (a successor is starting)"
+        silent = time.monotonic() - self._orch_seen
+        if silent > self.orchestrator_timeout_s:
+            return False, f"the orchestrator has been silent for {silent:.1f} s"
+        stalled = self.stalled_for()
+        if stalled > self.progress_timeout_s:
+            return False, f"requests are waiting and no token has come for {stalled:.1f} s"
+        if not self._live_attention():
+            return False, "no attention worker is up"
+        if self._state.unavailable_experts:
+            return False, f"{self._state.unavailable_experts} experts have no live copy (waiting for a replacement)"
+        return True, "ok"
+
+    def accepting(self) -> tuple[bool, str]:
+        """Whether new requests are taken (else a server answers 503): not while the cluster has
+        stalled (requests waiting, no token for `progress_timeout_s`) or the driver cannot run."""
+        if self._closed:
+            return False, "the LLM has been shut down"
+        if not self._io.is_alive():
+            return False, "the driver's I/O thread died"
+        stalled = self.stalled_for()
+        if stalled > self.progress_timeout_s:
+            return False, f"requests are waiting and no token has come for {stalled:.1f} s"
+        return True, "ok"
+
+    def stalled_for(self) -> float:
+        """Seconds since the cluster last made progress while requests wait (0 when none wait)."""
+        with self._lock:
+            waiting = bool(self._requests)
+        return time.monotonic() - self._progress if waiting else 0.0
 
     def workers(self) -> list[WorkerInfo]:
         out = [WorkerInfo("orchestrator", "orchestrator", self._orch.pid, _pid_alive(self._orch.pid),
@@ -447,6 +524,7 @@ class LLM:
             return
         for w in state.workers:
             if w.role == "attention" and w.state == "failed" and old.get(w.name) != "failed":
+                self._hello.discard(w.name)
                 with self._lock:
                     self._orphans += [r for r in self._requests.values() if r.worker == w.name]
         self._place_orphans()
@@ -459,8 +537,8 @@ class LLM:
                 if not last:
                     self._stall_watch.remove((last, worst))
                     self.stalls.append(worst[0])
-                    self._router.send_multipart([b"orchestrator", *P.encode(P.Report(
-                        "stall", "driver", "largest token gap across the failure, over all streams", worst[0] * 1000))])
+                    self._route("orchestrator", P.Report("stall", "driver", "largest token gap across the failure, over all streams",
+                                                         worst[0] * 1000))
 
     def _live_attention(self) -> list[str]:
         if not self._state or (self._epoch and not self._state.ready):
@@ -476,28 +554,33 @@ class LLM:
             return  # after a restart, rerun everything once every attention worker is back
         store_ok = any(w.role == "store" and w.state == "ready" for w in self._state.workers)
         with self._lock:
-            orphans, self._orphans = sorted(self._orphans, key=lambda r: int(r.req_id.split("-")[1])), []
-        recomputed = 0
+            orphans = sorted({r.req_id: r for r in self._orphans}.values(), key=lambda r: int(r.req_id.split("-")[1]))
+            self._orphans = []
+        placed, recomputed = 0, 0
         self._hand_over(orphans, live)
         for i, req in enumerate(orphans):
             if req.done.is_set():
                 continue
-            req.worker = live[i % len(live)]
+            worker = live[i % len(live)]
             params = msgspec.structs.replace(req.params, prompt_logits=False)
             restore = False
             if req.skip:  # `restart`: from the prompt, as if new
                 msg = P.AddRequest(req.req_id, req.prompt_ids, params)
-                self.reassigned["rerun"] += 1
             else:
                 restore = self.recovery == "tarragon" and store_ok
-                self.reassigned["restored" if restore else "recomputed"] += 1
                 msg = P.ResumeRequest(req.req_id, req.prompt_ids, list(req.tokens), params, restore, self.recovery == "replay")
+            if not self._route(worker, msg):  # died since its last word: placed again at the next state
+                self._hello.discard(worker)
+                with self._lock:
+                    self._orphans.append(req)
+                continue
+            req.worker, placed = worker, placed + 1
+            self.reassigned["rerun" if req.skip else "restored" if restore else "recomputed"] += 1
             if req.tokens and not restore:
                 recomputed += len(req.prompt_ids) + len(req.tokens)
-            self._router.send_multipart([req.worker.encode(), *P.encode(msg)])
-        self.recomputed.append({"t": time.monotonic(), "requests": len(orphans), "tokens": recomputed, "policy": self.recovery})
-        self._router.send_multipart([b"orchestrator", *P.encode(P.Report(
-            "requests_reassigned", "driver", f"{len(orphans)} requests to {', '.join(live)} ({self.recovery})", 0.0))])
+        if placed:
+            self.recomputed.append({"t": time.monotonic(), "requests": placed, "tokens": recomputed, "policy": self.recovery})
+            self._route("orchestrator", P.Report("requests_reassigned", "driver", f"{placed} requests to {', '.join(live)} ({self.recovery})", 0.0))
 
     def _hand_over(self, orphans: list[Request], live: list[str]) -> None:
         """Tell the store (through the orchestrator) who owns each moved request from now on, so
@@ -507,10 +590,56 @@ class LLM:
             if not req.done.is_set() and not req.skip:
                 owners.setdefault(live[i % len(live)], []).append(req.req_id)
         for owner, req_ids in owners.items():
-            self._router.send_multipart([b"orchestrator", *P.encode(P.Handover(req_ids, owner))])
+            self._route("orchestrator", P.Handover(req_ids, owner))
 
     def stats(self) -> dict[str, int]:
         return {"expert_calls_replayed": sum(self._replayed.values())}
+
+    # ---- supervision (runs on the I/O thread) ------------------------------------------------
+
+    def _supervise(self, now: float) -> None:
+        """Replace a dead or silent orchestrator; end requests the cluster cannot serve."""
+        if self._closed or now < self._next_check:
+            return
+        self._next_check = now + 0.05
+        stalled = self.stalled_for()
+        if stalled > self.stall_timeout_s:
+            with self._lock:
+                pending = list(self._requests.values())
+            log.error("no token for %.0f s: ending %d requests with an error", stalled, len(pending))
+            for req in pending:
+                self._end_with_error(req, f"the cluster produced no token for {stalled:.0f} s")
+                self._watch_stall(req.req_id, now, counts=False)
+                if req.worker:
+                    self._route(req.worker, P.AbortRequest([req.req_id]))
+        if not self._serving:
+            return
+        dead = self._orch.poll() is not None
+        silent = now - self._orch_seen > max(self.orchestrator_timeout_s, 10.0 if now - self._orch_started < 10.0 else 0.0)
+        if not (dead or silent) or self._cluster.launcher != "local" or self._state is None:
+            return  # Ray and hand-joined workers share their orchestrator's fate: not replaceable here
+        why = f"the orchestrator (pid {self._orch.pid}) " + (f"exited ({self._orch.returncode})" if dead else
+                                                              f"was silent for {now - self._orch_seen:.1f} s")
+        log.error("%s: starting a successor", why)
+        self._orch.kill()  # fence a hung one: two must never act at once
+        self._orch.wait()
+        self.orchestrator_restarts += 1
+        self.failures["orchestrator"] = self.failures.get("orchestrator", 0) + 1
+        st = self._state
+        spec = msgspec.structs.replace(self._cluster, adopt=list(st.workers), table_version=st.table_version, epoch=st.epoch,
+                                       next_index=dict(st.next_index), replaced=why)
+        self._orch = _spawn(self._launcher.start, "tarragon.orchestrator", "orchestrator", spec)
+        self._orch_started = self._orch_seen = time.monotonic()
+
+    def _end_with_error(self, req: Request, why: str) -> None:
+        """End a request the cluster cannot serve: its waiter wakes, its stream gets the error."""
+        with self._lock:
+            if self._requests.pop(req.req_id, None) is None:
+                return
+        req.error, req.finish_reason = why, "error"
+        req.done.set()
+        if req.listener:
+            req.listener()
 
     # ---- the I/O thread -------------------------------------------------------------------
 
@@ -519,36 +648,55 @@ class LLM:
             if not self._outbox.closed:
                 self._outbox.send_multipart([worker.encode(), *P.encode(header, *tensors)])
 
+    def _route(self, worker: str, header: P.Msg) -> bool:
+        """Send from the I/O thread; False if `worker` cannot be reached (it is gone)."""
+        try:
+            self._router.send_multipart([worker.encode(), *P.encode(header)])
+            return True
+        except zmq.ZMQError as e:
+            log.warning("cannot send to %s: %s", worker, e)
+            return False
+
     def _io_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._outbox_in, zmq.POLLIN)
         while True:
-            events = dict(poller.poll())
-            if self._outbox_in in events:
-                frames = self._outbox_in.recv_multipart()
-                if frames == [b""]:  # shutdown() is done with the workers
+            events = dict(poller.poll(100))
+            try:
+                if self._outbox_in in events and not self._on_outbox(self._outbox_in.recv_multipart()):
                     break
-                if frames[0] == b"":  # an aborted request: not a stream to measure any more
-                    for req_id in P.decode(frames[1:])[0].req_ids:
-                        self._watch_stall(req_id, time.monotonic(), counts=False)
-                    continue
-                try:
-                    self._router.send_multipart(frames)
-                except zmq.ZMQError as e:  # that worker is gone: nothing to deliver to
-                    log.warning("cannot send to %s: %s", frames[0].decode(), e)
-            if self._router in events:
-                got = recv(self._router, FROM_CLUSTER, "driver")
-                if got is not None:
-                    self._on_message(got)
+                if self._router in events:
+                    got = recv(self._router, FROM_CLUSTER, "driver")
+                    if got is not None:
+                        self._on_message(got)
+                self._supervise(time.monotonic())
+            except Exception:  # a handler's bug must never take the driver down: log it, go on
+                log.exception("driver I/O thread: error in a handler (survived)")
         self._router.close(0)
         self._outbox_in.close(0)
+
+    def _on_outbox(self, frames: list[bytes]) -> bool:
+        """A message from another thread; False once shutdown() is done with the workers."""
+        if frames == [b""]:
+            return False
+        if frames[0] == b"":  # an aborted request: not a stream to measure any more
+            for req_id in P.decode(frames[1:])[0].req_ids:
+                self._watch_stall(req_id, time.monotonic(), counts=False)
+            return True
+        try:
+            self._router.send_multipart(frames)
+        except zmq.ZMQError as e:  # that worker is gone: nothing to deliver to
+            log.warning("cannot send to %s: %s", frames[0].decode(errors="replace"), e)
+        return True
 
     def _on_message(self, got: Received) -> None:
         now = time.monotonic()
         msg, bufs, sender = got.msg, got.bufs, got.sender
         if not self._in_standing(sender, msg):
             return drops.note("driver", sender, f"{type(msg).__name__} from a sender not entitled to it")
+        if sender == "orchestrator":
+            self._orch_seen = now
         if isinstance(msg, P.ClusterState):
             self._on_cluster_state(msg)
         elif isinstance(msg, P.EventLog):
@@ -557,34 +705,42 @@ class LLM:
             self._hello.add(sender)
             self._place_orphans()
         elif isinstance(msg, P.Tokens):
-            self._kv_used[sender] = msg.kv_used
-            self._replayed[sender] = msg.replayed
-            for i, (req_id, tok, finish) in enumerate(zip(msg.req_ids, msg.tokens, msg.finish)):
-                req = self._requests.get(req_id)
-                if req is None or req.worker != sender:  # e.g. an answer from before a failover
-                    continue
-                if req.skip:
-                    req.skip -= 1
-                    continue
-                req.tokens.append(tok)
-                req.times.append(now)
-                if req.params.logprobs is not None:
-                    req.logprobs.append(msg.logprobs[i] if len(msg.logprobs) == len(msg.req_ids) else None)
-                self._watch_stall(req_id, now)
-                if finish:
-                    req.finish_reason = finish
-                    with self._lock:
-                        del self._requests[req_id]
-                    req.done.set()
-                if req.listener:
-                    req.listener()
+            self._on_tokens(sender, msg, now)
         elif isinstance(msg, P.PromptLogits):
             req = self._requests.get(msg.req_id)
-            if req is not None and req.worker == sender:
-                try:
-                    req.prompt_logits = P.to_tensor(msg.logits, bufs[0]).clone()
-                except P.BadMessage as e:
-                    drops.note("driver", sender, str(e))
+            try:
+                if req is None or req.worker != sender or len(bufs) != 1:
+                    raise P.BadMessage(f"prompt logits of {msg.req_id}, not a request of {sender}, or not one frame")
+                logits = P.to_tensor(msg.logits, bufs[0])
+                if logits.shape != (len(req.prompt_ids), self.model_config.vocab_size):
+                    raise P.BadMessage(f"prompt logits of shape {list(logits.shape)} for a prompt of {len(req.prompt_ids)}")
+                req.prompt_logits = logits.float().clone()
+            except P.BadMessage as e:
+                drops.note("driver", sender, str(e))
+
+    def _on_tokens(self, sender: str, msg: P.Tokens, now: float) -> None:
+        self._kv_used[sender] = msg.kv_used
+        self._replayed[sender] = msg.replayed
+        for i, (req_id, tok, finish) in enumerate(zip(msg.req_ids, msg.tokens, msg.finish)):
+            req = self._requests.get(req_id)
+            if req is None or req.worker != sender:  # e.g. an answer from before a failover
+                continue
+            self._progress = now
+            if req.skip:
+                req.skip -= 1
+                continue
+            req.tokens.append(tok)
+            req.times.append(now)
+            if req.params.logprobs is not None:
+                req.logprobs.append(msg.logprobs[i] if len(msg.logprobs) == len(msg.req_ids) else None)
+            self._watch_stall(req_id, now)
+            if finish:
+                req.finish_reason = finish
+                with self._lock:
+                    self._requests.pop(req_id, None)  # abort() may have raced this final token
+                req.done.set()
+            if req.listener:
+                req.listener()
 
     def _in_standing(self, sender: str, msg: P.Msg) -> bool:
         """Cluster state only from the orchestrator; the rest only from attention workers it has
@@ -596,6 +752,52 @@ class LLM:
             return msg.name == sender and msg.role == "attention" and (
                 record.role == "attention" and record.state in ("starting", "ready") if record else len(self._hello) < 4096)
         return record is not None and record.role == "attention" and record.state == "ready"
+
+
+class _Spawner:
+    """One daemon thread that starts the orchestrator. A child gets its parent-death signal when
+    the thread that forked it exits: this one lives as long as the process, unlike the thread that
+    created an LLM (a pool's thread, asyncio.to_thread) or a pool's thread (joined at exit)."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="tarragon-spawner", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, args, future = self.jobs.get()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:
+                future.set_exception(e)
+
+    def __call__(self, fn, *args):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((fn, args, future))
+        return future.result()
+
+
+_spawn = _Spawner()
+
+
+def _process_id(pid: int) -> str:
+    """pid and start time: a process's identity even after its pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{pid} {f.read().rsplit(')', 1)[-1].split()[19]}"
+    except OSError:
+        return f"{pid} ?"
+
+
+def _remove_orphaned_run_dirs() -> None:
+    """Run folders of drivers that were killed (SIGKILL leaves them) are removed at the next start."""
+    for d in Path(tempfile.gettempdir()).glob("tarragon-*"):
+        try:
+            owner = (d / "driver").read_text()
+        except OSError:
+            continue  # not ours to judge (no marker: an older version's, or being created)
+        if _process_id(int(owner.split()[0])) != owner:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # What the driver accepts on its socket (who may send each is checked in `_in_standing`).
@@ -623,15 +825,6 @@ def _visible_gpus() -> list[str]:
     if not ids:
         raise ValueError("device='cuda' but no GPU is visible")
     return ids
-
-
-def _pid_alive(pid: int) -> bool:
-    """The process exists and is not a zombie (a stopped process is alive)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _rss(pid: int) -> int:

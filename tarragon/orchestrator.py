@@ -6,6 +6,11 @@ version to the attention workers, places shadow experts, provisions replacements
 critical path, and keeps an event log of what failed, when, what was done and how long it took.
 Attention workers do not wait for it to mask a failure: they reroute on their own evidence and
 report it here.
+
+It is not a single point of failure: workers outlive it (they die with the driver), it publishes
+its state to the driver every `publish_s` as a heartbeat, and when it dies or hangs the driver starts
+a successor with the last published view (`ClusterSpec.adopt`). The successor adopts the running
+workers, which re-register with it, and resumes detection and replacement.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,12 +30,14 @@ import zmq
 
 from . import protocol as P
 from .config import EngineConfig
-from .launcher import Launcher, LocalLauncher, ManualLauncher, WorkerHandle
+from .launcher import AdoptedProcess, Launcher, LocalLauncher, ManualLauncher, WorkerHandle
 from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
 from .worker import WorkerSpec, die_with_parent
 
 log = logging.getLogger("tarragon.orchestrator")
+
+FAILED_RETENTION_S = 10.0  # a failed worker stays in the registry (and ClusterState) this long, then goes
 
 
 class ClusterSpec(msgspec.Struct, kw_only=True):
@@ -57,6 +65,13 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     gpus: list[str] = []  # local launcher, device "cuda": the GPUs (CUDA_VISIBLE_DEVICES ids) workers take in turn
     key_file: str = ""  # the cluster's CURVE key (0600 file written by the driver)
     insecure_transport: bool = False  # no CURVE (isolated networks only, asked for explicitly)
+    publish_s: float = 0.2  # ClusterState to the driver at least this often: the orchestrator's heartbeat
+    # A successor's inheritance (from the driver's last ClusterState): the workers to adopt, etc.
+    adopt: list[P.WorkerRecord] = []
+    table_version: int = 0
+    epoch: int = 0
+    next_index: dict[str, int] = {}
+    replaced: str = ""  # why the predecessor was replaced
 
 
 # What each side may send the orchestrator; anything else is dropped on receipt.
@@ -69,13 +84,14 @@ class Worker:
     name: str
     role: str
     proc: WorkerHandle
-    spec: WorkerSpec
+    spec: WorkerSpec | None  # None: adopted from a predecessor
     slot: str  # the planned worker whose place it holds (itself, or the one it replaced)
     replacement: bool = False  # started to replace a failed worker
     state: str = "starting"
     info: dict = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic)
+    failed_at: float = 0.0
 
 
 class Orchestrator:
@@ -100,6 +116,7 @@ class Orchestrator:
         self.restart_t0 = 0.0
         self.store_name = ""  # the first store: every later one takes over its address
         self.waiting: dict[str, tuple[str, bool]] = {}  # attention workers waiting for peers' addresses
+        self.published = 0.0
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -121,7 +138,8 @@ class Orchestrator:
     def common(self, name: str) -> dict:
         s = self.spec
         return dict(name=name, model_dir=s.model_dir, dtype=s.dtype, device=s.device, orch_endpoint=self.endpoint,
-                    parent_pid=os.getpid(), threads=s.threads, key_file=s.key_file, insecure_transport=s.insecure_transport,
+                    parent_pid=os.getpid(), driver_pid=s.parent_pid if s.launcher == "local" else 0, threads=s.threads,
+                    key_file=s.key_file, insecure_transport=s.insecure_transport,
                     heartbeat_s=s.heartbeat_s, probe_interval_s=s.probe_interval_s, probe_timeout_s=s.probe_timeout_s)
 
     def launch(self, spec: WorkerSpec, slot: str, replacement: bool) -> None:
@@ -191,8 +209,13 @@ class Orchestrator:
         if initial_ready and not self.ready_announced and self.epoch:
             self.event("restart_ready", "", f"epoch {self.epoch}: every worker up again", (time.monotonic() - self.restart_t0) * 1000)
         self.ready_announced |= initial_ready
-        self.driver.send_multipart(P.encode(P.ClusterState(records, self.version, self.ready_announced, self.epoch,
-                                                           len(self.table().unavailable()))))
+        self.published = time.monotonic()
+        state = P.ClusterState(records, self.version, self.ready_announced, self.epoch, len(self.table().unavailable()),
+                               dict(self.next_index))
+        try:
+            self.driver.send_multipart(P.encode(state), zmq.NOBLOCK)
+        except zmq.Again:  # the driver is not reading: it will have the next one
+            pass
 
     # ---- failures ---------------------------------------------------------------------------
 
@@ -201,7 +224,7 @@ class Orchestrator:
         if w is None or w.state in ("failed", "stopped"):
             return
         t0 = time.monotonic()
-        w.state = "failed"
+        w.state, w.failed_at = "failed", t0
         if w.proc.poll() is None:  # fence it: a hung worker must never come back
             w.proc.kill()
         self.event("worker_failed", name, f"{w.role}: {reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
@@ -254,7 +277,7 @@ class Orchestrator:
         if w.replacement and w.role == "expert":
             self.current[w.slot] = w.name
             self.push_table()
-        elif w.role == "attention" and w.spec.table.version < self.version:
+        elif w.role == "attention" and w.spec is not None and w.spec.table.version < self.version:
             self.push_table()  # it started with an older table
         self.publish()
 
@@ -264,7 +287,8 @@ class Orchestrator:
             if self.workers.get(w.name) is not w:  # replaced by a restart during this loop
                 continue
             if w.state in ("failed", "stopped"):
-                w.proc.poll()  # reap
+                if w.proc.poll() is not None and now - w.failed_at > FAILED_RETENTION_S:
+                    del self.workers[w.name]  # reaped and reported long enough: out of the registry
                 continue
             if w.proc.poll() is not None:
                 self.fail(w.name, f"process exited ({w.proc.returncode})")
@@ -273,8 +297,32 @@ class Orchestrator:
 
     # ---- main loop --------------------------------------------------------------------------
 
+    def adopt(self) -> None:
+        """A successor: take over the workers its predecessor last published. They kept serving
+        and re-register (their liveness threads resend Ready once reconnected); one that died
+        meanwhile is found by its pid and replaced as usual."""
+        s = self.spec
+        # Newer than any table the predecessor may have pushed but not yet published.
+        self.version, self.epoch, self.ready_announced = s.table_version + 8, s.epoch, True
+        self.next_index.update(s.next_index)
+        self.store_name = "store"  # the first store's address, which every later one takes over
+        for r in s.adopt:
+            if r.state in ("failed", "stopped"):
+                continue
+            self.workers[r.name] = Worker(r.name, r.role, AdoptedProcess(r.pid), None, r.replaces or r.name,
+                                          replacement=bool(r.replaces), state=r.state, info=dict(r.info))
+            m = re.search(r"(\d+)$", r.name)
+            if m and r.role in self.next_index:
+                self.next_index[r.role] = max(self.next_index[r.role], int(m.group(1)) + 1)
+        for slot in self.current:
+            self.current[slot] = next((w.name for w in self.workers.values()
+                                       if w.role == "expert" and w.slot == slot and w.state == "ready"), None)
+        self.event("orchestrator_replaced", "", f"{s.replaced}; adopted {', '.join(self.workers) or 'no worker'}")
+        self.push_table()
+        self.publish()
+
     def run(self) -> None:
-        self.start_all()
+        self.adopt() if self.spec.adopt else self.start_all()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.driver, zmq.POLLIN)
@@ -293,6 +341,8 @@ class Orchestrator:
             for name, (slot, replacement) in list(self.waiting.items()):
                 self.start_attention(name, slot, replacement)
             self.check_liveness()
+            if time.monotonic() - self.published >= self.spec.publish_s:
+                self.publish()
 
     def on_worker(self, got: Received) -> None:
         """Act only on what a worker in good standing says of itself: never on an unknown or
@@ -303,9 +353,16 @@ class Orchestrator:
                 self.launcher.join(sender, msg)
             return
         w = self.workers.get(sender.removesuffix("#hb"))
-        if w is None or w.state in ("failed", "stopped"):
+        if w is None:
+            if isinstance(msg, P.Ready) and msg.role in ("attention", "expert", "store"):
+                self.send(sender.removesuffix("#hb"), P.Shutdown())  # not ours: e.g. started by a predecessor after its last word
+            return drops.note("orchestrator", sender, f"{type(msg).__name__} from a worker that is not ours")
+        if w.state in ("failed", "stopped"):
             return drops.note("orchestrator", sender, f"{type(msg).__name__} from a worker that is not in service")
-        if sender.endswith("#hb") != isinstance(msg, P.Heartbeat) or getattr(msg, "name", w.name) != w.name:
+        # The heartbeat channel carries beats, and the worker's Ready again when it reconnects (to a successor).
+        on_hb = sender.endswith("#hb")
+        if (on_hb and not isinstance(msg, (P.Heartbeat, P.Ready))) or (not on_hb and isinstance(msg, P.Heartbeat)) \
+                or getattr(msg, "name", w.name) != w.name:
             return drops.note("orchestrator", sender, f"{type(msg).__name__} on the wrong channel or under another name")
         w.last_beat = time.monotonic()  # any message is a sign of life (Ready may beat the first heartbeat)
         if isinstance(msg, P.Ready) and msg.role == w.role:

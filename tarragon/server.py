@@ -393,6 +393,9 @@ class Serving:
         check_fields(body)
         ids = await asyncio.to_thread(self.chat_ids if chat else self.completion_ids, body)  # off the event loop
         params = sampling_params(body, chat, len(ids), self.llm.max_model_len)
+        ok, why = self.llm.accepting()
+        if not ok:
+            raise APIError(503, f"the cluster cannot serve now: {why}", "service_unavailable")
         with self.llm._lock:
             if len(self.llm._requests) >= self.max_queue:
                 raise APIError(429, f"too many requests in flight (limit {self.max_queue}); retry later", "rate_limit_error")
@@ -431,6 +434,8 @@ class Serving:
             if not req.done.is_set():
                 self.llm.abort(req)  # the client went away
             self.metrics.finished(req)
+        if req.finish_reason == "error":
+            raise APIError(503, f"the cluster could not serve this request: {req.error}", "service_unavailable")
         text, lps = req.detok.text, self.logprobs(req, 0, n, chat)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lps}
@@ -464,11 +469,18 @@ class Serving:
                 yield chunk("", None, first=True)
             async for done, n in self._updates(req):
                 upto = req.detok.releasable(done)
-                if upto > sent or done:  # the last token's chunk carries the finish reason
+                failed = done and req.finish_reason == "error"
+                if upto > sent or (done and not failed):  # the last token's chunk carries the finish reason
                     lps = self.logprobs(req, tok_sent, n, chat, sent)
-                    yield chunk(req.detok.text[sent:upto], lps, req.finish_reason if done else None)
+                    yield chunk(req.detok.text[sent:upto], lps, req.finish_reason if done and not failed else None)
                     sent, tok_sent = upto, n
             finished = True
+            if req.finish_reason == "error":  # the cluster could not serve it: say so, then end
+                err = {"message": f"the cluster could not serve this request: {req.error}", "type": "service_unavailable",
+                       "param": None, "code": 503}
+                yield f"data: {json.dumps({'error': err})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             if include_usage:
                 yield f"data: {json.dumps({**obj, 'choices': [], 'usage': self.usage(req, n)})}\n\n"
             yield "data: [DONE]\n\n"
@@ -513,16 +525,7 @@ class Serving:
 
 
 def health(llm: LLM) -> tuple[bool, str]:
-    state = llm._state
-    if llm._closed or state is None or llm._orch.poll() is not None:
-        return False, "the cluster is not running"
-    if not llm._io.is_alive():
-        return False, "the driver's I/O thread died"
-    if not llm._live_attention():
-        return False, "no attention worker is up"
-    if state.unavailable_experts:
-        return False, f"{state.unavailable_experts} experts have no live copy (waiting for a replacement)"
-    return True, "ok"
+    return llm.health()
 
 
 class BodyLimit:
@@ -620,8 +623,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
             "shadows": llm.shadows,
             "recovery": llm.recovery,
             "vocab_size": llm.model_config.vocab_size,
-            "events": [msgspec.structs.asdict(e) for e in (await asyncio.to_thread(llm.events))[-100:]],  # waits on the orchestrator
+            "events": [msgspec.structs.asdict(e) for e in await cluster_events()],
         }
+
+    async def cluster_events() -> list:
+        try:  # off the event loop, and briefly: a hung orchestrator must not stall the streams
+            return (await asyncio.to_thread(llm.events, 1.0))[-100:]
+        except TimeoutError:
+            return []
 
     add_openai_routes(app, Serving(llm, model_name, metrics, max_queue))
     if fault_injection:

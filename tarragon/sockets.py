@@ -116,12 +116,12 @@ class Context(zmq.Context):
 
 
 def make_socket(ctx: Context, kind: int, *, bind: str = "", connect: str = "", identity: str = "",
-                max_bytes: int = CONTROL_MAX_BYTES, linger_ms: int = 0) -> zmq.Socket:
+                max_bytes: int = CONTROL_MAX_BYTES, linger_ms: int = 0, socket_class: type | None = None) -> zmq.Socket:
     """A socket with the cluster's options, bound or connected; CURVE on tcp:// (the binding
     side is the server), see the module's docstring for ipc://."""
     if not isinstance(ctx, Context):
         raise TypeError("cluster sockets come from a tarragon.sockets.Context (it decides on authentication)")
-    s = ctx.socket(kind)
+    s = ctx.socket(kind, socket_class=socket_class) if socket_class else ctx.socket(kind)
     s.setsockopt(zmq.LINGER, linger_ms)
     s.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     s.copy_threshold = P.COPY_THRESHOLD  # copy rather than free frames through pyzmq's GC thread (see protocol)

@@ -2,9 +2,11 @@
 launcher), a Ray actor's `run` (the Ray launcher), or `tarragon worker --join ADDR` (by hand).
 
 Imports only torch, safetensors, zmq and msgspec (never transformers), so workers start fast.
-A local worker dies with the process that launched it: Linux's parent-death signal covers a parent
-killed by SIGKILL, and the parent pid check covers a parent that died before the signal was set. A
-Ray actor dies with its owner, the orchestrator, by Ray's own fate-sharing.
+A local worker dies with the driver (the process that holds the clients' connections), not with
+the orchestrator that started it: it watches the driver's pidfd, so it keeps serving while a dead
+orchestrator is replaced, and re-registers with the successor (its liveness thread resends its last
+`Ready` whenever its channel to the orchestrator reconnects). A Ray actor dies with its owner, the
+orchestrator, by Ray's own fate-sharing.
 
 Beside its main loop every worker runs a liveness thread: it answers probes at once (peers probe
 a worker that owes them a reply and stays silent) and sends the orchestrator heartbeats. A
@@ -17,6 +19,7 @@ import ctypes
 import ipaddress
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -42,6 +45,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     orch_endpoint: str
     probe_endpoint: str = ""  # where it answers probes (filled in by the launcher)
     parent_pid: int
+    driver_pid: int = 0  # local workers: die with this process (the driver), not with their parent
     threads: int = 1
     heartbeat_s: float = 0.05
     endpoint: str = ""  # expert worker, store: where it binds ("": the launcher picks)
@@ -80,6 +84,20 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def die_with_driver(driver_pid: int) -> None:
+    """Exit when the driver does (even by SIGKILL), but outlive the orchestrator that started us."""
+    try:
+        fd = os.pidfd_open(driver_pid)
+    except ProcessLookupError:
+        os._exit(1)  # it died before we could watch it
+
+    def watch() -> None:
+        select.select([fd], [], [])  # a pidfd turns readable when its process exits
+        os._exit(1)
+
+    threading.Thread(target=watch, name="driver-watch", daemon=True).start()
+
+
 def restore_priority(spec: WorkerSpec) -> None:
     """Once loaded, a replacement serves at normal priority (needs privileges; else stays low)."""
     if spec.nice:
@@ -90,24 +108,70 @@ def restore_priority(spec: WorkerSpec) -> None:
             pass
 
 
-def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, heartbeat_s: float) -> threading.Thread:
+def orchestrator_socket(ctx, name: str, endpoint: str):
+    """A worker's DEALER to the orchestrator. Sends never block (a dead or hung orchestrator must
+    not stall serving; messages queue for its successor, or are dropped once the queue is full),
+    and the last `Ready` sent is kept, so the liveness thread can register again with a successor."""
     import zmq
+
+    from . import protocol as P
+    from .sockets import make_socket
+
+    class Socket(zmq.Socket):
+        last_ready: list | None = None
+
+        def send_multipart(self, msg_parts, flags=0, copy=True, track=False, **kwargs):
+            parts = list(msg_parts)
+            try:
+                if isinstance(P.decode(parts[:1])[0], P.Ready):
+                    self.last_ready = [bytes(memoryview(p)) for p in parts]
+            except P.BadMessage:
+                pass
+            try:
+                return super().send_multipart(parts, flags | zmq.NOBLOCK, copy=copy, track=track, **kwargs)
+            except zmq.Again:
+                logging.getLogger(__name__).warning("%s: orchestrator unreachable, message dropped", name)
+
+    return make_socket(ctx, zmq.DEALER, connect=endpoint, identity=name, linger_ms=1000, socket_class=Socket)
+
+
+def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, heartbeat_s: float, orch=None) -> threading.Thread:
+    """Answers probes and sends heartbeats; each time its channel to the orchestrator (re)connects,
+    resends `orch.last_ready`: a replacement orchestrator learns of this worker without a restart."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
 
     from . import protocol as P
     from .sockets import make_socket, recv
 
     probe = make_socket(ctx, zmq.ROUTER, bind=probe_endpoint)
-    hb = make_socket(ctx, zmq.DEALER, connect=orch_endpoint, identity=f"{name}#hb")
+    hb = make_socket(ctx, zmq.DEALER, identity=f"{name}#hb")
+    mon = hb.get_monitor_socket(zmq.EVENT_CONNECTED)
+    hb.connect(orch_endpoint)
     beat = P.encode(P.Heartbeat(name))
+    poller = zmq.Poller()
+    poller.register(probe, zmq.POLLIN)
+    poller.register(mon, zmq.POLLIN)
+
+    def send(frames: list) -> None:
+        try:
+            hb.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:  # the orchestrator is gone: beats wait for its successor, or are dropped
+            pass
 
     def loop() -> None:
         next_beat = 0.0
         while True:
             now = time.monotonic()
             if now >= next_beat:
-                hb.send_multipart(beat)
+                send(beat)
                 next_beat = now + heartbeat_s
-            if probe.poll((next_beat - now) * 1000):
+            events = dict(poller.poll(max(0.0, next_beat - now) * 1000))
+            if mon in events:
+                recv_monitor_message(mon)
+                if orch is not None and orch.last_ready:
+                    send(orch.last_ready)
+            if probe in events:
                 got = recv(probe, (P.Probe,), f"{name} probe")
                 if got is not None:
                     probe.send_multipart([got.identity, *P.encode(P.Pong(got.msg.seq))])
@@ -183,8 +247,8 @@ def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
 
     torch.set_num_threads(spec.threads)
     ctx = Context(key)
-    orch = make_socket(ctx, zmq.DEALER, connect=spec.orch_endpoint, identity=spec.name, linger_ms=1000)
-    start_liveness(ctx, spec.name, spec.probe_endpoint, spec.orch_endpoint, spec.heartbeat_s)
+    orch = orchestrator_socket(ctx, spec.name, spec.orch_endpoint)
+    start_liveness(ctx, spec.name, spec.probe_endpoint, spec.orch_endpoint, spec.heartbeat_s, orch)
     if spec.role == "expert":
         from .expert_worker import run
     elif spec.role == "store":
@@ -201,7 +265,12 @@ def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
 
 def main(argv: list[str]) -> None:
     spec = msgspec.json.decode(argv[0], type=WorkerSpec)
-    die_with_parent(spec.parent_pid)
+    if spec.driver_pid:
+        die_with_driver(spec.driver_pid)
+        if os.getppid() != spec.parent_pid:
+            os._exit(1)
+    else:
+        die_with_parent(spec.parent_pid)
     os._exit(serve(spec, cluster_key(spec)))  # the liveness thread's sockets need no orderly close
 
 
