@@ -139,13 +139,15 @@ class AttentionWorker:
             got = recv(self.store, (P.RestoreData,), f"{self.spec.name} (store)")
             if got is None:
                 continue
-            msg, bufs = got.msg, got.bufs
+            msg, bufs, entry = got.msg, got.bufs, None
             try:
                 entry = self.restoring.pop(msg.req_id, None)
                 if entry is not None:
                     self.install(entry[0], msg, P.to_tensor(msg.k, bufs[0]), P.to_tensor(msg.v, bufs[1]), entry[1])
             except P.BadMessage as e:
                 drops.note(f"{self.spec.name} (store)", "store", str(e))
+                if entry is not None:  # its restore failed: recompute it
+                    self.sched.add(entry[0], front=True)
         now = time.monotonic()
         for req_id, (seq, t0) in list(self.restoring.items()):
             if now - t0 > self.engine_cfg.restore_timeout_s:
@@ -154,16 +156,37 @@ class AttentionWorker:
                 self.sched.add(seq, front=True)
 
     def install(self, seq: Sequence, msg: P.RestoreData, k: torch.Tensor, v: torch.Tensor, t0: float) -> None:
+        """Install restored KV, once it is checked against this model; a checkpoint that does not
+        fit is dropped and the request recomputed (its first write replaces it at the store)."""
         # Keep at least the last known token to compute: its logits give the next token.
         n = min(msg.committed, seq.length - 1)
-        if n > 0 and k.dim() == 4 and k.shape[1] >= n and self.kv.grow(seq.blocks, n):
-            device = self.kv.k.device
-            slots = self.kv.slots(seq.blocks, 0, n).to(device)
-            self.kv.k.index_copy_(1, slots, P.to_device(k[:, :n], device))
-            self.kv.v.index_copy_(1, slots, P.to_device(v[:, :n], device))
-            seq.num_computed = n
+        misfit = self.misfit(k, v, n) if n > 0 else None
+        if misfit:
+            log.warning("%s: checkpoint of %s rejected: %s", self.spec.name, seq.req_id, misfit)
+            self.report("restore_rejected", f"{seq.req_id}: {misfit}; recomputing", (time.monotonic() - t0) * 1000)
+        elif n > 0 and self.kv.grow(seq.blocks, n):
+            try:
+                device = self.kv.k.device
+                slots = self.kv.slots(seq.blocks, 0, n).to(device)
+                self.kv.k.index_copy_(1, slots, P.to_device(k[:, :n], device))
+                self.kv.v.index_copy_(1, slots, P.to_device(v[:, :n], device))
+                seq.num_computed = n
+            except (RuntimeError, ValueError) as e:  # never let a checkpoint take the worker down
+                log.warning("%s: installing %s failed (%s): recomputing", self.spec.name, seq.req_id, e)
+                self.kv.release(seq.blocks)
         self.sched.add(seq, front=True)
         self.report("restored", f"{seq.req_id}: {seq.num_computed} of {seq.length} tokens from the store", (time.monotonic() - t0) * 1000)
+
+    def misfit(self, k: torch.Tensor, v: torch.Tensor, n: int) -> str | None:
+        """Why restored KV does not fit this model's cache (layers, positions, heads, dims, dtype), or None."""
+        want = self.kv.k
+        if k.shape != v.shape or k.dtype != v.dtype:
+            return f"k {k.dtype}{list(k.shape)} and v {v.dtype}{list(v.shape)} differ"
+        if k.dim() != 4 or k.shape[0] != want.shape[0] or k.shape[2:] != want.shape[2:] or k.shape[1] < n:
+            return f"KV of shape {list(k.shape)}, this model needs [{want.shape[0]}, >={n}, {want.shape[2]}, {want.shape[3]}]"
+        if k.dtype != want.dtype:
+            return f"KV in {k.dtype}, this model's cache is {want.dtype}"
+        return None
 
     def report(self, kind: str, detail: str, ms: float) -> None:
         self.orch.send_multipart(P.encode(P.Report(kind, self.spec.name, detail, ms)))

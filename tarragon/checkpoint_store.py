@@ -7,7 +7,8 @@ the store keeps the contiguous prefix it has, `committed` tokens long. A write t
 hole (an earlier write was dropped under back-pressure, or this store replaced a dead one) or
 that does not fit the byte budget freezes the request at its committed prefix: it stays
 restorable up to there, the rest is recomputed. Finished requests are dropped. Memory never
-grows past `store_max_bytes`.
+grows past `store_max_bytes`: each request's KV is copied out of the write that carried it (a view
+would keep the whole write alive), so the bytes accounted are the bytes held.
 
 Each checkpoint belongs to the attention worker that wrote it first; only that owner may extend,
 drop or restore it, until the driver moves the request (`Handover`, relayed by the orchestrator).
@@ -30,12 +31,13 @@ from .sockets import DATA_MAX_BYTES, Received, drops, make_socket, recv
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
 FROM_ORCHESTRATOR = (P.Shutdown, P.Handover)
+COMPACT_AFTER = 64  # segments per request before they are joined into one tensor
 
 
 @dataclass
 class Checkpoint:
     owner: str
-    # Views [layers, n, heads, dim] into whole writes: a write is copied once, not per request.
+    # Segments [layers, n, heads, dim], each its own copy, in position order.
     # (MLA: k holds the latent, v the rotated key: shapes differ past the position axis.)
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
@@ -63,8 +65,6 @@ class CheckpointStore:
         if last is not None and msg.seq > last + 1:
             self.gaps += msg.seq - last - 1
         self.last_seq[owner] = msg.seq
-        if self.bytes + k.nbytes + v.nbytes <= self.max_bytes:
-            k, v = k.clone(), v.clone()  # out of the network buffer, once for the whole write
         offset = 0
         for req_id, start, n in zip(msg.req_ids, msg.starts, msg.counts):
             kc, vc = k[:, offset : offset + n], v[:, offset : offset + n]
@@ -79,14 +79,18 @@ class CheckpointStore:
                 cp = self.requests[req_id] = Checkpoint(owner)
             if start < cp.committed:
                 self._truncate(cp, start)
-            if cp.frozen or start > cp.committed or self.bytes + kc.nbytes + vc.nbytes > self.max_bytes:
-                cp.frozen = True  # a hole, or over budget: restorable up to its committed prefix
+            unlike = bool(cp.k) and any(held.dtype != new.dtype or held.shape[0] != new.shape[0] or held.shape[2:] != new.shape[2:]
+                                        for held, new in ((cp.k[0], kc), (cp.v[0], vc)))
+            if cp.frozen or unlike or start > cp.committed or self.bytes + kc.nbytes + vc.nbytes > self.max_bytes:
+                cp.frozen = True  # a hole, a misfit, or over budget: restorable up to its committed prefix
                 self.refused += 1
                 continue
-            cp.k.append(kc)
-            cp.v.append(vc)
+            cp.k.append(kc.clone())  # out of the network buffer
+            cp.v.append(vc.clone())
             cp.committed += n
             self.bytes += kc.nbytes + vc.nbytes
+            if len(cp.k) > COMPACT_AFTER:  # one tensor object per token would cost more than the KV
+                cp.k, cp.v = [torch.cat(cp.k, dim=1)], [torch.cat(cp.v, dim=1)]
         for req_id in msg.finished:
             if self.requests.get(req_id, Checkpoint(owner)).owner == owner:
                 self.drop(req_id)

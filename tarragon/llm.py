@@ -130,7 +130,7 @@ class LLM:
         log_dir: str | Path | None = None,
         stall_timeout_s: float = 60.0,
         progress_timeout_s: float = 10.0,
-        orchestrator_timeout_s: float = 2.0,
+        orchestrator_timeout_s: float = 3.0,
         **engine_args,
     ):
         """`stall_timeout_s`: requests end with an error once the cluster has produced no token for
@@ -200,6 +200,7 @@ class LLM:
         self._replayed: dict[str, int] = {}
         self._replies: queue.Queue = queue.Queue()
         self._orphans: list[Request] = []  # requests waiting for a live attention worker
+        self._pending_aborts: list[str] = []  # aborted orphans: their checkpoints are still to drop
         self._epoch = 0
         self.stall_timeout_s, self.progress_timeout_s, self.orchestrator_timeout_s = stall_timeout_s, progress_timeout_s, orchestrator_timeout_s
         self._progress = time.monotonic()  # the last token, or when requests began waiting on an idle cluster
@@ -438,12 +439,10 @@ class LLM:
         self._send("", P.AbortRequest([req.req_id]))  # tells the I/O thread (below) to stop watching it
         if req.listener:
             req.listener()
-        live = self._live_attention()
-        # An orphan (its worker failed) has no worker to tell, but may have a checkpoint: any live
-        # attention worker passes the abort on to the store, which drops it.
-        worker = req.worker if req.worker in live else (live[0] if live else "")
-        if worker:
-            self._send(worker, P.AbortRequest([req.req_id]))
+        # An orphan (its worker failed) has no worker to tell, but may have a checkpoint: "*" asks
+        # the I/O thread for any live attention worker, now or once there is one, to pass the
+        # abort on to the store, which drops it.
+        self._send(req.worker if req.worker in self._live_attention() else "*", P.AbortRequest([req.req_id]))
 
     def health(self) -> tuple[bool, str]:
         """Whether the cluster serves, and proves it: (ok, why not). Unhealthy while requests wait
@@ -548,6 +547,10 @@ class LLM:
     def _place_orphans(self) -> None:
         """Reassign requests of failed attention workers round-robin to healthy ones."""
         live = self._live_attention()
+        if self._pending_aborts and live:  # the store drops a checkpoint only for its owner: hand it over first
+            self._route("orchestrator", P.Handover(self._pending_aborts, live[0]))
+            if self._route(live[0], P.AbortRequest(self._pending_aborts)):
+                self._pending_aborts = []
         if not self._orphans or not live:
             return
         if self._epoch and len(live) < sum(w.role == "attention" for w in self._state.workers):
@@ -610,8 +613,8 @@ class LLM:
             for req in pending:
                 self._end_with_error(req, f"the cluster produced no token for {stalled:.0f} s")
                 self._watch_stall(req.req_id, now, counts=False)
-                if req.worker:
-                    self._route(req.worker, P.AbortRequest([req.req_id]))
+                if not (req.worker in self._live_attention() and self._route(req.worker, P.AbortRequest([req.req_id]))):
+                    self._pending_aborts.append(req.req_id)
         if not self._serving:
             return
         dead = self._orch.poll() is not None
@@ -666,8 +669,12 @@ class LLM:
             try:
                 if self._outbox_in in events and not self._on_outbox(self._outbox_in.recv_multipart()):
                     break
-                if self._router in events:
-                    got = recv(self._router, FROM_CLUSTER, "driver")
+                # Drain what is queued before judging the orchestrator: its state may wait behind tokens.
+                for _ in range(10_000 if self._router in events else 0):
+                    try:
+                        got = recv(self._router, FROM_CLUSTER, "driver", zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
                     if got is not None:
                         self._on_message(got)
                 self._supervise(time.monotonic())
@@ -683,6 +690,10 @@ class LLM:
         if frames[0] == b"":  # an aborted request: not a stream to measure any more
             for req_id in P.decode(frames[1:])[0].req_ids:
                 self._watch_stall(req_id, time.monotonic(), counts=False)
+            return True
+        if frames[0] == b"*":  # an orphan's abort: to any live attention worker, for the store
+            self._pending_aborts += P.decode(frames[1:])[0].req_ids
+            self._place_orphans()
             return True
         try:
             self._router.send_multipart(frames)

@@ -319,7 +319,25 @@ class Orchestrator:
                                        if w.role == "expert" and w.slot == slot and w.state == "ready"), None)
         self.event("orchestrator_replaced", "", f"{s.replaced}; adopted {', '.join(self.workers) or 'no worker'}")
         self.push_table()
+        self.fill_empty_slots()
         self.publish()
+
+    def fill_empty_slots(self) -> None:
+        """Replace workers that failed with no replacement known: the predecessor may have died
+        before it started one, or before it published one it had started (then unknown, and shut
+        down when it says Ready)."""
+        if not self.spec.replace_failed:
+            return
+        suffix = f"-r{self.epoch}" if self.epoch else ""
+        slots = [("store", "store" + suffix)] + [("expert", slot) for slot in self.current]
+        slots += [("attention", f"aw{i}{suffix}") for i in range(self.spec.attention_workers)]
+        start = {"expert": self.start_expert, "attention": self.start_attention, "store": self.start_store}
+        for role, slot in slots:
+            if not any(w.slot == slot and w.state in ("starting", "ready") for w in self.workers.values()):
+                name = f"{'ew' if role == 'expert' else 'aw' if role == 'attention' else 'store'}{self.next_index[role]}"
+                self.next_index[role] += 1
+                start[role](name, slot, True)
+                self.event("replacement_started", name, f"for slot {slot}, empty after the predecessor's death")
 
     def run(self) -> None:
         self.adopt() if self.spec.adopt else self.start_all()

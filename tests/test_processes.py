@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import zmq
 
@@ -35,11 +36,13 @@ def test_workers_die_with_a_killed_driver(tiny_models):
         llm = LLM({tiny_models['mixtral']!r}, attention_workers=2, expert_workers=3)
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))
         print(" ".join(str(w.pid) for w in llm.workers()), flush=True)
+        print(llm._run_dir, flush=True)
         time.sleep(600)
     """)
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in driver.stdout.readline().split()]
+        run_dir = Path(driver.stdout.readline().strip())
         assert sum(pid_alive(p) for p in pids) >= 7  # orchestrator, store, 2 AWs, 3 EWs (+ any replacement)
         driver.send_signal(signal.SIGKILL)
         driver.wait(10)
@@ -47,6 +50,11 @@ def test_workers_die_with_a_killed_driver(tiny_models):
         while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [p for p in pids if pid_alive(p)], "workers outlived their driver"
+        assert run_dir.is_dir()  # SIGKILL leaves the run folder; the next driver's start removes it
+        from tarragon.llm import _remove_orphaned_run_dirs
+
+        _remove_orphaned_run_dirs()
+        assert not run_dir.exists()
     finally:
         driver.kill()
         for p in pids if "pids" in dir() else []:

@@ -4,11 +4,14 @@ them, and a dead or hung orchestrator is replaced while the workers keep serving
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import threading
 import time
 
 import pytest
+import torch
 
 from failover import LOAD_PARAMS, LOAD_PROMPTS, max_gap, run_with_fault, wait_until
 from tarragon import LLM, SamplingParams
@@ -127,26 +130,45 @@ def test_two_attention_workers_dying_together(tiny_models):
         outs = run_with_fault(llm, two, after_tokens=30)
         assert llm._io.is_alive()
         assert token_ids(outs) == token_ids(baseline)
+        # Failed workers leave the registry (and every ClusterState) once reported.
+        wait_until(lambda: not {"aw0", "aw1"} & {w.name for w in llm.workers()}, 30, "failed workers removed")
 
 
 def test_requests_end_with_an_error_when_the_cluster_cannot_serve(tiny_models):
-    """The only attention worker dies and none replaces it: /health turns unhealthy once no token
-    has come for progress_timeout_s, every request ends with an error after stall_timeout_s, new
-    ones are refused, and shutdown returns."""
+    """The only attention worker dies and none replaces it: /health turns 503 once no token has
+    come for progress_timeout_s, every request ends with an error after stall_timeout_s (an SSE
+    stream gets an error event and [DONE]), new requests get 503, and shutdown returns."""
+    import httpx
+
+    from test_server import MODEL, Server
+
     llm = LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=1, replace_failed=False,
               progress_timeout_s=1.0, stall_timeout_s=3.0)
+    srv = Server(llm)
     try:
         params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
-        reqs = [llm.submit(p, params) for p in LOAD_PROMPTS[:4]]
-        wait_until(lambda: min(len(r.tokens) for r in reqs) >= 3, 60, "tokens")
-        llm.kill("aw0")
-        t0 = time.monotonic()
-        wait_until(lambda: not llm.health()[0] and "no token" in llm.health()[1], 10, "unhealthy")
-        assert not llm.accepting()[0]
+        reqs = [llm.submit(p, params) for p in LOAD_PROMPTS[:3]]
+        body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=30) as r:
+            events = []
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    wait_until(lambda: min(len(q.tokens) for q in reqs) >= 3, 60, "tokens")
+                    llm.kill("aw0")
+                    t0 = time.monotonic()
+                    wait_until(lambda: "no token" in httpx.get(f"{srv.url}/health").json()["reason"], 10, "/health: no progress")
+                    assert httpx.get(f"{srv.url}/health").status_code == 503
+                    refused = httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": False}, timeout=30)
+                    assert refused.status_code == 503 and refused.json()["error"]["code"] == 503
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
+        assert time.monotonic() - t0 < 10
         outs = [llm.wait(r, 15) for r in reqs]
         assert all(o.finish_reason == "error" and "no token" in o.error for o in outs)
-        assert time.monotonic() - t0 < 10
     finally:
+        srv.stop()
         t = time.monotonic()
         llm.shutdown()
         assert time.monotonic() - t < 20
@@ -180,3 +202,115 @@ def test_shutdown_returns_with_a_hung_orchestrator(tiny_models):
     from test_processes import pid_alive
 
     wait_until(lambda: not any(pid_alive(p) for p in pids), 10, "every process gone")
+
+
+# ---- checkpoints: validated, bounded, collected ----------------------------------------------
+
+
+def test_store_memory_is_what_it_accounts():
+    """Each request's KV is copied out of the write that carried it: finishing the others frees
+    their bytes for real (a view kept the whole write alive: 52 MB held for 0.8 MB accounted)."""
+    from tarragon.checkpoint_store import CheckpointStore
+
+    store = CheckpointStore(max_bytes=1 << 30)
+    n, per = 64, 32
+    k = torch.randn(4, n * per, 2, 8)
+    ids = [f"r{i}" for i in range(n)]
+    store.write("aw0", P.KVWrite(0, ids, [0] * n, [per] * n, P.tensor_meta(k), P.tensor_meta(k), []), k, -k)
+    for step in range(1, 100):  # many decode steps: segments are compacted, not kept one per token
+        t = torch.randn(4, 1, 2, 8)
+        store.write("aw0", P.KVWrite(step, ["r0"], [per + step - 1], [1], P.tensor_meta(t), P.tensor_meta(t), []), t, t)
+    store.write("aw0", P.KVWrite(100, [], [], [], P.tensor_meta(k[:, :0]), P.tensor_meta(k[:, :0]), ids[1:]), k[:, :0], k[:, :0])
+    del k
+    cp = store.requests["r0"]
+    held = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in cp.k + cp.v}
+    assert store.bytes == cp.nbytes == 2 * 4 * (per + 99) * 2 * 8 * 4
+    assert sum(held.values()) == store.bytes and len(cp.k) <= 64
+    committed, rk, rv = store.restore("r0")
+    assert committed == per + 99 and torch.equal(rk[:, per:], torch.cat([rk[:, per:]], 1))
+
+
+def test_store_freezes_a_misfit_write():
+    from tarragon.checkpoint_store import CheckpointStore
+
+    store = CheckpointStore(max_bytes=1 << 20)
+    a, b = torch.ones(2, 3, 2, 4), torch.ones(2, 1, 2, 5)  # another head_dim: not the same model's KV
+    store.write("aw0", P.KVWrite(0, ["r"], [0], [3], P.tensor_meta(a), P.tensor_meta(a), []), a, a)
+    store.write("aw0", P.KVWrite(1, ["r"], [3], [1], P.tensor_meta(b), P.tensor_meta(b), []), b, b)
+    assert store.restore("r")[0] == 3 and store.refused == 1
+
+
+def inject_checkpoints(llm, checkpoints: dict[str, torch.Tensor]) -> None:
+    """Write KV for requests to the store, as an attention worker would."""
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, b"injector")
+    s.connect(llm._launcher.endpoint("store"))
+    for i, (req_id, k) in enumerate(checkpoints.items()):
+        s.send_multipart(P.encode(P.KVWrite(i, [req_id], [0], [k.shape[1]], P.tensor_meta(k), P.tensor_meta(k), []), k, k))
+    ctx.destroy(linger=2000)
+
+
+def test_a_checkpoint_that_does_not_fit_is_rejected_and_recomputed(cluster):
+    """Checkpoints of the wrong shape or dtype are rejected by the restoring AW, which recomputes
+    those requests and stays up (each restore of one crashed every AW, 18 deaths in 20 s)."""
+    llm, baseline = cluster
+    cfg = llm.model_config
+    reqs = [llm.submit(p, LOAD_PARAMS) for p in LOAD_PROMPTS]
+    wait_until(lambda: min(len(r.tokens) for r in reqs) >= 30, 60, "tokens")
+    victim = next(w.name for w in llm.workers() if w.role == "attention" and w.state == "ready")
+    mine = [r for r in reqs if r.worker == victim]
+    llm.kill(victim, signal.SIGSTOP)  # it writes no more: the injected checkpoints stay
+    bad = [torch.zeros(cfg.num_layers + 1, 1, cfg.num_kv_heads, cfg.head_dim),  # a layer too many
+           torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim + 2),  # other head dim
+           torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16)]  # other dtype
+    inject_checkpoints(llm, {r.req_id: torch.zeros(k.shape[0], len(r.prompt_ids), *k.shape[2:], dtype=k.dtype)
+                             for r, k in zip(mine, bad)})
+    others = [w.name for w in llm.workers() if w.role == "attention" and w.name != victim]
+    llm.kill(victim)
+    outs = [llm.wait(r, 180) for r in reqs]
+    assert token_ids(outs) == token_ids(baseline)
+    events = llm.events()
+    rejected = [e for e in events if e.kind == "restore_rejected"]
+    assert len(rejected) == min(3, len(mine)), [e.detail for e in rejected]
+    assert not [e for e in events if e.kind == "worker_failed" and e.worker in others]  # the restoring AWs stayed up
+    wait_until(lambda: sum(w.role == "attention" and w.state == "ready" for w in llm.workers()) == 2, 60, "a new AW")
+
+
+def test_an_aborted_orphan_leaves_no_checkpoint(tiny_models):
+    """A request aborted while its attention worker was dead and none had taken it over."""
+    params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=1) as llm:
+        reqs = [llm.submit(p, params) for p in LOAD_PROMPTS[:4]]
+        wait_until(lambda: min(len(r.tokens) for r in reqs) >= 20, 60, "tokens")
+        llm.kill("aw0")
+        wait_until(lambda: any(w.name == "aw0" and w.state == "failed" for w in llm.workers()), 10, "aw0 failed")
+        assert not llm._live_attention()
+        llm.abort(reqs[0])
+        outs = [llm.wait(r, 120) for r in reqs[1:]]
+        assert all(len(o.token_ids) == 120 for o in outs)
+
+        def store_requests() -> int:
+            return next(w.info.get("requests", -1) for w in llm.workers() if w.role == "store" and w.state == "ready")
+
+        wait_until(lambda: store_requests() == 0, 10, "every checkpoint dropped")
+
+
+def test_only_run_folders_of_dead_drivers_are_removed():
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from tarragon.llm import _process_id, _remove_orphaned_run_dirs
+
+    live, dead, unmarked = (Path(tempfile.mkdtemp(prefix="tarragon-")) for _ in range(3))
+    try:
+        (live / "driver").write_text(_process_id(os.getpid()))
+        (dead / "driver").write_text(f"{os.getpid()} 1")  # this pid, another start time: a reused pid
+        _remove_orphaned_run_dirs()
+        assert live.is_dir() and unmarked.is_dir() and not dead.exists()
+    finally:
+        for d in (live, dead, unmarked):
+            shutil.rmtree(d, ignore_errors=True)
