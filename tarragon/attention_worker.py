@@ -5,7 +5,10 @@ runs attention for every scheduled token and sends routed tokens to the expert w
 its forwarding engine. Requests arrive from, and tokens go back to, the driver. Each step's new
 KV leaves for the checkpoint store without blocking (ZMQ's I/O thread sends it; a full queue drops
 the write and the store keeps the committed prefix). Requests of a failed AW arrive here as
-resumptions: their KV is fetched from the store and installed beside the running requests.
+resumptions: their KV is fetched from the store and installed beside the running requests. When
+the store is replaced (its successor takes over its address, so the channel reconnects), every
+running request's whole KV is written again: the new store holds committed KV at once, and a
+later failure of this worker still restores instead of recomputing.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
 from .config import ModelConfig
@@ -45,10 +49,13 @@ class AttentionWorker:
         self.runner = ModelRunner(model, self.kv, self.engine)
         self.flights: dict[int, Flight] = {}  # micro-batch group -> its step in the air
         self.driver = self._socket(ctx, spec.driver_endpoint)
-        self.store = None
+        self.store = self.store_events = None
         if spec.store_endpoint:
-            self.store = self._socket(ctx, spec.store_endpoint)
+            self.store = make_socket(ctx, zmq.DEALER, connect=spec.store_endpoint, identity=spec.name, max_bytes=DATA_MAX_BYTES,
+                                     monitor=zmq.EVENT_CONNECTED)
+            self.store_events = self.store.get_monitor_socket(zmq.EVENT_CONNECTED)  # a new store: refill it
             self.store.setsockopt(zmq.SNDHWM, e.checkpoint_queue)
+        self.store_connects = 0
         self.poller = zmq.Poller()
         for s in (self.driver, orch, self.store):
             if s is not None:
@@ -107,12 +114,34 @@ class AttentionWorker:
         k, v = self.kv.k.index_select(1, slots), self.kv.v.index_select(1, slots)
         msg = P.KVWrite(self.write_seq, [c.seq.req_id for c in chunks], [c.start for c in chunks], [c.count for c in chunks],
                         P.tensor_meta(k), P.tensor_meta(v), self.finished)
+        if self.send_to_store(msg, k, v):
+            self.finished = []
+        if self.store_events.poll(0):  # the channel (re)connected: a store that may know nothing
+            recv_monitor_message(self.store_events)
+            self.store_connects += 1
+            if self.store_connects > 1:
+                self.refill_store()
+
+    def send_to_store(self, msg: P.KVWrite, k: torch.Tensor, v: torch.Tensor) -> bool:
         self.write_seq += 1
         try:
             self.store.send_multipart(P.encode(msg, k, v), flags=zmq.NOBLOCK, copy=False)
-            self.finished = []
+            return True
         except zmq.Again:
-            pass  # the store is slow or gone: inference goes on, those requests' checkpoints stop
+            return False  # the store is slow or gone: inference goes on, those requests' checkpoints stop
+
+    def refill_store(self) -> None:
+        """Write every running request's KV from position 0: a replacement store starts empty."""
+        seqs = [s for s in self.sched.running if s.num_computed > 0]
+        if not seqs:
+            return
+        slots = torch.cat([self.kv.slots(s.blocks, 0, s.num_computed) for s in seqs]).to(self.kv.k.device)
+        k, v = self.kv.k.index_select(1, slots), self.kv.v.index_select(1, slots)
+        msg = P.KVWrite(self.write_seq, [s.req_id for s in seqs], [0] * len(seqs), [s.num_computed for s in seqs],
+                        P.tensor_meta(k), P.tensor_meta(v), [])
+        sent = self.send_to_store(msg, k, v)
+        self.report("store_refilled" if sent else "store_refill_dropped",
+                    f"{len(seqs)} requests, {len(slots)} positions", 0.0)
 
     def handle_driver(self) -> None:
         while self.driver.poll(0):

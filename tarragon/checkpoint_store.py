@@ -27,6 +27,7 @@ import zmq
 
 from . import protocol as P
 from .sockets import DATA_MAX_BYTES, Received, drops, make_socket, recv
+from .worker import restore_priority
 
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
@@ -143,6 +144,7 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
     store = CheckpointStore(spec.store_max_bytes)
     sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
     orch.send_multipart(P.encode(P.Ready(spec.name, "store", os.getpid(), store.stats())))
+    restore_priority(spec)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(orch, zmq.POLLIN)

@@ -116,9 +116,11 @@ class Context(zmq.Context):
 
 
 def make_socket(ctx: Context, kind: int, *, bind: str = "", connect: str = "", identity: str = "",
-                max_bytes: int = CONTROL_MAX_BYTES, linger_ms: int = 0, socket_class: type | None = None) -> zmq.Socket:
+                max_bytes: int = CONTROL_MAX_BYTES, linger_ms: int = 0, socket_class: type | None = None,
+                monitor: int = 0) -> zmq.Socket:
     """A socket with the cluster's options, bound or connected; CURVE on tcp:// (the binding
-    side is the server), see the module's docstring for ipc://."""
+    side is the server), see the module's docstring for ipc://. `monitor`: events watched from
+    before the first connection (`s.get_monitor_socket(monitor)` then returns that monitor)."""
     if not isinstance(ctx, Context):
         raise TypeError("cluster sockets come from a tarragon.sockets.Context (it decides on authentication)")
     s = ctx.socket(kind, socket_class=socket_class) if socket_class else ctx.socket(kind)
@@ -138,6 +140,8 @@ def make_socket(ctx: Context, kind: int, *, bind: str = "", connect: str = "", i
             s.setsockopt(zmq.CURVE_SERVERKEY, ctx.key.public.encode())
         s.setsockopt(zmq.CURVE_PUBLICKEY, ctx.key.public.encode())
         s.setsockopt(zmq.CURVE_SECRETKEY, ctx.key.secret.encode())
+    if monitor:
+        s.get_monitor_socket(monitor)
     if bind:
         s.bind(bind)
     elif connect:

@@ -98,6 +98,15 @@ def die_with_driver(driver_pid: int) -> None:
     threading.Thread(target=watch, name="driver-watch", daemon=True).start()
 
 
+def may_raise_priority(nice: int) -> bool:
+    """Whether this process could come back from `nice` (and SCHED_IDLE) to normal priority: root,
+    or RLIMIT_NICE allowing nice 0. Otherwise a replacement starts at normal priority, since one
+    that stayed low would miss probes under load."""
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
 def restore_priority(spec: WorkerSpec) -> None:
     """Once loaded, a replacement serves at normal priority (needs privileges; else stays low)."""
     if spec.nice:
@@ -145,9 +154,8 @@ def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, hear
     from .sockets import make_socket, recv
 
     probe = make_socket(ctx, zmq.ROUTER, bind=probe_endpoint)
-    hb = make_socket(ctx, zmq.DEALER, identity=f"{name}#hb")
+    hb = make_socket(ctx, zmq.DEALER, connect=orch_endpoint, identity=f"{name}#hb", monitor=zmq.EVENT_CONNECTED)
     mon = hb.get_monitor_socket(zmq.EVENT_CONNECTED)
-    hb.connect(orch_endpoint)
     beat = P.encode(P.Heartbeat(name))
     poller = zmq.Poller()
     poller.register(probe, zmq.POLLIN)
@@ -233,7 +241,7 @@ def join(address: str, role: str, key: ClusterKey | None, host: str | None = Non
 def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
     """Run one worker until the orchestrator shuts it down; returns its exit status. How the
     process then ends is the caller's business (a subprocess exits, a Ray actor reports it)."""
-    if spec.nice:  # start-up (imports, weight loading) only in CPU time nobody else wants
+    if spec.nice and may_raise_priority(spec.nice):  # start-up (imports, weights) only in CPU time nobody else wants
         os.nice(spec.nice)
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
