@@ -196,6 +196,7 @@ class LLM:
         self._closed = False
         self._state: P.ClusterState | None = None
         self._hello: set[str] = set()  # attention workers connected to this driver
+        self.slot_of: dict[str, str] = {}  # every worker seen -> the planned place it held (outlives its record)
         self._kv_used: dict[str, int] = {}
         self._replayed: dict[str, int] = {}
         self._replies: queue.Queue = queue.Queue()
@@ -205,6 +206,7 @@ class LLM:
         self.stall_timeout_s, self.progress_timeout_s, self.orchestrator_timeout_s = stall_timeout_s, progress_timeout_s, orchestrator_timeout_s
         self._progress = time.monotonic()  # the last token, or when requests began waiting on an idle cluster
         self._orch_seen = 0.0  # the last message from the orchestrator
+        self._orch_heard = False  # from the current one (not yet, after a replacement)
         self._serving = False  # start-up is over: the orchestrator is supervised from now on
         self._orch_started = self._next_check = 0.0
         self.orchestrator_restarts = 0
@@ -453,8 +455,10 @@ class LLM:
             return False, "the driver's I/O thread died"
         if self._orch.poll() is not None:
             return False, "the orchestrator is gone (a successor is starting)"
+        if not self._orch_heard:
+            return False, "the orchestrator was replaced and its successor has not reported yet"
         silent = time.monotonic() - self._orch_seen
-        if silent > self.orchestrator_timeout_s:
+        if silent > self.orchestrator_timeout_s / 2:  # stale: said before it is replaced, at orchestrator_timeout_s
             return False, f"the orchestrator has been silent for {silent:.1f} s"
         stalled = self.stalled_for()
         if stalled > self.progress_timeout_s:
@@ -502,6 +506,7 @@ class LLM:
     def _on_cluster_state(self, state: P.ClusterState) -> None:
         old = {w.name: w.state for w in self._state.workers} if self._state else {}
         self._state = state
+        self.slot_of.update((w.name, w.replaces or w.name) for w in state.workers)
         newly_failed = [w for w in state.workers if w.state == "failed" and old.get(w.name, "failed") != "failed"]
         if newly_failed or state.epoch != self._epoch:
             with self._lock:  # measure this failure's stall: each streaming request's gap across it
@@ -633,6 +638,7 @@ class LLM:
                                        next_index=dict(st.next_index), replaced=why)
         self._orch = _spawn(self._launcher.start, "tarragon.orchestrator", "orchestrator", spec)
         self._orch_started = self._orch_seen = time.monotonic()
+        self._orch_heard = False
 
     def _end_with_error(self, req: Request, why: str) -> None:
         """End a request the cluster cannot serve: its waiter wakes, its stream gets the error."""
@@ -707,7 +713,7 @@ class LLM:
         if not self._in_standing(sender, msg):
             return drops.note("driver", sender, f"{type(msg).__name__} from a sender not entitled to it")
         if sender == "orchestrator":
-            self._orch_seen = now
+            self._orch_seen, self._orch_heard = now, True
         if isinstance(msg, P.ClusterState):
             self._on_cluster_state(msg)
         elif isinstance(msg, P.EventLog):

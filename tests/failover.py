@@ -25,7 +25,7 @@ def wait_until(cond, timeout: float = 60.0, what: str = "condition") -> None:
 
 def wait_replaced(llm, killed: str, timeout: float = 90.0) -> str:
     """Wait until a replacement holding `killed`'s place (its experts) is ready; returns its name."""
-    slot = next(w.replaces or w.name for w in llm.workers() if w.name == killed)
+    slot = llm.slot_of[killed]  # its record may be gone: failed workers leave the registry
 
     def ready() -> list[str]:
         return [w.name for w in llm.workers() if w.replaces == slot and w.name != killed and w.state == "ready"]
