@@ -268,6 +268,8 @@ class Orchestrator:
         self.publish()
 
     def on_ready(self, w: Worker, msg: P.Ready) -> None:
+        if w.state in ("failed", "stopped"):  # sent before it was fenced: it must not come back
+            return
         first = w.state != "ready"
         w.state, w.info = "ready", dict(msg.info)
         if not first:  # a periodic update (the store's byte accounting)

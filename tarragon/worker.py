@@ -109,10 +109,14 @@ def may_raise_priority(nice: int) -> bool:
 
 def restore_priority(spec: WorkerSpec) -> None:
     """Once loaded, a replacement serves at normal priority (needs privileges; else stays low)."""
-    if spec.nice:
+    if not spec.nice:
+        return
+    # Every thread: on Linux both settings are per thread, and the liveness thread (started while
+    # the process was low) would stay SCHED_IDLE, miss heartbeats under load, and get it replaced.
+    for tid in (int(t) for t in os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else [0]:
         try:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, 0)
         except (AttributeError, OSError):
             pass
 
