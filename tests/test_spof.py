@@ -270,16 +270,19 @@ def test_store_freezes_a_misfit_write():
 
 
 def inject_checkpoints(llm, checkpoints: dict[str, torch.Tensor]) -> None:
-    """Write KV for requests to the store, as an attention worker would."""
+    """Write KV for requests to the store, as an attention worker would. The store lets the first
+    writer of a request own it (until the driver hands it over), so these must be requests that
+    their attention worker has not written yet."""
     import zmq
 
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.IDENTITY, b"injector")
-    s.connect(llm._launcher.endpoint("store"))
+    from tarragon.sockets import Context, make_socket
+
+    ctx = Context(None)  # the store's channel is ipc in the 0700 run folder: no CURVE there
+    s = make_socket(ctx, zmq.DEALER, connect=llm._launcher.endpoint("store"), identity="injector", linger_ms=2000)
     for i, (req_id, k) in enumerate(checkpoints.items()):
         s.send_multipart(P.encode(P.KVWrite(i, [req_id], [0], [k.shape[1]], P.tensor_meta(k), P.tensor_meta(k), []), k, k))
-    ctx.destroy(linger=2000)
+    s.close()
+    ctx.term()
 
 
 def test_a_checkpoint_that_does_not_fit_is_rejected_and_recomputed(cluster):
@@ -287,11 +290,11 @@ def test_a_checkpoint_that_does_not_fit_is_rejected_and_recomputed(cluster):
     those requests and stays up (each restore of one crashed every AW, 18 deaths in 20 s)."""
     llm, baseline = cluster
     cfg = llm.model_config
+    victim = sorted(w.name for w in llm.workers() if w.role == "attention" and w.state == "ready")[0]
+    llm.kill(victim, signal.SIGSTOP)  # it writes nothing of the requests it gets: the injected checkpoints are theirs
     reqs = [llm.submit(p, LOAD_PARAMS) for p in LOAD_PROMPTS]
-    wait_until(lambda: min(len(r.tokens) for r in reqs) >= 30, 60, "tokens")
-    victim = next(w.name for w in llm.workers() if w.role == "attention" and w.state == "ready")
     mine = [r for r in reqs if r.worker == victim]
-    llm.kill(victim, signal.SIGSTOP)  # it writes no more: the injected checkpoints stay
+    assert mine, "no request placed on the stopped attention worker"
     bad = [torch.zeros(cfg.num_layers + 1, 1, cfg.num_kv_heads, cfg.head_dim),  # a layer too many
            torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim + 2),  # other head dim
            torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16)]  # other dtype
