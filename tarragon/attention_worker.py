@@ -13,6 +13,7 @@ later failure of this worker still restores instead of recomputing.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -30,6 +31,9 @@ from .scheduler import ScheduledChunk, Scheduler, Sequence
 from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
 from .weights import WeightFiles, torch_dtype
 from .worker import restore_priority
+
+log = logging.getLogger(__name__)
+
 
 FROM_DRIVER = (P.AddRequest, P.ResumeRequest, P.AbortRequest)
 

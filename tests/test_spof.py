@@ -16,6 +16,7 @@ import torch
 from failover import LOAD_PARAMS, LOAD_PROMPTS, max_gap, run_with_fault, wait_until
 from tarragon import LLM, SamplingParams
 from tarragon import protocol as P
+from tarragon.sockets import Received
 
 
 def token_ids(outs):
@@ -45,7 +46,8 @@ def test_io_thread_survives_handler_errors_and_bad_frames(cluster):
     # [len(prompt), vocab] fp32, the frame holds 3 bytes), handed to the I/O thread's handler.
     req = reqs[0]
     bad = P.encode(P.PromptLogits(req.req_id, P.TensorMeta("float32", [len(req.prompt_ids), llm.model_config.vocab_size])))
-    llm._on_message(req.worker, [*bad, b"\x00\x01\x02"])
+    msg, bufs = P.decode([*bad, b"\x00\x01\x02"])
+    llm._on_message(Received(req.worker, msg, bufs, req.worker.encode()))
     assert req.prompt_logits is None
     # A handler that raises (once): the I/O thread logs it and goes on.
     real, calls = llm._on_cluster_state, []
