@@ -211,14 +211,13 @@ class AttentionWorker:
         self.report("restored", f"{seq.req_id}: {seq.num_computed} of {seq.length} tokens from the store", (time.monotonic() - t0) * 1000)
 
     def misfit(self, k: torch.Tensor, v: torch.Tensor, n: int) -> str | None:
-        """Why restored KV does not fit this model's cache (layers, positions, heads, dims, dtype), or None."""
-        want = self.kv.k
-        if k.shape != v.shape or k.dtype != v.dtype:
-            return f"k {k.dtype}{list(k.shape)} and v {v.dtype}{list(v.shape)} differ"
-        if k.dim() != 4 or k.shape[0] != want.shape[0] or k.shape[2:] != want.shape[2:] or k.shape[1] < n:
-            return f"KV of shape {list(k.shape)}, this model needs [{want.shape[0]}, >={n}, {want.shape[2]}, {want.shape[3]}]"
-        if k.dtype != want.dtype:
-            return f"KV in {k.dtype}, this model's cache is {want.dtype}"
+        """Why restored KV does not fit this model's cache (layers, positions, heads, dims, dtype), or
+        None. k and v are checked against their own caches: under MLA they differ in shape."""
+        for name, got, want in (("k", k, self.kv.k), ("v", v, self.kv.v)):
+            if got.dim() != 4 or got.shape[0] != want.shape[0] or got.shape[2:] != want.shape[2:] or got.shape[1] < n:
+                return f"{name} of shape {list(got.shape)}, this model needs [{want.shape[0]}, >={n}, {want.shape[2]}, {want.shape[3]}]"
+            if got.dtype != want.dtype:
+                return f"{name} in {got.dtype}, this model's cache is {want.dtype}"
         return None
 
     def report(self, kind: str, detail: str, ms: float) -> None:

@@ -704,13 +704,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def watch_cluster(llm: LLM, server, failed: threading.Event, stop: threading.Event, interval_s: float = 0.5) -> None:
     """Log each orchestrator event (failure, reroute, restore, replacement) as one line, and stop
-    the server (failed) once the cluster can no longer serve at all."""
+    the server (failed) once the cluster can no longer serve at all: the driver's I/O thread is
+    gone. A dead orchestrator is not that: the driver starts its successor."""
     events = logging.getLogger("tarragon.events")
-    seen = 0
+    seen = 0.0  # the time of the last event logged
     while not stop.wait(interval_s):
-        if llm._orch.poll() is not None or not llm._io.is_alive():
-            why = "the orchestrator exited" if llm._io.is_alive() else "the driver's I/O thread died"
-            logging.getLogger("tarragon.server").error("the cluster cannot serve any more (%s); stopping", why)
+        if not llm._io.is_alive():
+            logging.getLogger("tarragon.server").error("the cluster cannot serve any more (the driver's I/O thread died); stopping")
             failed.set()
             server.should_exit = True
             return
@@ -718,10 +718,11 @@ def watch_cluster(llm: LLM, server, failed: threading.Event, stop: threading.Eve
             log_ = llm.events(timeout=2.0)
         except Exception:  # the orchestrator is busy or going: try again next round
             continue
-        for e in log_[seen:]:
-            events.info("%s%s%s%s", e.kind, f" {e.worker}" if e.worker else "", f": {e.detail}" if e.detail else "",
-                        f" ({e.ms:.1f} ms)" if e.ms else "")
-        seen = max(seen, len(log_))
+        for e in log_:
+            if e.t > seen:  # by time: a successor orchestrator's log starts empty
+                events.info("%s%s%s%s", e.kind, f" {e.worker}" if e.worker else "", f": {e.detail}" if e.detail else "",
+                            f" ({e.ms:.1f} ms)" if e.ms else "")
+        seen = max([seen] + [e.t for e in log_])
 
 
 def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_queue: int = 256,
