@@ -156,7 +156,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with llm:
             log.info("serving %r on http://%s:%d/v1 with %s", name, args.host, args.port,
                      ", ".join(f"{w.name}(pid {w.pid})" for w in llm.workers()))
-            return serve(llm, name, args.host, args.port, api_key, args.max_queue, args.enable_fault_injection, sock=sock)
+            try:
+                return serve(llm, name, args.host, args.port, api_key, args.max_queue, args.enable_fault_injection, sock=sock)
+            except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C
+                log.info("stopped by SIGINT; shutting the cluster down")
+                return 130
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -455,7 +455,7 @@ def test_serve_cli_like_a_server(tiny_models, tmp_path):
     """`tarragon serve ORG/NAME` from the Hugging Face cache (offline); a busy port and a model
     nowhere to be found fail at once in one line; the log tells start-up, each request and each
     failure/replacement; --log-dir survives; a SIGKILLed orchestrator is replaced and the server
-    goes on serving; SIGINT stops it with exit status 0."""
+    goes on serving; SIGINT stops it cleanly."""
     import subprocess
     import sys
 
@@ -492,14 +492,14 @@ def test_serve_cli_like_a_server(tiny_models, tmp_path):
         wait_until(lambda: "orchestrator_replaced" in log_path.read_text(), 60, "the orchestrator's successor in the log")
         assert httpx.post(f"{url}/v1/completions", json={"model": "tiny-org/moe", "prompt": "hi", "max_tokens": 3}, timeout=60).status_code == 200
         assert proc.poll() is None
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 0
+        os.kill(proc.pid, signal.SIGINT)  # as Ctrl-C would, to the server alone
+        assert proc.wait(60) == 130  # as a shell reports Ctrl-C
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = log_path.read_text()
-    assert "workers ready: 1 of" in text and '"POST /v1/completions HTTP/1.1" 200' in text
+    assert "workers ready: 1 of" in text and '"POST /v1/completions HTTP/1.1" 200' in text and "Traceback" not in text
     assert {"aw0.log", "ew0.log", "orchestrator.log"} <= {p.name for p in log_dir.iterdir()}
 
 
