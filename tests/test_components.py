@@ -1,0 +1,184 @@
+"""Components in-process, without a cluster: the KV cache, the sampler, the routing table, shadow
+placement and the checkpoint store. Each test states a property the running system relies on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tarragon import protocol as P
+from tarragon.checkpoint_store import CheckpointStore
+from tarragon.config import ModelConfig
+from tarragon.kv_cache import KVCache
+from tarragon.routing_table import RoutingTable
+from tarragon.sampling import SamplingParams, sample
+from tarragon.shadow_placement import place
+
+# ---- KV cache -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_kv_cache_pool_is_bounded_and_slots_follow_the_block_table(tiny_models, family):
+    cfg = ModelConfig.from_dir(tiny_models[family])
+    kv = KVCache(cfg, num_blocks=5, block_size=4, dtype=torch.float32)
+    (ha, da), (hb, db) = cfg.kv_shapes()
+    assert kv.k.shape == (cfg.num_layers, 20, ha, da) and kv.v.shape == (cfg.num_layers, 20, hb, db)
+    a, b = [], []
+    assert kv.grow(a, 9) and len(a) == 3 and kv.used == 3  # 9 tokens: 3 blocks of 4
+    assert not kv.grow(b, 12) and b == [] and kv.used == 3  # 3 more blocks do not fit: nothing taken
+    assert kv.grow(b, 8) and kv.used == 5 and not set(a) & set(b)
+    slots = kv.slots(a, 2, 9).tolist()
+    assert slots == [a[p // 4] * 4 + p % 4 for p in range(2, 9)]
+    kv.release(a)
+    assert a == [] and kv.used == 2 and kv.grow(a, 12)  # released blocks serve the next sequence
+    with pytest.raises(ValueError):
+        KVCache(cfg, 0, 4, torch.float32)
+
+
+# ---- sampler ------------------------------------------------------------------------------
+
+
+def logits_rows(n: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_greedy_and_top_k_1_are_argmax():
+    logits = logits_rows(4)
+    want = logits.argmax(-1).tolist()
+    assert sample(logits, [SamplingParams(temperature=0.0)] * 4, [0] * 4)[0] == want
+    assert sample(logits, [SamplingParams(temperature=1.0, top_k=1, seed=3)] * 4, [0] * 4)[0] == want
+
+
+def test_seeded_draws_do_not_depend_on_the_batch():
+    """A request may move between workers and batches on failover: its tokens must not change."""
+    logits = logits_rows(6)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=i) for i in range(6)]
+    alone = [sample(logits[i : i + 1], [params[i]], [7])[0][0] for i in range(6)]
+    together = sample(logits, params, [7] * 6)[0]
+    reversed_ = sample(logits.flip(0), params[::-1], [7] * 6)[0][::-1]
+    assert alone == together == reversed_
+
+
+def test_seeded_draws_follow_the_softmax():
+    """Over many seeds, each token is drawn with its softmax probability (temperature applied)."""
+    row = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    p = SamplingParams(temperature=0.7, seed=0)
+    n = 4000
+    counts = torch.zeros(5)
+    for s in range(n):
+        tok = sample(row, [SamplingParams(temperature=p.temperature, seed=s)], [0])[0][0]
+        counts[tok] += 1
+    want = torch.softmax(row[0] / p.temperature, -1)
+    sd = (want * (1 - want) / n).sqrt()
+    assert ((counts / n - want).abs() < 5 * sd + 1e-3).all(), (counts / n, want)
+
+
+def test_top_p_and_min_p_cut_the_tail():
+    row = torch.tensor([[3.0, 2.9, 0.0, -1.0, -2.0]])  # two likely tokens, a tail
+    for s in range(200):
+        assert sample(row, [SamplingParams(temperature=1.0, top_p=0.8, seed=s)], [0])[0][0] in (0, 1)
+        assert sample(row, [SamplingParams(temperature=1.0, min_p=0.2, seed=s)], [0])[0][0] in (0, 1)
+
+
+def test_logprobs_are_the_models_log_softmax():
+    logits = logits_rows(2)
+    toks, lps = sample(logits, [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=0.0)], [0, 0])
+    lsm = torch.log_softmax(logits[0], -1)
+    assert lps[1] is None and lps[0].ids[0] == toks[0]
+    assert lps[0].ids[1:] == torch.topk(lsm, 3).indices.tolist()
+    assert all(math.isclose(got, float(lsm[i]), abs_tol=1e-5) for got, i in zip(lps[0].logprobs, lps[0].ids))
+
+
+# ---- routing table and shadow placement -----------------------------------------------------
+
+
+def test_shadows_are_elsewhere_spread_and_within_budget():
+    workers = ["ew0", "ew1", "ew2"]
+    table = place(8, [0, 1], workers, shadows=1)
+    for row in table.candidates:
+        for cands in row:
+            assert len(cands) == 2 and cands[0] != cands[1]
+    for dead in workers:  # a failed worker's experts are shared by every other worker, not dumped on one
+        takers = {cands[1] for row in table.candidates for cands in row if cands[0] == dead}
+        assert takers == set(workers) - {dead}
+    nodes = {"ew0": "a", "ew1": "a", "ew2": "b"}
+    for row in place(8, [0], workers, shadows=1, nodes=nodes).candidates:
+        assert all(nodes[c[0]] != nodes[s] for c in row for s in c[1:])  # never on the primary's node
+    budget = place(8, [0, 1], workers, shadows=1, expert_bytes=10, budget_bytes=30)
+    assert all(len(budget.shadows_of(w)) * 10 <= 30 for w in workers)
+    assert len(budget.unavailable()) == 0
+
+
+def test_routing_table_skips_failed_workers_and_follows_replacements():
+    table = place(4, [1], ["ew0", "ew1"], shadows=1)
+    assert table.owners(1) == ["ew0", "ew0", "ew1", "ew1"]
+    assert table.owners(1, {"ew0"}) == ["ew1", "ew1", "ew1", "ew1"]  # the shadows take over
+    assert table.owners(1, {"ew0", "ew1"}) == [None] * 4
+    live = table.with_workers(3, {"ew0": None, "ew1": "ew1"})  # ew0 dead, not yet replaced
+    assert live.version == 3 and live.owners(1) == ["ew1"] * 4
+    replaced = table.with_workers(4, {"ew0": "ew2", "ew1": "ew1"})
+    assert replaced.owners(1) == ["ew2", "ew2", "ew1", "ew1"] and replaced.experts_of("ew2") == table.experts_of("ew0")
+    gone = table.with_workers(5, {"ew0": None, "ew1": None})
+    assert gone.unavailable() == [(1, e) for e in range(4)]
+    assert isinstance(gone, RoutingTable)
+
+
+# ---- checkpoint store -------------------------------------------------------------------------
+
+
+def kv_write(seq: int, items: list[tuple[str, int, int]], finished: list[str] | None = None, layers: int = 2):
+    n = sum(c for _, _, c in items)
+    k = torch.arange(layers * n * 2 * 3, dtype=torch.float32).reshape(layers, n, 2, 3) + 1000 * seq
+    v = -k
+    msg = P.KVWrite(seq, [r for r, _, _ in items], [s for _, s, _ in items], [c for _, _, c in items],
+                    P.tensor_meta(k), P.tensor_meta(v), finished or [])
+    return msg, k, v
+
+
+def test_store_commits_contiguous_prefixes_and_freezes_at_a_hole():
+    store = CheckpointStore(1 << 20)
+    m, k0, _ = kv_write(0, [("a", 0, 3), ("b", 0, 2)])
+    store.write("aw0", m, k0, -k0)
+    m, k1, _ = kv_write(1, [("a", 3, 1)])
+    store.write("aw0", m, k1, -k1)
+    n, k, v = store.restore("a")
+    assert n == 4 and torch.equal(k, torch.cat([k0[:, :3], k1], dim=1)) and torch.equal(v, -k)
+    m, k3, _ = kv_write(3, [("a", 5, 1)])  # write 2 (position 4) was dropped: a hole
+    store.write("aw0", m, k3, -k3)
+    assert store.restore("a")[0] == 4 and store.stats()["gaps"] == 1  # restorable up to the hole
+    m, k4, _ = kv_write(4, [("a", 6, 1)])
+    store.write("aw0", m, k4, -k4)
+    assert store.restore("a")[0] == 4  # frozen: later writes do not extend it
+    m, k5, _ = kv_write(5, [("a", 0, 7)])  # recomputed from scratch: a fresh checkpoint
+    store.write("aw0", m, k5, -k5)
+    assert store.restore("a")[0] == 7
+
+
+def test_store_memory_is_what_it_holds_and_ended_requests_are_dropped():
+    store = CheckpointStore(max_bytes=2 * 5 * 2 * 3 * 4 * 2)  # room for 5 positions of k and v
+    m, k, _ = kv_write(0, [("a", 0, 3), ("b", 0, 3)])
+    store.write("aw0", m, k, -k)
+    held = sum(t.nbytes for cp in store.requests.values() for t in cp.k + cp.v)
+    assert store.bytes == held == 2 * 3 * 2 * 3 * 4 * 2  # a: 3 positions; b (over budget) frozen empty
+    assert store.restore("b")[0] == 0 and store.refused == 1
+    assert all(t.untyped_storage().data_ptr() != k.untyped_storage().data_ptr() for t in store.requests["a"].k)  # a copy
+    m, k, _ = kv_write(1, [], finished=["a", "b"])
+    store.write("aw0", m, k, -k)
+    assert store.bytes == 0 and store.requests == {}
+
+
+def test_store_ties_each_checkpoint_to_its_owner_until_a_handover():
+    store = CheckpointStore(1 << 20)
+    m, k, _ = kv_write(0, [("a", 0, 2)])
+    store.write("aw0", m, k, -k)
+    m, k, _ = kv_write(0, [("a", 2, 1)], finished=["a"])  # another worker writes and drops it: refused
+    store.write("aw1", m, k, -k)
+    assert store.restore("a")[0] == 2 and store.stats()["foreign"] == 2
+    assert store.may_restore("aw0", "a") and not store.may_restore("aw1", "a")
+    store.hand_over(P.Handover(["a"], "aw1"))  # the driver moved it to aw1
+    assert store.may_restore("aw1", "a") and not store.may_restore("aw0", "a")
+    m, k, _ = kv_write(1, [("a", 2, 1)])
+    store.write("aw1", m, k, -k)
+    assert store.restore("a")[0] == 3
