@@ -3,12 +3,9 @@
 It owns a disjoint set of requests: their KV cache, their scheduling, their sampling. Each step it
 runs attention for every scheduled token and sends routed tokens to the expert workers through
 its forwarding engine. Requests arrive from, and tokens go back to, the driver. Each step's new
-KV leaves for the checkpoint store without blocking (ZMQ's I/O thread sends it; a full queue drops
-the write and the store keeps the committed prefix). Requests of a failed AW arrive here as
-resumptions: their KV is fetched from the store and installed beside the running requests. When
-the store is replaced (its successor takes over its address, so the channel reconnects), every
-running request's whole KV is written again: the new store holds committed KV at once, and a
-later failure of this worker still restores instead of recomputing.
+KV leaves for the checkpoint stores without blocking (see checkpointer). Requests of a failed AW
+arrive here as resumptions: their KV is fetched from the stores and installed beside the running
+requests.
 """
 
 from __future__ import annotations
@@ -19,9 +16,9 @@ import time
 
 import torch
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
+from .checkpointer import Checkpointer, Restore
 from .config import ModelConfig
 from .forwarding_engine import ForwardingEngine, ShutdownRequested
 from .kv_cache import KVCache
@@ -53,20 +50,11 @@ class AttentionWorker:
         self.runner = ModelRunner(model, self.kv, self.engine)
         self.flights: dict[int, Flight] = {}  # micro-batch group -> its step in the air
         self.driver = self._socket(ctx, spec.driver_endpoint)
-        self.store = self.store_events = None
-        if spec.store_endpoint:
-            self.store = make_socket(ctx, zmq.DEALER, connect=spec.store_endpoint, identity=spec.name, max_bytes=DATA_MAX_BYTES,
-                                     monitor=zmq.EVENT_CONNECTED)
-            self.store_events = self.store.get_monitor_socket(zmq.EVENT_CONNECTED)  # a new store: refill it
-            self.store.setsockopt(zmq.SNDHWM, e.checkpoint_queue)
-        self.store_connects = 0
+        self.ckpt = Checkpointer(ctx, spec.name, spec.store_endpoints, e.checkpoint_queue, self.kv, self.sched, self.report) \
+            if spec.store_endpoints else None
         self.poller = zmq.Poller()
-        for s in (self.driver, orch, self.store):
-            if s is not None:
-                self.poller.register(s, zmq.POLLIN)
-        self.write_seq = 0
-        self.finished: list[str] = []  # to tell the store with the next write
-        self.restoring: dict[str, tuple[Sequence, float]] = {}
+        for s in (self.driver, orch, *(self.ckpt.sockets() if self.ckpt else [])):
+            self.poller.register(s, zmq.POLLIN)
         self.partial_logits: dict[str, list[torch.Tensor]] = {}
 
     def _socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -79,7 +67,7 @@ class AttentionWorker:
         restore_priority(self.spec)
         while True:
             if not self.flights and not self.sched.has_work():
-                self.poller.poll(100 if self.restoring else None)  # idle: sleep until a message
+                self.poller.poll(100 if self.ckpt and self.ckpt.restoring else None)  # idle: sleep until a message
             self.engine.service_control()
             self.handle_driver()
             self.handle_store()
@@ -111,41 +99,9 @@ class AttentionWorker:
         )))
 
     def checkpoint(self, chunks: list[ScheduledChunk], slots: torch.Tensor, finished: list[str]) -> None:
-        """Queue this step's new KV for the store; never blocks (a full queue drops the write)."""
-        if self.store is None:  # checkpointing off: nothing to write, nothing to collect
-            return
-        self.finished += finished
-        k, v = self.kv.k.index_select(1, slots), self.kv.v.index_select(1, slots)
-        msg = P.KVWrite(self.write_seq, [c.seq.req_id for c in chunks], [c.start for c in chunks], [c.count for c in chunks],
-                        P.tensor_meta(k), P.tensor_meta(v), self.finished)
-        if self.send_to_store(msg, k, v):
-            self.finished = []
-        if self.store_events.poll(0):  # the channel (re)connected: a store that may know nothing
-            recv_monitor_message(self.store_events)
-            self.store_connects += 1
-            if self.store_connects > 1:
-                self.refill_store()
-
-    def send_to_store(self, msg: P.KVWrite, k: torch.Tensor, v: torch.Tensor) -> bool:
-        self.write_seq += 1
-        try:
-            self.store.send_multipart(P.encode(msg, k, v), flags=zmq.NOBLOCK, copy=False)
-            return True
-        except zmq.Again:
-            return False  # the store is slow or gone: inference goes on, those requests' checkpoints stop
-
-    def refill_store(self) -> None:
-        """Write every running request's KV from position 0: a replacement store starts empty."""
-        seqs = [s for s in self.sched.running if s.num_computed > 0]
-        if not seqs:
-            return
-        slots = torch.cat([self.kv.slots(s.blocks, 0, s.num_computed) for s in seqs]).to(self.kv.k.device)
-        k, v = self.kv.k.index_select(1, slots), self.kv.v.index_select(1, slots)
-        msg = P.KVWrite(self.write_seq, [s.req_id for s in seqs], [0] * len(seqs), [s.num_computed for s in seqs],
-                        P.tensor_meta(k), P.tensor_meta(v), [])
-        sent = self.send_to_store(msg, k, v)
-        self.report("store_refilled" if sent else "store_refill_dropped",
-                    f"{len(seqs)} requests, {len(slots)} positions", 0.0)
+        """Queue this step's new KV for the stores; never blocks."""
+        if self.ckpt is not None:  # checkpointing off: nothing to write, nothing to collect
+            self.ckpt.write([c.seq.req_id for c in chunks], [c.start for c in chunks], [c.count for c in chunks], slots, finished)
 
     def handle_driver(self) -> None:
         while self.driver.poll(0):
@@ -155,42 +111,32 @@ class AttentionWorker:
                 self.sched.add(Sequence(msg.req_id, list(msg.prompt), msg.params))
             elif isinstance(msg, P.ResumeRequest):
                 seq = Sequence(msg.req_id, list(msg.prompt), msg.params, output=list(msg.output), max_chunk=1 if msg.tokenwise else None)
-                if msg.restore and self.store is not None:
-                    self.restoring[msg.req_id] = (seq, time.monotonic())
-                    self.store.send_multipart(P.encode(P.RestoreRequest(msg.req_id)))
+                if msg.restore and self.ckpt is not None:
+                    self.ckpt.restore(seq)
                 else:
                     self.sched.add(seq, front=True)  # recompute: prefill prompt + output
             elif isinstance(msg, P.AbortRequest):
                 for req_id in msg.req_ids:
                     self.sched.abort(req_id)
-                    if self.store is not None:
-                        self.finished.append(req_id)
+                if self.ckpt is not None:
+                    self.ckpt.forget(msg.req_ids)
 
     def handle_store(self) -> None:
-        """Install restored KV; requests whose restore is overdue are recomputed instead."""
-        while self.store is not None and self.store.poll(0):
-            got = recv(self.store, (P.RestoreData,), f"{self.spec.name} (store)")
-            if got is None:
+        """Install restored KV (the longest prefix the stores have); none: recompute."""
+        if self.ckpt is None:
+            return
+        for r in self.ckpt.receive(self.engine_cfg.restore_timeout_s):
+            if r.best is None:
+                self.sched.add(r.seq, front=True)
+                self.report("restored", f"{r.seq.req_id}: 0 of {r.seq.length} tokens from the store", (time.monotonic() - r.t0) * 1000)
                 continue
-            msg, bufs, entry = got.msg, got.bufs, None
-            try:
-                entry = self.restoring.pop(msg.req_id, None)
-                if entry is not None:
-                    self.install(entry[0], msg, P.to_tensor(msg.k, bufs[0]), P.to_tensor(msg.v, bufs[1]), entry[1])
-            except P.BadMessage as e:
-                drops.note(f"{self.spec.name} (store)", "store", str(e))
-                if entry is not None:  # its restore failed: recompute it
-                    self.sched.add(entry[0], front=True)
-        now = time.monotonic()
-        for req_id, (seq, t0) in list(self.restoring.items()):
-            if now - t0 > self.engine_cfg.restore_timeout_s:
-                del self.restoring[req_id]
-                self.report("restore_timeout", f"{req_id}: store silent, recomputing", (now - t0) * 1000)
-                self.sched.add(seq, front=True)
+            self.install(r)
+            self.ckpt.complete_copies(r)
 
-    def install(self, seq: Sequence, msg: P.RestoreData, k: torch.Tensor, v: torch.Tensor, t0: float) -> None:
+    def install(self, r: Restore) -> None:
         """Install restored KV, once it is checked against this model; a checkpoint that does not
-        fit is dropped and the request recomputed (its first write replaces it at the store)."""
+        fit is dropped and the request recomputed (its first write replaces it at the stores)."""
+        seq, t0, (msg, k, v) = r.seq, r.t0, r.best
         # Keep at least the last known token to compute: its logits give the next token.
         n = min(msg.committed, seq.length - 1)
         misfit = self.misfit(k, v, n) if n > 0 else None

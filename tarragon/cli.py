@@ -23,6 +23,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recovery", default="tarragon", choices=["tarragon", "recompute", "restart"],
                    help="what an attention worker's failure costs: restore KV, re-prefill, or restart everything")
     p.add_argument("--no-checkpoint", action="store_true", help="no KV checkpointing (an attention worker's failure re-prefills)")
+    p.add_argument("--stores", type=int, default=None,
+                   help="KV checkpoint stores, each holding every checkpoint (default: 2 local, 1 with ray or manual)")
     p.add_argument("--probe-interval-s", type=float, default=0.01,
                    help="probe a silent expert worker after this long (a large value turns probing off)")
     p.add_argument("--launcher", default="local", choices=["local", "ray", "manual"],
@@ -47,7 +49,7 @@ def start_llm(args: argparse.Namespace):
 
     return LLM(args.model, log_dir=args.log_dir, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
                dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery,
-               checkpoint=not args.no_checkpoint, probe_interval_s=args.probe_interval_s, launcher=args.launcher,
+               checkpoint=not args.no_checkpoint, stores=args.stores, probe_interval_s=args.probe_interval_s, launcher=args.launcher,
                ray_address=args.ray_address, join_address=args.join_address, nodes=dict(n.split("=", 1) for n in args.node),
                key_file=args.key_file, insecure_transport=args.insecure_transport)
 
@@ -63,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "the point is how it is served")
     with start_llm(args) as llm:
         print(f"cluster: {args.attention_workers} attention workers, {args.expert_workers} expert workers, "
-              f"{llm.shadows} shadow cop{'y' if llm.shadows == 1 else 'ies'} of each expert, a KV checkpoint store, an orchestrator")
+              f"{llm.shadows} shadow cop{'y' if llm.shadows == 1 else 'ies'} of each expert, {llm.config.stores} KV checkpoint store{'s' if llm.config.stores > 1 else ''}, an orchestrator")
         t0 = time.monotonic()
         outs = llm.generate(prompts, params)
         elapsed = time.monotonic() - t0

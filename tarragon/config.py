@@ -245,7 +245,8 @@ class EngineConfig:
     micro_batches: int = 2  # ping-pong halves of a decode step (overlap attention with experts)
     threads_per_worker: int = 1
     checkpoint: bool = True  # stream KV to the checkpoint store (needed by recovery="tarragon")
-    store_max_bytes: int = 1 << 30
+    stores: int = 2  # checkpoint stores, each holding every checkpoint: one may die and restores still find the KV
+    store_max_bytes: int = 1 << 30  # per store
     checkpoint_queue: int = 1024  # KV writes in flight per attention worker before writes are dropped
     restore_timeout_s: float = 1.0  # then a restoring request falls back to recompute
     extra: dict = field(default_factory=dict)

@@ -131,12 +131,15 @@ class LLM:
         stall_timeout_s: float = 60.0,
         progress_timeout_s: float = 10.0,
         orchestrator_timeout_s: float = 3.0,
+        stores: int | None = None,
         **engine_args,
     ):
         """`stall_timeout_s`: requests end with an error once the cluster has produced no token for
         this long while they wait; `progress_timeout_s`: `health()` fails after this long without a
         token while requests wait; `orchestrator_timeout_s`: an orchestrator silent this long is
-        replaced (local launcher), or reported unhealthy."""
+        replaced (local launcher), or reported unhealthy; `stores`: checkpoint stores, each
+        holding every checkpoint (default 2 with the local launcher, so a store's death loses no
+        checkpoint; 1 with ray or manual, where a second store wants a host and a join of its own)."""
         if model is None:
             from .make_model import demo_model
 
@@ -144,13 +147,16 @@ class LLM:
         model = resolve_model(model)  # a folder, or a Hub id resolved into the Hugging Face cache
         if attention_workers < 1 or expert_workers < 1:
             raise ValueError("need at least one attention worker and one expert worker")
+        stores = stores if stores is not None else 2 if launcher == "local" else 1
+        if stores < 1:
+            raise ValueError(f"stores must be >= 1, got {stores}")
         if recovery not in RECOVERY_POLICIES:
             raise ValueError(f"recovery must be one of {', '.join(RECOVERY_POLICIES)}, not {recovery!r}")
         self.recovery = recovery
         if placement not in ("auto", "pack", "spread"):
             raise ValueError(f"placement must be auto, pack or spread, not {placement!r}")
         # auto: spread when every worker process can have a core of its own, else pack.
-        workers = attention_workers + expert_workers + 1
+        workers = attention_workers + expert_workers + stores
         self.placement = placement if placement != "auto" else "spread" if (os.cpu_count() or 1) >= workers else "pack"
         if shadows < 0:
             raise ValueError(f"shadows must be >= 0, got {shadows}")
@@ -159,7 +165,7 @@ class LLM:
         if dtype == "auto":  # bf16 where the hardware is built for it; fp32 on CPUs, where bf16 is slower here
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         gpus = _visible_gpus() if device == "cuda" and launcher == "local" else []  # Ray gives each actor its GPU
-        self.config = EngineConfig(str(model), attention_workers, expert_workers, device, dtype, **engine_args)
+        self.config = EngineConfig(str(model), attention_workers, expert_workers, device, dtype, stores=stores, **engine_args)
         self.model_config = cfg = ModelConfig.from_dir(model)
         WeightFiles(model).close()  # fail here, clearly, on a missing or corrupt checkpoint
         self.tokenizer = Tokenizer(model)

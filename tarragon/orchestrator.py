@@ -111,10 +111,9 @@ class Orchestrator:
         self.version = 0
         self.events: collections.deque[P.Event] = collections.deque(maxlen=2000)
         self.ready_announced = False
-        self.next_index = {"expert": len(ew_slots), "attention": spec.attention_workers, "store": 1}
+        self.next_index = {"expert": len(ew_slots), "attention": spec.attention_workers, "store": max(1, spec.engine.stores)}
         self.epoch = 0
         self.restart_t0 = 0.0
-        self.store_name = ""  # the first store: every later one takes over its address
         self.waiting: dict[str, tuple[str, bool]] = {}  # attention workers waiting for peers' addresses
         self.published = 0.0
 
@@ -151,9 +150,14 @@ class Orchestrator:
                           nice=10 if replacement else 0, **self.common(name))
         self.launch(spec, slot, replacement)
 
+    def store_slots(self) -> list[str]:
+        """The checkpoint stores' places: "store", "store1", ... (each AW writes to all of them).
+        The first store of a slot is named after it; every later one takes over its address."""
+        suffix = f"-r{self.epoch}" if self.epoch else ""
+        return [f"store{i or ''}{suffix}" for i in range(self.spec.engine.stores)]
+
     def start_store(self, name: str, slot: str, replacement: bool = False) -> None:
-        endpoint = self.launcher.endpoint(self.store_name) if self.store_name else ""
-        self.store_name = self.store_name or name
+        endpoint = self.launcher.endpoint(slot) if name != slot else ""
         spec = WorkerSpec(role="store", endpoint=endpoint or "", store_max_bytes=self.spec.engine.store_max_bytes,
                           nice=10 if replacement else 0, **self.common(name))
         self.launch(spec, slot, replacement)
@@ -162,13 +166,13 @@ class Orchestrator:
         """It connects to the store and to every live expert worker: it starts once their
         addresses are known (at once locally; once placed by Ray or joined by hand otherwise)."""
         live = self.live_experts()
-        store = self.launcher.endpoint(self.store_name) if self.spec.engine.checkpoint else ""
+        stores = [self.launcher.endpoint(s) for s in self.store_slots()] if self.spec.engine.checkpoint else []
         experts = {w: self.launcher.endpoint(w) for w in live}
-        if store is None or None in experts.values():
+        if None in stores or None in experts.values():
             self.waiting[name] = (slot, replacement)
             return
         self.waiting.pop(name, None)
-        spec = WorkerSpec(role="attention", driver_endpoint=self.spec.driver_endpoint, table=self.table(), store_endpoint=store,
+        spec = WorkerSpec(role="attention", driver_endpoint=self.spec.driver_endpoint, table=self.table(), store_endpoints=stores,
                           nice=10 if replacement else 0, expert_endpoints=experts,
                           probe_endpoints_of_experts={w: self.launcher.probe_endpoint(w) for w in live},
                           engine=self.spec.engine, **self.common(name))
@@ -259,7 +263,8 @@ class Orchestrator:
 
     def start_all(self) -> None:
         suffix = f"-r{self.epoch}" if self.epoch else ""
-        self.start_store("store" + suffix, "store" + suffix)
+        for slot in self.store_slots():
+            self.start_store(slot, slot)
         for slot in self.current:
             self.current[slot] = slot + suffix
             self.start_expert(slot + suffix, slot)
@@ -307,7 +312,6 @@ class Orchestrator:
         # Newer than any table the predecessor may have pushed but not yet published.
         self.version, self.epoch, self.ready_announced = s.table_version + 8, s.epoch, True
         self.next_index.update(s.next_index)
-        self.store_name = "store"  # the first store's address, which every later one takes over
         for r in s.adopt:
             if r.state in ("failed", "stopped"):
                 continue
@@ -331,7 +335,7 @@ class Orchestrator:
         if not self.spec.replace_failed:
             return
         suffix = f"-r{self.epoch}" if self.epoch else ""
-        slots = [("store", "store" + suffix)] + [("expert", slot) for slot in self.current]
+        slots = [("store", slot) for slot in self.store_slots()] + [("expert", slot) for slot in self.current]
         slots += [("attention", f"aw{i}{suffix}") for i in range(self.spec.attention_workers)]
         start = {"expert": self.start_expert, "attention": self.start_attention, "store": self.start_store}
         for role, slot in slots:

@@ -51,7 +51,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     endpoint: str = ""  # expert worker, store: where it binds ("": the launcher picks)
     experts: list[tuple[int, int]] = []  # expert worker: (layer, expert) pairs it loads
     shadow_experts: list[tuple[int, int]] = []  # expert worker: which of them are shadows
-    store_endpoint: str = ""  # attention worker: the checkpoint store ("" = no checkpointing)
+    store_endpoints: list[str] = []  # attention worker: the checkpoint stores, each written in full (none: no checkpointing)
     store_max_bytes: int = 1 << 30  # checkpoint store: its memory budget
     driver_endpoint: str = ""  # attention worker: where requests come from
     expert_endpoints: dict[str, str] = {}  # attention worker: expert worker name -> endpoint

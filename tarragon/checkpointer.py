@@ -1,0 +1,161 @@
+"""The attention worker's side of KV checkpointing: its channels to the checkpoint stores.
+
+Every step's new KV goes to every store (each holds every checkpoint), without blocking: ZMQ's
+I/O thread sends it, a full queue drops the write and that store keeps the committed prefix. So
+one store may die and a restore still finds the committed KV in another, even before the dead
+store's replacement is up. A store that (re)connects may know nothing (a replacement takes over
+its predecessor's address): it gets the whole KV of every request this worker holds, from
+position 0. A store that is down gets nothing meanwhile (its queue would only fill with writes
+its successor cannot use).
+
+A restore asks every store that is up and installs the longest committed prefix, as soon as one
+covers the whole request or every store asked has answered (or the restore times out). Stores
+that answered less then get the installed KV, so they hold the request in full again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import protocol as P
+from .kv_cache import KVCache
+from .scheduler import Scheduler, Sequence
+from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
+
+WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+MAX_FINISHED = 4096  # finished requests remembered for a store that is not taking writes
+
+
+class StoreLink:
+    """One checkpoint store as this worker writes to it."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, name: str, queue: int):
+        self.sock = make_socket(ctx, zmq.DEALER, connect=endpoint, identity=name, max_bytes=DATA_MAX_BYTES, monitor=WATCHED)
+        self.sock.setsockopt(zmq.SNDHWM, queue)
+        self.events = self.sock.get_monitor_socket(WATCHED)
+        self.endpoint = endpoint
+        self.up = False  # connected (a store listens there)
+        self.seq = 0  # write number: the store counts the gaps
+        self.finished: list[str] = []  # requests done, to tell with the next write
+
+    def send(self, req_ids: list[str], starts: list[int], counts: list[int], k: torch.Tensor, v: torch.Tensor) -> bool:
+        msg = P.KVWrite(self.seq, req_ids, starts, counts, P.tensor_meta(k), P.tensor_meta(v), self.finished)
+        self.seq += 1
+        try:
+            self.sock.send_multipart(P.encode(msg, k, v), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False  # the store is slow or stopped: inference goes on, those checkpoints stop growing
+        self.finished = []
+        return True
+
+    def forget(self, req_ids: list[str]) -> None:
+        """Requests that ended: their checkpoints are dropped with the next write. (A store down
+        long enough forgets them anyway: its successor never holds them.)"""
+        self.finished = (self.finished + req_ids)[-MAX_FINISHED:]
+
+
+@dataclass
+class Restore:
+    seq: Sequence
+    t0: float
+    waiting: set[int]  # the links asked that have not answered yet
+    answers: dict[int, int] = field(default_factory=dict)  # link -> committed length it has
+    best: tuple[P.RestoreData, torch.Tensor, torch.Tensor] | None = None
+
+    def complete(self) -> bool:
+        """The longest answer covers every token but the last (whose KV the next step computes)."""
+        return not self.waiting or (self.best is not None and self.best[0].committed >= self.seq.length - 1)
+
+
+class Checkpointer:
+    def __init__(self, ctx: zmq.Context, name: str, endpoints: list[str], queue: int, kv: KVCache, sched: Scheduler, report):
+        self.name, self.kv, self.sched, self.report = name, kv, sched, report
+        self.links = [StoreLink(ctx, e, name, queue) for e in endpoints]
+        self.restoring: dict[str, Restore] = {}
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [link.sock for link in self.links]
+
+    def write(self, req_ids: list[str], starts: list[int], counts: list[int], slots: torch.Tensor, finished: list[str]) -> None:
+        """One step's new KV to every store that is up."""
+        self.watch()
+        k, v = self.kv.k.index_select(1, slots), self.kv.v.index_select(1, slots)
+        for link in self.links:
+            link.forget(finished)
+            if link.up:
+                link.send(req_ids, starts, counts, k, v)
+
+    def forget(self, req_ids: list[str]) -> None:
+        """Aborted requests: their checkpoints are dropped with the next write."""
+        for link in self.links:
+            link.forget(req_ids)
+
+    def watch(self) -> None:
+        """Follow each store's connection: a store that (re)connects gets every request's KV."""
+        for i, link in enumerate(self.links):
+            while link.events.poll(0):
+                event = recv_monitor_message(link.events)["event"]
+                link.up = event == zmq.EVENT_CONNECTED
+                held = [s for s in [*self.sched.running, *self.sched.waiting] if s.num_computed > 0 and s.blocks]
+                if link.up and held:
+                    sent = self.refill(link, held)
+                    self.report("store_refilled" if sent else "store_refill_dropped",
+                                f"{link.endpoint.rsplit('/', 1)[-1]}: {len(held)} requests, {sum(s.num_computed for s in held)} positions", 0.0)
+                else:
+                    for r in self.restoring.values():  # a dead store never answers
+                        r.waiting.discard(i)
+
+    def refill(self, link: StoreLink, seqs: list[Sequence]) -> bool:
+        """Write the computed KV of `seqs` from position 0."""
+        counts = [s.num_computed for s in seqs]
+        slots = torch.cat([self.kv.slots(s.blocks, 0, c) for s, c in zip(seqs, counts)]).to(self.kv.k.device)
+        k, v = self.kv.k.index_select(1, slots), self.kv.v.index_select(1, slots)
+        return link.send([s.req_id for s in seqs], [0] * len(seqs), counts, k, v)
+
+    # ---- restores -------------------------------------------------------------------------
+
+    def restore(self, seq: Sequence) -> None:
+        """Ask every store that is up (none up: every store, one may be connecting) for the
+        request's committed KV."""
+        self.watch()
+        asked = {i for i, link in enumerate(self.links) if link.up} or set(range(len(self.links)))
+        for i in asked:
+            self.links[i].sock.send_multipart(P.encode(P.RestoreRequest(seq.req_id)))
+        self.restoring[seq.req_id] = Restore(seq, time.monotonic(), asked)
+
+    def receive(self, timeout_s: float) -> list[Restore]:
+        """Restores that are settled: complete, answered by every store asked, or overdue."""
+        self.watch()
+        for i, link in enumerate(self.links):
+            while link.sock.poll(0):
+                got = recv(link.sock, (P.RestoreData,), f"{self.name} (store)")
+                r = self.restoring.get(got.msg.req_id) if got is not None else None
+                if r is None or i not in r.waiting:
+                    continue
+                r.waiting.discard(i)
+                try:
+                    k, v = P.to_tensor(got.msg.k, got.bufs[0]), P.to_tensor(got.msg.v, got.bufs[1])
+                except P.BadMessage as e:
+                    drops.note(f"{self.name} (store)", link.endpoint, str(e))
+                    continue
+                r.answers[i] = got.msg.committed
+                if got.msg.committed > (r.best[0].committed if r.best else 0):
+                    r.best = (got.msg, k, v)
+        now = time.monotonic()
+        done = [r for r in self.restoring.values() if r.complete() or now - r.t0 > timeout_s]
+        for r in done:
+            del self.restoring[r.seq.req_id]
+            if not r.complete():
+                self.report("restore_timeout", f"{r.seq.req_id}: {len(r.waiting)} store(s) silent", (now - r.t0) * 1000)
+        return done
+
+    def complete_copies(self, r: Restore) -> None:
+        """After an install: stores that are up and held less get the installed prefix."""
+        for i, link in enumerate(self.links):
+            if r.seq.num_computed and link.up and r.answers.get(i, 0) < r.seq.num_computed:
+                self.refill(link, [r.seq])
