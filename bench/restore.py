@@ -2,13 +2,15 @@
 from the checkpoint store vs re-prefilling prompt + output vs replaying token by token.
 
     .venv/bin/python bench/restore.py [--model DIR] [--positions 64 256 1024] [--runs 3] [--short]
+                                      [--stores 2] [--store-first] [--policies tarragon ...]
 
 One request whose context holds --positions tokens has its attention worker SIGKILLed after 8
 generated tokens; the figure is its largest token gap across the failure. The recovery policy is
 a cluster setting, so one cluster per policy (2 AW x 1 EW), all up at once, runs interleaved.
 This drives `LLM` in-process (the failure lands at an exact token, which a timed HTTP fault
 cannot promise). Medians of --runs; ratios from the same runs. Writes
-docs/results/restore.json and restore.png.
+docs/results/restore.json and restore.png. --store-first SIGKILLs a checkpoint store just before
+the attention worker (with two stores the other one serves the restore).
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ from tarragon.make_model import demo_model  # noqa: E402
 POLICIES = {"tarragon": "restore from checkpoint", "recompute": "re-prefill", "replay": "token-by-token replay"}
 
 
-def resume_gap(llm: LLM, context: int, seed: int) -> float:
+def resume_gap(llm: LLM, context: int, seed: int, store_first: bool = False) -> float:
     """Kill the worker of one request 8 tokens in; its largest token gap after that point."""
-    wait_attention(llm, 2)  # the previous run's replacement
+    wait_attention(llm, 2)  # the previous run's replacement (and the store's)
     rng = random.Random(seed)
     prompt = [rng.randrange(3, llm.model_config.vocab_size) for _ in range(context)]
     req = llm.submit(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     while len(req.tokens) < 8:
         time.sleep(0.0005)
+    if store_first:
+        llm.kill(next(w.name for w in llm.workers() if w.role == "store" and w.state == "ready"))
     llm.kill(req.worker)
     times = llm.wait(req, 600).token_times[6:]
     return max(b - a for a, b in zip(times, times[1:]))
@@ -44,7 +48,8 @@ def resume_gap(llm: LLM, context: int, seed: int) -> float:
 
 def wait_attention(llm: LLM, n: int, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
-    while sum(w.role == "attention" and w.state == "ready" for w in llm.workers()) < n or any(w.state == "starting" for w in llm.workers()):
+    while sum(w.role == "attention" and w.state == "ready" for w in llm.workers()) < n or any(w.state == "starting" for w in llm.workers()) \
+            or sum(w.role == "store" and w.state == "ready" for w in llm.workers()) < llm.config.stores:
         if time.monotonic() > deadline:
             raise TimeoutError("the attention worker was not replaced")
         time.sleep(0.05)
@@ -80,6 +85,9 @@ def main() -> None:
     ap.add_argument("--positions", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--short", action="store_true", help="one short position, one run (the test suite's form)")
+    ap.add_argument("--stores", type=int, default=2, help="checkpoint stores")
+    ap.add_argument("--store-first", action="store_true", help="SIGKILL a store just before the attention worker")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="a table and plot need all three")
     ap.add_argument("--out", default="docs/results/restore.json")
     args = ap.parse_args()
     if args.short:
@@ -87,21 +95,27 @@ def main() -> None:
     model = args.model or str(demo_model())
     record = experiment_header("resuming one request after its attention worker dies, by failure position", model,
                                f"one request, context {', '.join(map(str, args.positions))} tokens, killed 8 tokens in; "
-                               f"2 AW x 1 EW per policy; median of {args.runs}")
-    gaps: dict[int, dict[str, list[float]]] = {c: {p: [] for p in POLICIES} for c in args.positions}
+                               f"2 AW x 1 EW x {args.stores} store(s) per policy" + (", a store killed first" if args.store_first else "")
+                               + f"; median of {args.runs}")
+    gaps: dict[int, dict[str, list[float]]] = {c: {p: [] for p in args.policies} for c in args.positions}
     llms: dict[str, LLM] = {}
     try:
-        for p in POLICIES:
-            llms[p] = LLM(model, attention_workers=2, expert_workers=1, recovery=p, max_model_len=max(args.positions) + 64)
+        for p in args.policies:
+            llms[p] = LLM(model, attention_workers=2, expert_workers=1, recovery=p, max_model_len=max(args.positions) + 64, stores=args.stores)
         for run in range(args.runs):
             for ctx in args.positions:
                 for p, llm in llms.items():
-                    gaps[ctx][p].append(1000 * resume_gap(llm, ctx, seed=run))
-                print(f"run {run + 1}, context {ctx}: " + ", ".join(f"{p} {gaps[ctx][p][-1]:.0f} ms" for p in POLICIES), flush=True)
+                    gaps[ctx][p].append(1000 * resume_gap(llm, ctx, seed=run, store_first=args.store_first))
+                print(f"run {run + 1}, context {ctx}: " + ", ".join(f"{p} {gaps[ctx][p][-1]:.0f} ms" for p in args.policies), flush=True)
+            if run == 0:
+                print("restores: " + "; ".join(e.detail for e in llms[args.policies[0]].events() if e.kind == "restored"), flush=True)
     finally:
         for llm in llms.values():
             llm.shutdown()
     med = statistics.median
+    if set(args.policies) != set(POLICIES):
+        print({ctx: {p: f"{med(v):.0f} ms" for p, v in g.items()} for ctx, g in gaps.items()})
+        return
     table = {ctx: {p: med(v) for p, v in g.items()} for ctx, g in gaps.items()}
     ratios = {ctx: {f"{p}/tarragon": med(a / b for a, b in zip(g[p], g["tarragon"])) for p in ("recompute", "replay")}
               for ctx, g in gaps.items()}

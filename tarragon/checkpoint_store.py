@@ -1,6 +1,8 @@
 """The checkpoint store: its own process (another host in production), holding every attention
 worker's KV cache as it grows, so a dead worker's requests resume elsewhere from their last
-committed token instead of being re-prefilled.
+committed token instead of being re-prefilled. There are several (two by default): each
+attention worker writes every checkpoint to each of them (see checkpointer), so a store's death
+loses nothing, and its replacement, which takes over its address, is re-filled by the workers.
 
 Writes arrive as each step's new KV (all layers at once, so arrival commits them); per request
 the store keeps the contiguous prefix it has, `committed` tokens long. A write that would leave a
@@ -137,6 +139,7 @@ class CheckpointStore:
 
     def stats(self) -> dict[str, int]:
         return {"bytes": self.bytes, "max_bytes": self.max_bytes, "requests": len(self.requests),
+                "positions": sum(cp.committed for cp in self.requests.values()),
                 "refused": self.refused, "gaps": self.gaps, "foreign": self.foreign}
 
 
@@ -157,7 +160,9 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
                 return
             if got is not None:
                 store.hand_over(got.msg)
-        if sock in events:
+        for _ in range(1000 if sock in events else 0):  # every write already here goes in before any restore is answered
+            if not sock.poll(0):
+                break
             got = recv(sock, FROM_ATTENTION, spec.name)
             if got is not None:
                 serve(store, sock, got, spec.name)
@@ -170,10 +175,8 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
 
 def serve(store: CheckpointStore, sock: zmq.Socket, got: Received, name: str) -> None:
     sender, msg, bufs = got.sender, got.msg, got.bufs
-    if isinstance(msg, P.RestoreRequest):
-        if store.may_restore(sender, msg.req_id):
-            answer_restore(store, sock, got.identity, msg.req_id, True)
-        elif len(store.parked) < 4096:
+    if isinstance(msg, P.RestoreRequest):  # answered once the writes that arrived with it are in (due_restores)
+        if len(store.parked) < 4096:
             store.parked.append((got.identity, msg.req_id, time.monotonic()))
         return
     try:

@@ -91,9 +91,14 @@ class Checkpointer:
                 link.send(req_ids, starts, counts, k, v)
 
     def forget(self, req_ids: list[str]) -> None:
-        """Aborted requests: their checkpoints are dropped with the next write."""
+        """Aborted requests: their checkpoints are dropped now (a write with no KV carries them;
+        the worker may have no next step to carry them)."""
+        self.watch()
+        none = self.kv.k[:, :0], self.kv.v[:, :0]
         for link in self.links:
             link.forget(req_ids)
+            if link.up:
+                link.send([], [], [], *none)
 
     def watch(self) -> None:
         """Follow each store's connection: a store that (re)connects gets every request's KV."""

@@ -235,7 +235,7 @@ class Metrics:
                 lambda: llm.reassigned["rerun"],
         }
         self.ckpt_dropped = counter("tarragon:checkpoint_writes_dropped", "KV writes lost before the store (lag, back-pressure).")
-        self.ckpt_bytes = gauge("tarragon:checkpoint_bytes", "KV bytes held by the checkpoint store.")
+        self.ckpt_bytes = gauge("tarragon:checkpoint_bytes", "KV bytes held by the checkpoint stores (all copies).")
         self.table_version = gauge("tarragon:routing_table_version", "Version of the authoritative routing table.")
         self.workers_up = gauge("tarragon:workers", "Workers by role and state.", ("role", "state"))
         self._seen: dict = {}  # running totals already added to counters
@@ -283,7 +283,7 @@ class Metrics:
         aws = [w for w in workers if w.role == "attention" and w.state == "ready" and w.kv_blocks_total]
         self.kv_usage.labels(*self.labels).set(sum(w.kv_blocks_used for w in aws) / max(1, sum(w.kv_blocks_total for w in aws)))
         store = [w for w in workers if w.role == "store" and w.state == "ready"]
-        self.ckpt_bytes.labels(*self.labels).set(store[0].info.get("bytes", 0) if store else 0)
+        self.ckpt_bytes.labels(*self.labels).set(sum(w.info.get("bytes", 0) for w in store))
         self._add_new(self.ckpt_dropped.labels(*self.labels), sum(w.info.get("gaps", 0) for w in store))
         self.table_version.labels(*self.labels).set(llm._state.table_version if llm._state else 0)
         self.workers_up.clear()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import time
+
+import msgspec
 
 from conftest import prompts_of_lengths
 from tarragon import SamplingParams
 
 LOAD_PROMPTS = prompts_of_lengths([4 + 3 * i for i in range(16)], 1024, seed=11)
 LOAD_PARAMS = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+LONG = msgspec.structs.replace(LOAD_PARAMS, max_tokens=1900)  # outlive a test's faults, then aborted (assert_failure_free)
 
 
 def max_gap(reqs_or_outs) -> float:
@@ -42,3 +46,40 @@ def run_with_fault(llm, inject, after_tokens: int = 50, prompts=LOAD_PROMPTS, pa
         wait_until(lambda: min(len(r.tokens) for r in reqs) >= after_tokens, 60, "tokens before the fault")
     inject()
     return [llm.wait(r, 180) for r in reqs]
+
+
+def restored_tokens(llm, since: float) -> list[int]:
+    """Tokens each restore since `since` took from a store (its event: "req: N of M tokens ...")."""
+    return [int(re.search(r"(\d+) of \d+ tokens", e.detail).group(1)) for e in llm.events() if e.kind == "restored" and e.t > since]
+
+
+def assert_failure_free(llm, reqs, more: int = 20) -> None:
+    """Once every request has `more` tokens beyond what it has now, abort them all: each one's
+    tokens must be those of a failure-free run of as many tokens (requests long enough to outlive
+    a test's faults, without a failure-free run of their full length first)."""
+    want = [len(r.tokens) + more for r in reqs]
+    wait_until(lambda: all(len(r.tokens) >= n for r, n in zip(reqs, want)), 120, "tokens after the faults")
+    for r in reqs:
+        llm.abort(r)
+    got = [list(r.tokens) for r in reqs]
+    assert all(len(g) < LONG.max_tokens for g in got), "requests ended before the test did"
+    again = llm.generate([r.prompt_ids for r in reqs], [msgspec.structs.replace(LONG, max_tokens=len(g)) for g in got])
+    assert [o.token_ids for o in again] == got
+
+
+def wait_refilled(llm, reqs, since: float, timeout: float = 60.0) -> None:
+    """Wait until every attention worker that holds one of `reqs` has re-filled the store that
+    came up since `since`, and that store holds what they wrote (its own count, sent each 0.5 s)."""
+    def done() -> bool:
+        refills = [e for e in llm.events() if e.kind == "store_refilled" and e.t > since]
+        if not {r.worker for r in reqs} <= {e.worker for e in refills}:
+            return False
+        new = [w for w in llm.workers() if w.role == "store" and w.state == "ready" and w.pid not in old]
+        written = sum(int(re.search(r"(\d+) positions", e.detail).group(1)) for e in refills)
+        return any(w.info.get("positions", 0) >= written for w in new)
+
+    old = {w.pid for w in llm.workers() if w.role == "store" and w.state == "ready"}
+    try:
+        wait_until(done, timeout, "every attention worker with requests refilled the new store")
+    except AssertionError:
+        raise AssertionError("no refill:\n" + "\n".join(f"{e.t:.2f} {e.kind} {e.worker} {e.detail[:90]}" for e in llm.events())) from None
