@@ -108,7 +108,7 @@ class Checkpointer:
                 link.up = event == zmq.EVENT_CONNECTED
                 held = [s for s in [*self.sched.running, *self.sched.waiting] if s.num_computed > 0 and s.blocks]
                 if link.up and held:
-                    sent = self.refill(link, held)
+                    sent = all([self.refill(link, [s]) for s in held])  # one message per request: each within the size limit
                     self.report("store_refilled" if sent else "store_refill_dropped",
                                 f"{link.endpoint.rsplit('/', 1)[-1]}: {len(held)} requests, {sum(s.num_computed for s in held)} positions", 0.0)
                 else:
