@@ -6,6 +6,12 @@ its forwarding engine. Requests arrive from, and tokens go back to, the driver. 
 KV leaves for the checkpoint stores without blocking (see checkpointer). Requests of a failed AW
 arrive here as resumptions: their KV is fetched from the stores and installed beside the running
 requests.
+
+A planned drain (the orchestrator's `Drain`): it lets the steps in flight finish (their tokens go
+to the driver, their KV to the stores), launches no more, makes sure every store has every write
+(one round trip on each channel), then hands every request back to the driver (`Drained`),
+which moves them to another worker: they resume from the stores, nothing is recomputed. It stays
+up, bouncing any request that still reaches it, until the orchestrator shuts it down.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class AttentionWorker:
         for s in (self.driver, orch, *(self.ckpt.sockets() if self.ckpt else [])):
             self.poller.register(s, zmq.POLLIN)
         self.partial_logits: dict[str, list[torch.Tensor]] = {}
+        self.drained = False
 
     def _socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
         return make_socket(ctx, zmq.DEALER, connect=endpoint, identity=self.spec.name, max_bytes=DATA_MAX_BYTES)
@@ -71,13 +78,15 @@ class AttentionWorker:
             self.engine.service_control()
             self.handle_driver()
             self.handle_store()
+            if self.engine.drain_requested and not self.flights and not self.drained:
+                self.drain()
             for group in range(self.sched.groups):  # advance each group's step; start the next at once
                 flight = self.flights.get(group)
                 if flight is not None and (out := self.runner.advance(flight)) is not None:
                     del self.flights[group]
                     self.sched.in_flight.discard(group)
                     self.finish_step(flight.chunks, out)
-                if group not in self.flights and (chunks := self.sched.schedule(group)):
+                if group not in self.flights and not self.engine.drain_requested and (chunks := self.sched.schedule(group)):
                     self.flights[group] = self.runner.launch(chunks)
                     self.sched.in_flight.add(group)
 
@@ -104,11 +113,29 @@ class AttentionWorker:
         if self.ckpt is not None:  # checkpointing off: nothing to write, nothing to collect
             self.ckpt.write([c.seq.req_id for c in chunks], [c.start for c in chunks], [c.count for c in chunks], slots, finished)
 
+    def drain(self) -> None:
+        """No step in flight: commit every write to the stores, then hand all requests back."""
+        t0 = time.monotonic()
+        self.drained = True
+        flushed = self.ckpt.flush() if self.ckpt is not None else True
+        restoring = [r.seq for r in self.ckpt.restoring.values()] if self.ckpt is not None else []
+        seqs = list(self.sched.running) + list(self.sched.waiting) + restoring
+        req_ids = list(dict.fromkeys(s.req_id for s in seqs))
+        if self.ckpt is not None:
+            self.ckpt.restoring.clear()
+        for req_id in req_ids:
+            self.sched.abort(req_id)  # frees the KV; the stores keep the checkpoints (not finished)
+        self.driver.send_multipart(P.encode(P.Drained(self.spec.name, req_ids)))
+        self.report("drained", f"{len(req_ids)} requests handed back" + ("" if flushed else "; stores not confirmed"),
+                    (time.monotonic() - t0) * 1000)
+
     def handle_driver(self) -> None:
         while self.driver.poll(0):
             got = recv(self.driver, FROM_DRIVER, f"{self.spec.name} (driver)")
             msg = got.msg if got else None
-            if isinstance(msg, P.AddRequest):
+            if self.drained and isinstance(msg, (P.AddRequest, P.ResumeRequest)):  # sent before the driver knew
+                self.driver.send_multipart(P.encode(P.Drained(self.spec.name, [msg.req_id])))
+            elif isinstance(msg, P.AddRequest):
                 self.sched.add(Sequence(msg.req_id, list(msg.prompt), msg.params))
             elif isinstance(msg, P.ResumeRequest):
                 seq = Sequence(msg.req_id, list(msg.prompt), msg.params, output=list(msg.output), max_chunk=1 if msg.tokenwise else None)

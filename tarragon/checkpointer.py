@@ -100,6 +100,25 @@ class Checkpointer:
             if link.up:
                 link.send([], [], [], *none)
 
+    def flush(self, timeout_s: float = 1.0) -> bool:
+        """Whether every write sent so far has reached every store that is up: an empty restore
+        request, sent behind them on each channel, is answered after them (a drain relies on it;
+        restores in progress are dropped meanwhile, the drain hands their requests back)."""
+        self.watch()
+        pending = {link.sock: link for link in self.links if link.up}
+        poller = zmq.Poller()
+        for sock in pending:
+            sock.send_multipart(P.encode(P.RestoreRequest("")))
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(left * 1000):
+                got = recv(sock, (P.RestoreData,), f"{self.name} (store)")
+                if got is not None and got.msg.req_id == "" and sock in pending:
+                    del pending[sock]
+                    poller.unregister(sock)
+        return not pending
+
     def watch(self) -> None:
         """Follow each store's connection: a store that (re)connects gets every request's KV."""
         for i, link in enumerate(self.links):

@@ -159,7 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.info("serving %r on http://%s:%d/v1 with %s", name, args.host, args.port,
                      ", ".join(f"{w.name}(pid {w.pid})" for w in llm.workers()))
             try:
-                return serve(llm, name, args.host, args.port, api_key, args.max_queue, args.enable_fault_injection, sock=sock)
+                return serve(llm, name, args.host, args.port, api_key, args.max_queue, args.enable_fault_injection, sock=sock,
+                             admin=args.enable_admin)
             except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C
                 log.info("stopped by SIGINT; shutting the cluster down")
                 return 130
@@ -204,6 +205,8 @@ def add_serve_parser(sub, fmt: type[argparse.HelpFormatter]) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
     s.add_argument("--enable-fault-injection", action="store_true",
                    help="expose POST /tarragon/fault (SIGKILL/SIGSTOP a worker) and GET /tarragon/events, for `tarragon bench`")
+    s.add_argument("--enable-admin", action="store_true",
+                   help="expose POST /tarragon/drain {\"worker\": NAME} (a planned drain: rolling restarts); set --api-key too")
     s.set_defaults(func=cmd_serve)
 
 

@@ -8,7 +8,11 @@ experts to physical workers through this worker's own routing table.
 Failure handling lives here, on the waiting side:
 - evidence: the channel's socket reports the peer's disconnect (a killed process), or a reply is
   owed and the peer stays silent past `probe_interval_s`, and then does not answer probes on its
-  control channel for `probe_timeout_s` (a hung process, e.g. SIGSTOP);
+  control channel for the probe timeout (a hung process, e.g. SIGSTOP), or its replies are many
+  times slower than its peers' for a sustained window (a gray failure: see timeouts.py);
+- the probe timeout adapts: `probe_timeout_s` is its floor; it grows with the round trips seen
+  from all expert workers (a machine slowed down as a whole fails nobody), and time this process
+  itself was not running (a poll that returned late) does not count as the peer's silence;
 - replay: the outstanding calls' very same hidden rows go to the next live candidate of each
   expert (a shadow), flagged so that worker serves them first; the orchestrator is told;
 - a late reply of a worker already declared failed is dropped, never applied twice;
@@ -29,6 +33,7 @@ from . import protocol as P
 from .model import MoECall
 from .routing_table import RoutingTable
 from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
+from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,11 @@ class ForwardingEngine:
         self.name, self.ctx, self.orch = name, ctx, orch
         self.table = table
         self.failed: set[str] = set()
-        self.probe_interval_s, self.probe_timeout_s, self.give_up_s = probe_interval_s, probe_timeout_s, give_up_s
+        self.probe_interval_s, self.give_up_s = probe_interval_s, give_up_s
+        self.probe_timeout = AdaptiveTimeout(probe_timeout_s, PROBE_CAP_S)  # learns from every round trip
+        self.gray = GrayDetector()
+        self.last_poll = time.monotonic()
+        self.drain_requested = False  # the orchestrator asked this (attention) worker to drain
         self.poller = zmq.Poller()
         self.poller.register(orch, zmq.POLLIN)
         self.data: dict[str, zmq.Socket] = {}
@@ -145,10 +154,12 @@ class ForwardingEngine:
             self._on_control()
 
     def _on_control(self) -> None:
-        got = recv(self.orch, (P.TableUpdate, P.Shutdown), f"{self.name} (orchestrator)")
+        got = recv(self.orch, (P.TableUpdate, P.Shutdown, P.Drain), f"{self.name} (orchestrator)")
         msg = got.msg if got else None
         if isinstance(msg, P.TableUpdate):
             self.apply_update(msg)
+        elif isinstance(msg, P.Drain):
+            self.drain_requested = True
         elif isinstance(msg, P.Shutdown):
             raise ShutdownRequested()
 
@@ -214,8 +225,20 @@ class ForwardingEngine:
                 self._replay(part)
                 continue
             self._check_silence(part, now)
-            for sock, _ in self.poller.poll(timeout=self.probe_interval_s * 1000):
+            events = self.poller.poll(timeout=self.probe_interval_s * 1000)
+            self._discount_own_lag()
+            for sock, _ in events:
                 self._drain(sock)
+
+    def _discount_own_lag(self) -> None:
+        """A poll that returned much later than asked means this process was not running (a busy
+        machine): peers' silence during that time is not evidence against them."""
+        now = time.monotonic()
+        lag = now - self.last_poll - 2 * self.probe_interval_s
+        self.last_poll = now
+        if lag > 0:
+            for w in self.suspect_since:
+                self.suspect_since[w] += lag
 
     def _check_silence(self, part: _Part, now: float) -> None:
         """Probe a worker that owes a reply and is silent; fail it if probes go unanswered."""
@@ -223,7 +246,7 @@ class ForwardingEngine:
         if w in self.failed or part.call_id not in self.expected or now - part.sent_at < self.probe_interval_s:
             return
         since = self.suspect_since.setdefault(w, now)
-        if now - since >= self.probe_timeout_s:
+        if now - since >= self.probe_timeout.value:
             # Read what has arrived before judging: if this process was not scheduled for a
             # while (a busy machine), a reply or pong may be waiting unread.
             for sock in (self.data[w], self.probes[w]):
@@ -251,6 +274,8 @@ class ForwardingEngine:
             except zmq.ZMQError:  # zmq.Again (drained) included
                 return
             self.suspect_since.pop(worker, None)  # any answer proves it alive
+            if got is not None and isinstance(got.msg, P.Pong):
+                self.probe_timeout.observe(time.monotonic() - got.msg.seq / 1e6)
             if sock is self.probes.get(worker) or got is None:
                 continue
             self._accept(worker, got.msg, got.bufs)
@@ -270,13 +295,19 @@ class ForwardingEngine:
             return
         del self.expected[header.call_id]
         self.replies[header.call_id] = hidden
+        now = time.monotonic()
+        self.probe_timeout.observe(now - part.sent_at)
+        self.gray.observe(worker, now - part.sent_at, now)
+        for slow, why in self.gray.slow(now):
+            self._fail(slow, why)
 
     def _fail(self, worker: str, reason: str, report: bool = True) -> None:
         """This worker is failed for us: never send it anything again; replay what it owes."""
         if worker in self.failed:
             return
-        since = self.suspect_since.pop(worker, None)
+        since = self.suspect_since.pop(worker, None) or self.gray.slow_since.get(worker)
         detect_ms = (time.monotonic() - since) * 1000 if since else 0.0
+        self.gray.forget(worker)
         self.failed.add(worker)
         log.warning("%s: expert worker %s failed: %s", self.name, worker, reason)
         if report:

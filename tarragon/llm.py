@@ -71,7 +71,7 @@ class WorkerInfo:
     role: str  # "attention" | "expert" | "orchestrator"
     pid: int
     alive: bool  # the process exists (a stopped process is alive)
-    state: str  # the orchestrator's view: "starting" | "ready" | "failed" | "stopped"
+    state: str  # the orchestrator's view: "starting" | "ready" | "draining" | "failed" | "stopped"
     rss_bytes: int
     kv_blocks_used: int | None = None
     kv_blocks_total: int | None = None
@@ -202,6 +202,7 @@ class LLM:
         self._closed = False
         self._state: P.ClusterState | None = None
         self._hello: set[str] = set()  # attention workers connected to this driver
+        self._draining: set[str] = set()  # attention workers that handed their requests back
         self.slot_of: dict[str, str] = {}  # every worker seen -> the planned place it held (outlives its record)
         self._kv_used: dict[str, int] = {}
         self._replayed: dict[str, int] = {}
@@ -332,6 +333,17 @@ class LLM:
         if pid <= 0:
             raise ValueError(f"{name} joined by hand: signal it on its own host")
         os.kill(pid, sig)
+
+    def drain(self, name: str) -> None:
+        """Take a worker out of service without a stall (a rolling restart, a preemption notice):
+        a replacement starts; an attention worker's requests move to others through the store
+        (their KV committed, nothing recomputed); an expert worker's calls go to its shadows (or,
+        with none, it serves until its replacement is ready). Then it exits. Returns at once;
+        the event log records `drain_started` and `worker_drained`. SIGTERM to a worker does the same."""
+        role = next((w.role for w in self.workers() if w.name == name and w.state == "ready"), None)
+        if role not in ("attention", "expert"):
+            raise ValueError(f"{name!r} is not a ready attention or expert worker")
+        self._send("orchestrator", P.Drain(name))
 
     def events(self, timeout: float = 5.0) -> list[P.Event]:
         """The orchestrator's event log: failures, detections, routing updates, replacements."""
@@ -515,10 +527,7 @@ class LLM:
         self.slot_of.update((w.name, w.replaces or w.name) for w in state.workers)
         newly_failed = [w for w in state.workers if w.state == "failed" and old.get(w.name, "failed") != "failed"]
         if newly_failed or state.epoch != self._epoch:
-            with self._lock:  # measure this failure's stall: each streaming request's gap across it
-                last = {r.req_id: r.times[-1] for r in self._requests.values() if r.times}
-            if last:
-                self._stall_watch.append((last, [0.0]))
+            self._watch_failure()
             for w in newly_failed:
                 self.failures[w.role] = self.failures.get(w.role, 0) + 1
             if state.epoch != self._epoch:
@@ -539,6 +548,26 @@ class LLM:
                     self._orphans += [r for r in self._requests.values() if r.worker == w.name]
         self._place_orphans()
 
+    def _on_drained(self, worker: str) -> None:
+        """A draining attention worker has stopped, its KV committed: move its requests now (they
+        restore from the store), then let the orchestrator shut it down."""
+        self._hello.discard(worker)  # never placed on again
+        self._draining.add(worker)
+        with self._lock:
+            moved = [r for r in self._requests.values() if r.worker == worker]
+            self._orphans += moved
+        if moved:
+            self._watch_failure()
+        self._place_orphans()
+        self._route("orchestrator", P.Drained(worker))
+
+    def _watch_failure(self) -> None:
+        """Measure the stall of a failure (or drain): each streaming request's gap across it."""
+        with self._lock:
+            last = {r.req_id: r.times[-1] for r in self._requests.values() if r.times}
+        if last:
+            self._stall_watch.append((last, [0.0]))
+
     def _watch_stall(self, req_id: str, now: float, counts: bool = True) -> None:
         for last, worst in list(self._stall_watch):
             if req_id in last:
@@ -553,7 +582,8 @@ class LLM:
     def _live_attention(self) -> list[str]:
         if not self._state or (self._epoch and not self._state.ready):
             return []
-        return [w.name for w in self._state.workers if w.role == "attention" and w.state == "ready" and w.name in self._hello]
+        return [w.name for w in self._state.workers
+                if w.role == "attention" and w.state == "ready" and w.name in self._hello and w.name not in self._draining]
 
     def _place_orphans(self) -> None:
         """Reassign requests of failed attention workers round-robin to healthy ones."""
@@ -729,6 +759,8 @@ class LLM:
             self._place_orphans()
         elif isinstance(msg, P.Tokens):
             self._on_tokens(sender, msg, now)
+        elif isinstance(msg, P.Drained) and msg.name == sender:
+            self._on_drained(sender)
         elif isinstance(msg, P.PromptLogits):
             req = self._requests.get(msg.req_id)
             try:
@@ -774,7 +806,7 @@ class LLM:
         if isinstance(msg, P.Ready):
             return msg.name == sender and msg.role == "attention" and (
                 record.role == "attention" and record.state in ("starting", "ready") if record else len(self._hello) < 4096)
-        return record is not None and record.role == "attention" and record.state == "ready"
+        return record is not None and record.role == "attention" and record.state in ("ready", "draining")
 
 
 class _Spawner:
@@ -824,7 +856,7 @@ def _remove_orphaned_run_dirs() -> None:
 
 
 # What the driver accepts on its socket (who may send each is checked in `_in_standing`).
-FROM_CLUSTER = (P.ClusterState, P.EventLog, P.Ready, P.Tokens, P.PromptLogits)
+FROM_CLUSTER = (P.ClusterState, P.EventLog, P.Ready, P.Tokens, P.PromptLogits, P.Drained)
 
 
 def _cluster_key(run_dir: Path, key_file: str | None, insecure: bool) -> tuple[ClusterKey | None, str]:

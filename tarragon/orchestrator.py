@@ -33,6 +33,7 @@ from .config import EngineConfig
 from .launcher import AdoptedProcess, Launcher, LocalLauncher, ManualLauncher, WorkerHandle
 from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
+from .timeouts import HEARTBEAT_CAP_S, AdaptiveTimeout
 from .worker import WorkerSpec, die_with_parent
 
 log = logging.getLogger("tarragon.orchestrator")
@@ -75,8 +76,11 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
 
 
 # What each side may send the orchestrator; anything else is dropped on receipt.
-FROM_WORKERS = (P.Join, P.Heartbeat, P.Ready, P.WorkerFailed, P.Report)
-FROM_DRIVER = (P.GetEvents, P.Report, P.Shutdown, P.Handover)
+FROM_WORKERS = (P.Join, P.Heartbeat, P.Ready, P.WorkerFailed, P.Report, P.Drain)
+FROM_DRIVER = (P.GetEvents, P.Report, P.Shutdown, P.Handover, P.Drain, P.Drained)
+DRAIN_GRACE_S = 0.5  # a drained expert worker, out of every routing table, gets this long to answer what it owes
+DRAIN_EXIT_S = 5.0  # ... and this long to exit once told to; then it is killed
+DRAIN_MAX_S = 30.0  # a drain that has not reached its shutdown by then is ended by force
 
 
 @dataclass
@@ -92,6 +96,9 @@ class Worker:
     started: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic)
     failed_at: float = 0.0
+    drain_t0: float = 0.0  # a planned drain: when it began
+    stop_at: float = 0.0  # ... when it is to be shut down (0: not yet known)
+    stop_sent: bool = False
 
 
 class Orchestrator:
@@ -116,6 +123,9 @@ class Orchestrator:
         self.restart_t0 = 0.0
         self.waiting: dict[str, tuple[str, bool]] = {}  # attention workers waiting for peers' addresses
         self.published = 0.0
+        # Adapts to the heartbeat gaps seen from every worker: a busy machine fails nobody.
+        self.heartbeat_timeout = AdaptiveTimeout(spec.heartbeat_timeout_s, HEARTBEAT_CAP_S)
+        self.last_loop = time.monotonic()
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -227,8 +237,10 @@ class Orchestrator:
         w = self.workers.get(name)
         if w is None or w.state in ("failed", "stopped"):
             return
+        if w.stop_sent and reporter:  # told to exit after a drain: its peers see it leave
+            return
         t0 = time.monotonic()
-        w.state, w.failed_at = "failed", t0
+        draining, w.state, w.failed_at = w.state == "draining", "failed", t0
         if w.proc.poll() is None:  # fence it: a hung worker must never come back
             w.proc.kill()
         self.event("worker_failed", name, f"{w.role}: {reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
@@ -237,12 +249,60 @@ class Orchestrator:
         if w.role == "expert" and self.current.get(w.slot) == w.name:  # only its holder clears a slot
             self.current[w.slot] = None
             self.push_table()
-        if self.spec.replace_failed:
-            new = f"{'ew' if w.role == 'expert' else 'aw' if w.role == 'attention' else 'store'}{self.next_index[w.role]}"
-            self.next_index[w.role] += 1
-            {"expert": self.start_expert, "attention": self.start_attention, "store": self.start_store}[w.role](new, w.slot, True)
-            self.event("replacement_started", new, f"for {name}", (time.monotonic() - t0) * 1000)
+        if not draining:  # a draining worker's replacement is already on its way
+            self.start_replacement(w, t0)
         self.publish()
+
+    def start_replacement(self, w: Worker, t0: float) -> None:
+        if not self.spec.replace_failed:
+            return
+        new = f"{'ew' if w.role == 'expert' else 'aw' if w.role == 'attention' else 'store'}{self.next_index[w.role]}"
+        self.next_index[w.role] += 1
+        {"expert": self.start_expert, "attention": self.start_attention, "store": self.start_store}[w.role](new, w.slot, True)
+        self.event("replacement_started", new, f"for {w.name}", (time.monotonic() - t0) * 1000)
+
+    # ---- planned drains -----------------------------------------------------------------------
+
+    def drain(self, name: str, why: str) -> None:
+        """Take a worker out of service without a stall (rolling restarts, preemption notices):
+        its replacement starts at once; an expert worker leaves every routing table first (its
+        shadows serve at once, or, without shadows, its replacement once ready); an attention
+        worker hands its requests back to the driver, which moves them through the store."""
+        w = self.workers.get(name)
+        if w is None or w.state != "ready" or w.role == "store":
+            why_not = "not a ready worker" if w is None or w.state != "ready" else "the store cannot be drained (kill it: it is replaced)"
+            return self.event("drain_refused", name, why_not)
+        t0 = time.monotonic()
+        w.state, w.drain_t0 = "draining", t0
+        self.event("drain_started", name, why)
+        self.start_replacement(w, t0)
+        if w.role == "attention":
+            self.send(name, P.Drain(name))  # stop_at is set once the driver has moved its requests
+        elif self.current.get(w.slot) == name:
+            self.current[w.slot] = None
+            if self.table().unavailable():  # no shadows to cover it: it serves until its replacement is ready
+                self.current[w.slot] = name
+            else:
+                self.push_table()
+                w.stop_at = t0 + DRAIN_GRACE_S
+        self.publish()
+
+    def check_drain(self, w: Worker, now: float) -> None:
+        """A draining worker: shut it down when due, kill it if it lingers, record how it left."""
+        rc = w.proc.poll()
+        if rc is not None:
+            if rc != 0 and not w.stop_sent:
+                return self.fail(w.name, f"exited ({rc}) while draining")
+            w.state, w.failed_at = "stopped", now
+            self.event("worker_drained", w.name, f"{w.role}: exited ({rc})", (now - w.drain_t0) * 1000)
+            return self.publish()
+        if w.stop_at and now >= w.stop_at and not w.stop_sent:
+            w.stop_sent = True
+            self.send(w.name, P.Shutdown())
+        elif (w.stop_sent and now > w.stop_at + DRAIN_EXIT_S) or now - w.drain_t0 > DRAIN_MAX_S:
+            self.event("drain_forced", w.name, "did not exit in time: killed")
+            w.stop_sent = True
+            w.proc.kill()
 
     def restart_all(self, t0: float) -> None:
         """The `restart` baseline: what engines built on collectives do when any worker dies.
@@ -273,7 +333,7 @@ class Orchestrator:
         self.publish()
 
     def on_ready(self, w: Worker, msg: P.Ready) -> None:
-        if w.state in ("failed", "stopped"):  # sent before it was fenced: it must not come back
+        if w.state in ("failed", "stopped", "draining"):  # sent before it was fenced (or drained): it must not come back
             return
         first = w.state != "ready"
         w.state, w.info = "ready", dict(msg.info)
@@ -284,6 +344,9 @@ class Orchestrator:
         if w.replacement and w.role == "expert":
             self.current[w.slot] = w.name
             self.push_table()
+            for old in self.workers.values():  # a drained worker that served until now may go
+                if old.state == "draining" and old.slot == w.slot and not old.stop_at:
+                    old.stop_at = time.monotonic() + DRAIN_GRACE_S
         elif w.role == "attention" and w.spec is not None and w.spec.table.version < self.version:
             self.push_table()  # it started with an older table
         self.publish()
@@ -297,9 +360,11 @@ class Orchestrator:
                 if w.proc.poll() is not None and now - w.failed_at > FAILED_RETENTION_S:
                     del self.workers[w.name]  # reaped and reported long enough: out of the registry
                 continue
-            if w.proc.poll() is not None:
+            if w.state == "draining":
+                self.check_drain(w, now)
+            elif w.proc.poll() is not None:
                 self.fail(w.name, f"process exited ({w.proc.returncode})")
-            elif w.state == "ready" and now - w.last_beat > self.spec.heartbeat_timeout_s:
+            elif w.state == "ready" and now - w.last_beat > self.heartbeat_timeout.value:
                 self.fail(w.name, f"no heartbeat for {(now - w.last_beat) * 1000:.0f} ms")
 
     # ---- main loop --------------------------------------------------------------------------
@@ -317,6 +382,9 @@ class Orchestrator:
                 continue
             self.workers[r.name] = Worker(r.name, r.role, AdoptedProcess(r.pid), None, r.replaces or r.name,
                                           replacement=bool(r.replaces), state=r.state, info=dict(r.info))
+            if r.state == "draining":  # its drain was under way: finish it (its replacement was started)
+                w = self.workers[r.name]
+                w.drain_t0 = w.stop_at = time.monotonic()
             m = re.search(r"(\d+)$", r.name)
             if m and r.role in self.next_index:
                 self.next_index[r.role] = max(self.next_index[r.role], int(m.group(1)) + 1)
@@ -364,9 +432,20 @@ class Orchestrator:
                     self.on_worker(got)
             for name, (slot, replacement) in list(self.waiting.items()):
                 self.start_attention(name, slot, replacement)
+            self._discount_own_lag()
             self.check_liveness()
             if time.monotonic() - self.published >= self.spec.publish_s:
                 self.publish()
+
+    def _discount_own_lag(self) -> None:
+        """A loop that came round late (this process was not running: a busy machine) did not
+        see the heartbeats sent meanwhile: that time is not counted against the workers."""
+        now = time.monotonic()
+        lag = now - self.last_loop - 0.1
+        self.last_loop = now
+        if lag > 0:
+            for w in self.workers.values():
+                w.last_beat += lag
 
     def on_worker(self, got: Received) -> None:
         """Act only on what a worker in good standing says of itself: never on an unknown or
@@ -385,10 +464,13 @@ class Orchestrator:
             return drops.note("orchestrator", sender, f"{type(msg).__name__} from a worker that is not in service")
         # The heartbeat channel carries beats, and the worker's Ready again when it reconnects (to a successor).
         on_hb = sender.endswith("#hb")
-        if (on_hb and not isinstance(msg, (P.Heartbeat, P.Ready))) or (not on_hb and isinstance(msg, P.Heartbeat)) \
+        if (on_hb and not isinstance(msg, (P.Heartbeat, P.Ready, P.Drain))) or (not on_hb and isinstance(msg, P.Heartbeat)) \
                 or getattr(msg, "name", w.name) != w.name:
             return drops.note("orchestrator", sender, f"{type(msg).__name__} on the wrong channel or under another name")
-        w.last_beat = time.monotonic()  # any message is a sign of life (Ready may beat the first heartbeat)
+        now = time.monotonic()
+        if isinstance(msg, P.Heartbeat) and w.state == "ready":
+            self.heartbeat_timeout.observe(now - w.last_beat)
+        w.last_beat = now  # any message is a sign of life (Ready may beat the first heartbeat)
         if isinstance(msg, P.Ready) and msg.role == w.role:
             self.on_ready(w, msg)
         elif isinstance(msg, P.WorkerFailed) and w.role == "attention" and msg.reporter == w.name:
@@ -397,6 +479,8 @@ class Orchestrator:
                 self.fail(msg.worker, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
         elif isinstance(msg, P.Report) and msg.worker == w.name:
             self.event(msg.kind, msg.worker, msg.detail, msg.ms)
+        elif isinstance(msg, P.Drain) and w.state == "ready":  # it got SIGTERM: a preemption notice
+            self.drain(w.name, "SIGTERM")
 
     def on_driver(self, msg: P.Msg) -> bool:
         if isinstance(msg, P.GetEvents):
@@ -407,6 +491,12 @@ class Orchestrator:
             for w in self.workers.values():
                 if w.role == "store" and w.state in ("starting", "ready"):
                     self.send(w.name, msg)
+        elif isinstance(msg, P.Drain):
+            self.drain(msg.name, "asked by the driver")
+        elif isinstance(msg, P.Drained):  # the driver has moved the attention worker's requests
+            w = self.workers.get(msg.name)
+            if w is not None and w.state == "draining":
+                w.stop_at = time.monotonic()
         elif isinstance(msg, P.Shutdown):
             return False
         return True

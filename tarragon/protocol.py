@@ -173,6 +173,22 @@ class GetEvents(Msg):
     pass
 
 
+class Drain(Msg):
+    """A planned drain of worker `name`: driver -> orchestrator (`LLM.drain`), a worker ->
+    orchestrator on its heartbeat channel (it got SIGTERM), orchestrator -> the attention worker
+    (stop stepping, hand your requests back)."""
+
+    name: str
+
+
+class Drained(Msg):
+    """Attention worker -> driver: it has stopped, its last tokens sent and its KV committed to
+    the store; `req_ids` are to be moved. Driver -> orchestrator: moved, the worker may go."""
+
+    name: str
+    req_ids: list[str] = []
+
+
 class EventLog(Msg):
     events: list[Event]
 
@@ -266,7 +282,7 @@ class RestoreData(Msg):
 Message = Union[
     Ready, AddRequest, AbortRequest, Shutdown, Heartbeat, Probe, Pong, ClusterState, GetEvents, EventLog,
     WorkerFailed, TableUpdate, Tokens, PromptLogits, ExpertRequest, ExpertReply, ResumeRequest, Report, RestartAll,
-    KVWrite, RestoreRequest, RestoreData, Join, Assign, Handover,
+    KVWrite, RestoreRequest, RestoreData, Join, Assign, Handover, Drain, Drained,
 ]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -168,6 +168,13 @@ class FaultBody(BaseModel):
     action: Literal["kill", "hang"] = "kill"
 
 
+class DrainBody(BaseModel):
+    """POST /tarragon/drain: the worker to take out of service without a stall."""
+
+    model_config = ConfigDict(extra="forbid")
+    worker: str = Field(max_length=64, description="a ready attention or expert worker's name, as in /v1/cluster")
+
+
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours unchanged.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                 80.0, 160.0, 640.0, 2560.0)
@@ -566,7 +573,7 @@ class BodyLimit:
 
 
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               fault_injection: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               fault_injection: bool = False, max_body_bytes: int = MAX_BODY_BYTES, admin: bool = False) -> FastAPI:
     # No /docs, /redoc, /openapi.json: nothing is served that the API key does not cover.
     app = FastAPI(title="Tarragon", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -635,7 +642,21 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue:
     add_openai_routes(app, Serving(llm, model_name, metrics, max_queue))
     if fault_injection:
         add_fault_injection(app, llm)
+    if admin:
+        add_admin(app, llm)
     return app
+
+
+def add_admin(app: FastAPI, llm: LLM) -> None:
+    """Opt-in operator endpoints (behind the API key, like every /tarragon/ path)."""
+
+    @app.post("/tarragon/drain")
+    async def _drain(body: DrainBody):
+        try:
+            llm.drain(body.worker)
+        except ValueError as e:
+            raise APIError(409, str(e), param="worker") from None
+        return {"worker": body.worker, "draining": True}
 
 
 def add_openai_routes(app: FastAPI, serving: Serving) -> None:
@@ -726,11 +747,11 @@ def watch_cluster(llm: LLM, server, failed: threading.Event, stop: threading.Eve
 
 
 def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_queue: int = 256,
-          fault_injection: bool = False, sock: socket.socket | None = None) -> int:
+          fault_injection: bool = False, sock: socket.socket | None = None, admin: bool = False) -> int:
     """Run the HTTP server until a signal (returns 0) or until the cluster cannot serve (1)."""
     import uvicorn
 
-    app = create_app(llm, model_name, api_key, max_queue, fault_injection)
+    app = create_app(llm, model_name, api_key, max_queue, fault_injection, admin=admin)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=True, timeout_graceful_shutdown=5))
     failed, stop = threading.Event(), threading.Event()
     watcher = threading.Thread(target=watch_cluster, args=(llm, server, failed, stop), name="tarragon-watch", daemon=True)

@@ -11,6 +11,9 @@ orchestrator, by Ray's own fate-sharing.
 Beside its main loop every worker runs a liveness thread: it answers probes at once (peers probe
 a worker that owes them a reply and stays silent) and sends the orchestrator heartbeats. A
 stopped process (SIGSTOP) does neither, so it is detected like a dead one.
+
+SIGTERM (a preemption notice, a rolling restart) asks for a planned drain: the liveness thread
+tells the orchestrator, which moves the worker's requests or experts off before shutting it down.
 """
 
 from __future__ import annotations
@@ -148,9 +151,11 @@ def orchestrator_socket(ctx, name: str, endpoint: str):
     return make_socket(ctx, zmq.DEALER, connect=endpoint, identity=name, linger_ms=1000, socket_class=Socket)
 
 
-def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, heartbeat_s: float, orch=None) -> threading.Thread:
+def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, heartbeat_s: float, orch=None,
+                   drain: threading.Event | None = None) -> threading.Thread:
     """Answers probes and sends heartbeats; each time its channel to the orchestrator (re)connects,
-    resends `orch.last_ready`: a replacement orchestrator learns of this worker without a restart."""
+    resends `orch.last_ready`: a replacement orchestrator learns of this worker without a restart.
+    Once `drain` is set (SIGTERM), asks the orchestrator for a drain (again at each reconnection)."""
     import zmq
     from zmq.utils.monitor import recv_monitor_message
 
@@ -172,17 +177,21 @@ def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, hear
             pass
 
     def loop() -> None:
-        next_beat = 0.0
+        next_beat, drain_asked = 0.0, False
         while True:
             now = time.monotonic()
             if now >= next_beat:
                 send(beat)
                 next_beat = now + heartbeat_s
+            if drain is not None and drain.is_set() and not drain_asked:
+                send(P.encode(P.Drain(name)))
+                drain_asked = True
             events = dict(poller.poll(max(0.0, next_beat - now) * 1000))
             if mon in events:
                 recv_monitor_message(mon)
                 if orch is not None and orch.last_ready:
                     send(orch.last_ready)
+                drain_asked = False
             if probe in events:
                 got = recv(probe, (P.Probe,), f"{name} probe")
                 if got is not None:
@@ -260,7 +269,10 @@ def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
     torch.set_num_threads(spec.threads)
     ctx = Context(key)
     orch = orchestrator_socket(ctx, spec.name, spec.orch_endpoint)
-    start_liveness(ctx, spec.name, spec.probe_endpoint, spec.orch_endpoint, spec.heartbeat_s, orch)
+    drain = threading.Event()
+    if threading.current_thread() is threading.main_thread():  # (a Ray actor's thread cannot set handlers)
+        signal.signal(signal.SIGTERM, lambda *_: drain.set())
+    start_liveness(ctx, spec.name, spec.probe_endpoint, spec.orch_endpoint, spec.heartbeat_s, orch, drain)
     if spec.role == "expert":
         from .expert_worker import run
     elif spec.role == "store":

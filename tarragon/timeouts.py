@@ -1,0 +1,108 @@
+"""Failure-detection timeouts that adapt to the latency the cluster shows, and the gray-failure
+test (a worker much slower than its peers). Every setting is here, in one place.
+
+Why adaptive: a fixed timeout (100 ms) fails healthy workers whenever the whole machine slows
+down (other jobs on the same cores: every round trip stretches). The timeout is therefore
+`max(floor, K x the Q-quantile of recent round trips over all peers)`, capped: a uniformly slow
+machine raises it for everybody (no false failure), while a dead or stopped peer is still caught
+within `floor` on a quiet machine, and within `cap` on the busiest one.
+
+Why relative for gray failures: a worker that still answers, but slowly (e.g. stopped 80 ms of
+every 100 ms), passes every timeout. It is failing when its own recent latency is many times its
+peers' for a sustained window; when the whole machine is slow, its peers are slow too, and the
+ratio stays near 1.
+
+Used by the forwarding engine (probe timeouts, expert-worker round trips) and the orchestrator
+(heartbeat timeouts, heartbeat gaps).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+
+# ---- adaptive timeouts ------------------------------------------------------------------
+WINDOW = 256  # recent samples (round trips or heartbeat gaps, all peers together)
+QUANTILE = 0.99  # the high percentile of recent samples the timeout is a multiple of
+K = 4.0  # timeout = K x that percentile (at least the floor: the configured timeout)
+PROBE_CAP_S = 2.0  # a probe timeout never grows past this: a stopped worker is caught within it
+HEARTBEAT_CAP_S = 10.0  # likewise for heartbeats
+
+# ---- gray failures (slow, not dead) -------------------------------------------------------
+GRAY_WINDOW_S = 1.0  # latencies are averaged per worker over this sliding window
+GRAY_MIN_SAMPLES = 10  # a worker's average counts once its window holds this many replies
+GRAY_RATIO = 4.0  # a worker whose average is this many times its peers' median average ...
+GRAY_MIN_S = 0.02  # ... and above this in absolute terms (tiny latencies are noise) ...
+GRAY_SUSTAIN_S = 1.0  # ... continuously for this long (so ~2 s of evidence in all), is failing
+
+
+class AdaptiveTimeout:
+    """`floor` or K x the QUANTILE of the last WINDOW samples, whichever is larger, capped."""
+
+    def __init__(self, floor_s: float, cap_s: float):
+        self.floor_s, self.cap_s = floor_s, max(cap_s, floor_s)
+        self.samples: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self._value, self._dirty = floor_s, False
+
+    def observe(self, seconds: float) -> None:
+        self.samples.append(seconds)
+        self._dirty = True
+
+    @property
+    def value(self) -> float:
+        if self._dirty:  # recomputed at most once per batch of samples, when it is read
+            self._dirty = False
+            ordered = sorted(self.samples)
+            q = ordered[min(len(ordered) - 1, int(QUANTILE * len(ordered)))]
+            self._value = min(self.cap_s, max(self.floor_s, K * q))
+        return self._value
+
+
+class GrayDetector:
+    """Per-worker average latency over a sliding window; `slow()` names workers much slower than
+    their peers for GRAY_SUSTAIN_S. Needs a peer with recent samples: one worker alone, or one
+    whose peers are idle, is never judged. A window average, not a per-call figure: a worker
+    stopped 80 ms in every 100 ms answers some calls at once and makes others wait 80 ms."""
+
+    def __init__(self):
+        self.samples: dict[str, collections.deque[tuple[float, float]]] = {}
+        self.sums: dict[str, float] = {}
+        self.slow_since: dict[str, float] = {}
+
+    def observe(self, worker: str, seconds: float, now: float) -> None:
+        q = self.samples.setdefault(worker, collections.deque())
+        q.append((now, seconds))
+        self.sums[worker] = self.sums.get(worker, 0.0) + seconds
+        if self._outlier(worker, now):
+            self.slow_since.setdefault(worker, now)
+        else:
+            self.slow_since.pop(worker, None)
+
+    def mean(self, worker: str, now: float) -> float | None:
+        """The worker's average latency over the window (None: too few samples)."""
+        q = self.samples.get(worker)
+        while q and q[0][0] < now - GRAY_WINDOW_S:
+            self.sums[worker] -= q.popleft()[1]
+        return self.sums[worker] / len(q) if q and len(q) >= GRAY_MIN_SAMPLES else None
+
+    def _peers(self, worker: str, now: float) -> float | None:
+        peers = [m for w in self.samples if w != worker and (m := self.mean(w, now)) is not None]
+        return statistics.median(peers) if peers else None
+
+    def _outlier(self, worker: str, now: float) -> bool:
+        mine, peers = self.mean(worker, now), self._peers(worker, now)
+        return mine is not None and peers is not None and mine > GRAY_MIN_S and mine > GRAY_RATIO * peers
+
+    def slow(self, now: float) -> list[tuple[str, str]]:
+        """(worker, why) for each worker slow long enough to be treated as failing."""
+        out = []
+        for w, since in list(self.slow_since.items()):
+            if now - since >= GRAY_SUSTAIN_S and self._outlier(w, now):
+                mine, peers = self.mean(w, now), self._peers(w, now)
+                out.append((w, f"gray failure: replies {mine * 1000:.0f} ms on average, {mine / peers:.0f}x its peers' "
+                               f"({peers * 1000:.1f} ms), for {now - since + GRAY_WINDOW_S:.1f} s"))
+        return out
+
+    def forget(self, worker: str) -> None:
+        for d in (self.samples, self.sums, self.slow_since):
+            d.pop(worker, None)
