@@ -296,7 +296,7 @@ class ForwardingEngine:
         del self.expected[header.call_id]
         self.replies[header.call_id] = hidden
         now = time.monotonic()
-        self.probe_timeout.observe(now - part.sent_at)
+        self.probe_timeout.observe(now - part.sent_at, now)
         self.gray.observe(worker, now - part.sent_at, now)
         for slow, why in self.gray.slow(now):
             self._fail(slow, why)

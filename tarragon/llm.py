@@ -139,7 +139,9 @@ class LLM:
         token while requests wait; `orchestrator_timeout_s`: an orchestrator silent this long is
         replaced (local launcher), or reported unhealthy; `stores`: checkpoint stores, each
         holding every checkpoint (default 2 with the local launcher, so a store's death loses no
-        checkpoint; 1 with ray or manual, where a second store wants a host and a join of its own)."""
+        checkpoint; 1 with ray or manual, where a second store wants a host and a join of its own).
+        `probe_timeout_s` and `heartbeat_timeout_s` are floors: both timeouts grow with the latency
+        the cluster shows (see tarragon/timeouts.py, which also holds the gray-failure settings)."""
         if model is None:
             from .make_model import demo_model
 

@@ -469,7 +469,7 @@ class Orchestrator:
             return drops.note("orchestrator", sender, f"{type(msg).__name__} on the wrong channel or under another name")
         now = time.monotonic()
         if isinstance(msg, P.Heartbeat) and w.state == "ready":
-            self.heartbeat_timeout.observe(now - w.last_beat)
+            self.heartbeat_timeout.observe(now - w.last_beat, now)
         w.last_beat = now  # any message is a sign of life (Ready may beat the first heartbeat)
         if isinstance(msg, P.Ready) and msg.role == w.role:
             self.on_ready(w, msg)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import collections
 import statistics
+import time
 
 # ---- adaptive timeouts ------------------------------------------------------------------
-WINDOW = 256  # recent samples (round trips or heartbeat gaps, all peers together)
+WINDOW = 256  # recent samples (round trips or heartbeat gaps, all peers together) ...
+MAX_AGE_S = 10.0  # ... of the last this many seconds: once a burst of load is over, back to the floor
 QUANTILE = 0.99  # the high percentile of recent samples the timeout is a multiple of
 K = 4.0  # timeout = K x that percentile (at least the floor: the configured timeout)
 PROBE_CAP_S = 2.0  # a probe timeout never grows past this: a stopped worker is caught within it
@@ -37,23 +39,28 @@ GRAY_SUSTAIN_S = 1.0  # ... continuously for this long (so ~2 s of evidence in a
 
 
 class AdaptiveTimeout:
-    """`floor` or K x the QUANTILE of the last WINDOW samples, whichever is larger, capped."""
+    """`floor` or K x the QUANTILE of the last WINDOW samples (at most MAX_AGE_S old), whichever
+    is larger, capped."""
 
     def __init__(self, floor_s: float, cap_s: float):
         self.floor_s, self.cap_s = floor_s, max(cap_s, floor_s)
-        self.samples: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=WINDOW)  # (when, seconds)
         self._value, self._dirty = floor_s, False
 
-    def observe(self, seconds: float) -> None:
-        self.samples.append(seconds)
+    def observe(self, seconds: float, now: float | None = None) -> None:
+        self.samples.append((time.monotonic() if now is None else now, seconds))
         self._dirty = True
 
     @property
     def value(self) -> float:
+        old = time.monotonic() - MAX_AGE_S
+        while self.samples and self.samples[0][0] < old:
+            self.samples.popleft()
+            self._dirty = True
         if self._dirty:  # recomputed at most once per batch of samples, when it is read
             self._dirty = False
-            ordered = sorted(self.samples)
-            q = ordered[min(len(ordered) - 1, int(QUANTILE * len(ordered)))]
+            ordered = sorted(s for _, s in self.samples)
+            q = ordered[min(len(ordered) - 1, int(QUANTILE * len(ordered)))] if ordered else 0.0
             self._value = min(self.cap_s, max(self.floor_s, K * q))
         return self._value
 

@@ -16,7 +16,7 @@ import pytest
 
 from failover import LOAD_PARAMS, LOAD_PROMPTS, max_gap, run_with_fault, wait_replaced, wait_until
 from tarragon import LLM
-from tarragon.timeouts import GRAY_SUSTAIN_S, GRAY_WINDOW_S, K, AdaptiveTimeout, GrayDetector
+from tarragon.timeouts import GRAY_SUSTAIN_S, GRAY_WINDOW_S, K, MAX_AGE_S, AdaptiveTimeout, GrayDetector
 
 
 def token_ids(outs):
@@ -48,6 +48,8 @@ def test_adaptive_timeout_and_gray_detector():
     for _ in range(300):
         t.observe(5.0)
     assert t.value == 2.0  # capped
+    t.samples = type(t.samples)([(time.monotonic() - MAX_AGE_S - 1, s) for _, s in t.samples], maxlen=t.samples.maxlen)
+    assert t.value == 0.1  # the load went away: samples age out, back to the floor
     g, now = GrayDetector(), 0.0
     for i in range(200):  # all three slowed alike: no outlier
         now += 0.01
