@@ -33,7 +33,7 @@ from .config import EngineConfig
 from .launcher import AdoptedProcess, Launcher, LocalLauncher, ManualLauncher, WorkerHandle
 from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
-from .timeouts import HEARTBEAT_CAP_S, AdaptiveTimeout
+from .timeouts import HEARTBEAT_CAP_S, AdaptiveTimeout, GrayDetector
 from .worker import WorkerSpec, die_with_parent
 
 log = logging.getLogger("tarragon.orchestrator")
@@ -126,6 +126,8 @@ class Orchestrator:
         # Adapts to the heartbeat gaps seen from every worker: a busy machine fails nobody.
         self.heartbeat_timeout = AdaptiveTimeout(spec.heartbeat_timeout_s, HEARTBEAT_CAP_S)
         self.last_loop = time.monotonic()
+        # A worker whose heartbeats come late (its process runs in fits: a slow AW) while its peers' do not.
+        self.gray = GrayDetector("heartbeats late by")
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -366,6 +368,10 @@ class Orchestrator:
                 self.fail(w.name, f"process exited ({w.proc.returncode})")
             elif w.state == "ready" and now - w.last_beat > self.heartbeat_timeout.value:
                 self.fail(w.name, f"no heartbeat for {(now - w.last_beat) * 1000:.0f} ms")
+        for name, why in self.gray.slow(now):
+            self.gray.forget(name)
+            if name in self.workers and self.workers[name].state == "ready":
+                self.fail(name, why)
 
     # ---- main loop --------------------------------------------------------------------------
 
@@ -470,6 +476,7 @@ class Orchestrator:
         now = time.monotonic()
         if isinstance(msg, P.Heartbeat) and w.state == "ready":
             self.heartbeat_timeout.observe(now - w.last_beat, now)
+            self.gray.observe(w.name, max(0.0, now - w.last_beat - self.spec.heartbeat_s), now)
         w.last_beat = now  # any message is a sign of life (Ready may beat the first heartbeat)
         if isinstance(msg, P.Ready) and msg.role == w.role:
             self.on_ready(w, msg)

@@ -71,7 +71,8 @@ class GrayDetector:
     whose peers are idle, is never judged. A window average, not a per-call figure: a worker
     stopped 80 ms in every 100 ms answers some calls at once and makes others wait 80 ms."""
 
-    def __init__(self):
+    def __init__(self, what: str = "replies"):
+        self.what = what  # what the latencies are, for the verdict
         self.samples: dict[str, collections.deque[tuple[float, float]]] = {}
         self.sums: dict[str, float] = {}
         self.slow_since: dict[str, float] = {}
@@ -106,7 +107,7 @@ class GrayDetector:
         for w, since in list(self.slow_since.items()):
             if now - since >= GRAY_SUSTAIN_S and self._outlier(w, now):
                 mine, peers = self.mean(w, now), self._peers(w, now)
-                out.append((w, f"gray failure: replies {mine * 1000:.0f} ms on average, {mine / peers:.0f}x its peers' "
+                out.append((w, f"gray failure: {self.what} {mine * 1000:.0f} ms on average, {mine / peers:.0f}x its peers' "
                                f"({peers * 1000:.1f} ms), for {now - since + GRAY_WINDOW_S:.1f} s"))
         return out
 

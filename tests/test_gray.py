@@ -136,6 +136,27 @@ def test_a_cycled_expert_worker_is_caught_as_a_gray_failure(cluster):
     wait_replaced(llm, victim.name)
 
 
+def test_a_cycled_attention_worker_is_caught_by_its_late_heartbeats(cluster):
+    """The busy attention worker, cycled: the orchestrator sees its heartbeats come late while its
+    peers' do not; its requests move (restored from the store) with the failure-free tokens."""
+    llm, baseline = cluster
+    reqs = [llm.submit(p, LOAD_PARAMS) for p in LOAD_PROMPTS]
+    wait_until(lambda: min(len(r.tokens) for r in reqs) >= 20, 60, "tokens")
+    victim = reqs[0].worker
+    cycler = Cycler(next(w.pid for w in llm.workers() if w.name == victim))
+    cycler.start()
+    try:
+        outs = [llm.wait(r, 120) for r in reqs]
+    finally:
+        cycler.stop()
+    assert token_ids(outs) == token_ids(baseline)
+    failed = [e for e in failures(llm) if e.worker == victim]
+    assert failed and "gray failure: heartbeats late" in failed[0].detail, describe(llm)
+    print(f"\ncycled {victim}: failed {failed[0].t - cycler.t0:.2f} s after the cycling began: {failed[0].detail}")
+    assert failed[0].t - cycler.t0 < 5.0
+    wait_replaced(llm, victim)
+
+
 def drained(llm, name: str) -> list:
     return [e for e in llm.events() if e.kind == "worker_drained" and e.worker == name]
 
