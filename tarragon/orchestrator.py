@@ -33,7 +33,7 @@ from .config import EngineConfig
 from .launcher import AdoptedProcess, Launcher, LocalLauncher, ManualLauncher, WorkerHandle
 from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
-from .timeouts import HEARTBEAT_CAP_S, AdaptiveTimeout, GrayDetector
+from .timeouts import GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S, HEARTBEAT_CAP_S, AdaptiveTimeout, GrayDetector, runnable
 from .worker import WorkerSpec, die_with_parent
 
 log = logging.getLogger("tarragon.orchestrator")
@@ -127,7 +127,7 @@ class Orchestrator:
         self.heartbeat_timeout = AdaptiveTimeout(spec.heartbeat_timeout_s, HEARTBEAT_CAP_S)
         self.last_loop = time.monotonic()
         # A worker whose heartbeats come late (its process runs in fits: a slow AW) while its peers' do not.
-        self.gray = GrayDetector("heartbeats late by")
+        self.gray = GrayDetector("heartbeats late by", GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S)
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -366,7 +366,7 @@ class Orchestrator:
                 self.check_drain(w, now)
             elif w.proc.poll() is not None:
                 self.fail(w.name, f"process exited ({w.proc.returncode})")
-            elif w.state == "ready" and now - w.last_beat > self.heartbeat_timeout.value:
+            elif w.state == "ready" and now - w.last_beat > self.heartbeat_timeout.value and not self.starved(w, now):
                 self.fail(w.name, f"no heartbeat for {(now - w.last_beat) * 1000:.0f} ms")
         for name, why in self.gray.slow(now):
             self.gray.forget(name)
@@ -442,6 +442,10 @@ class Orchestrator:
             self.check_liveness()
             if time.monotonic() - self.published >= self.spec.publish_s:
                 self.publish()
+
+    def starved(self, w: Worker, now: float) -> bool:
+        """A local worker silent because it waits for a CPU (runnable), not hung: given up to the cap."""
+        return self.spec.launcher == "local" and now - w.last_beat < HEARTBEAT_CAP_S and runnable(w.proc.pid)
 
     def _discount_own_lag(self) -> None:
         """A loop that came round late (this process was not running: a busy machine) did not

@@ -7,6 +7,10 @@ down (other jobs on the same cores: every round trip stretches). The timeout is 
 machine raises it for everybody (no false failure), while a dead or stopped peer is still caught
 within `floor` on a quiet machine, and within `cap` on the busiest one.
 
+Why the process state is read before a heartbeat failure (local workers): a worker silent past
+the timeout whose threads are runnable (state R in /proc) is waiting for a CPU, not hung; it gets
+up to HEARTBEAT_CAP_S. A stopped (SIGSTOP) or deadlocked one is not runnable and fails at once.
+
 Why relative for gray failures: a worker that still answers, but slowly (e.g. stopped 80 ms of
 every 100 ms), passes every timeout. It is failing when its own recent latency is many times its
 peers' for a sustained window; when the whole machine is slow, its peers are slow too, and the
@@ -19,6 +23,7 @@ Used by the forwarding engine (probe timeouts, expert-worker round trips) and th
 from __future__ import annotations
 
 import collections
+import os
 import statistics
 import time
 
@@ -36,6 +41,27 @@ GRAY_MIN_SAMPLES = 10  # a worker's average counts once its window holds this ma
 GRAY_RATIO = 4.0  # a worker whose average is this many times its peers' median average ...
 GRAY_MIN_S = 0.02  # ... and above this in absolute terms (tiny latencies are noise) ...
 GRAY_SUSTAIN_S = 1.0  # ... continuously for this long (so ~2 s of evidence in all), is failing
+# Heartbeat lateness (the orchestrator's test, any role): steadier than replies but noisier under
+# load (a busy machine delays single beats by tens of ms), so a higher bar, held longer. A worker
+# stopped 80 ms in every 100 ms sends its beats ~50 ms late on average.
+GRAY_HEARTBEAT_MIN_S = 0.03
+GRAY_HEARTBEAT_SUSTAIN_S = 2.0
+
+
+def runnable(pid: int) -> bool:
+    """Whether any thread of local process `pid` is runnable (wants a CPU): starved, not hung."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 class AdaptiveTimeout:
@@ -71,8 +97,9 @@ class GrayDetector:
     whose peers are idle, is never judged. A window average, not a per-call figure: a worker
     stopped 80 ms in every 100 ms answers some calls at once and makes others wait 80 ms."""
 
-    def __init__(self, what: str = "replies"):
+    def __init__(self, what: str = "replies", min_s: float = GRAY_MIN_S, sustain_s: float = GRAY_SUSTAIN_S):
         self.what = what  # what the latencies are, for the verdict
+        self.min_s, self.sustain_s = min_s, sustain_s
         self.samples: dict[str, collections.deque[tuple[float, float]]] = {}
         self.sums: dict[str, float] = {}
         self.slow_since: dict[str, float] = {}
@@ -99,13 +126,13 @@ class GrayDetector:
 
     def _outlier(self, worker: str, now: float) -> bool:
         mine, peers = self.mean(worker, now), self._peers(worker, now)
-        return mine is not None and peers is not None and mine > GRAY_MIN_S and mine > GRAY_RATIO * peers
+        return mine is not None and peers is not None and mine > self.min_s and mine > GRAY_RATIO * peers
 
     def slow(self, now: float) -> list[tuple[str, str]]:
         """(worker, why) for each worker slow long enough to be treated as failing."""
         out = []
         for w, since in list(self.slow_since.items()):
-            if now - since >= GRAY_SUSTAIN_S and self._outlier(w, now):
+            if now - since >= self.sustain_s and self._outlier(w, now):
                 mine, peers = self.mean(w, now), self._peers(w, now)
                 out.append((w, f"gray failure: {self.what} {mine * 1000:.0f} ms on average, {mine / peers:.0f}x its peers' "
                                f"({peers * 1000:.1f} ms), for {now - since + GRAY_WINDOW_S:.1f} s"))

@@ -16,7 +16,7 @@ import pytest
 
 from failover import LOAD_PARAMS, LOAD_PROMPTS, max_gap, run_with_fault, wait_replaced, wait_until
 from tarragon import LLM
-from tarragon.timeouts import GRAY_SUSTAIN_S, GRAY_WINDOW_S, K, MAX_AGE_S, AdaptiveTimeout, GrayDetector
+from tarragon.timeouts import GRAY_SUSTAIN_S, GRAY_WINDOW_S, K, MAX_AGE_S, AdaptiveTimeout, GrayDetector, runnable
 
 
 def token_ids(outs):
@@ -35,6 +35,22 @@ def failures(llm) -> list:
 def cluster(tiny_models):
     with LLM(tiny_models["mixtral"], attention_workers=2, expert_workers=3, shadows=1) as llm:
         yield llm, llm.generate(LOAD_PROMPTS, LOAD_PARAMS)
+
+
+def test_runnable_tells_a_starved_process_from_a_stopped_one():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        wait_until(lambda: runnable(busy.pid), 5, "the busy loop running")
+        time.sleep(0.2)
+        assert not runnable(idle.pid)
+        busy.send_signal(signal.SIGSTOP)
+        wait_until(lambda: not runnable(busy.pid), 5, "the stop")
+    finally:
+        for p in (busy, idle):
+            p.kill()
+            p.wait()
+    assert not runnable(busy.pid)
 
 
 def test_adaptive_timeout_and_gray_detector():
