@@ -198,6 +198,7 @@ class LLM:
         self._outbox_in = make_socket(self._ctx, zmq.PULL, bind=self._outbox_addr, max_bytes=P.MAX_MESSAGE_BYTES)
         self._outbox = make_socket(self._ctx, zmq.PUSH, connect=self._outbox_addr)
         self._outbox.setsockopt(zmq.SNDTIMEO, 2000)  # never block a caller forever on a stuck I/O thread
+        self._probes = AttentionProbes(self._ctx)  # used by the I/O thread only
         self._lock = threading.Lock()
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -526,6 +527,7 @@ class LLM:
     def _on_cluster_state(self, state: P.ClusterState) -> None:
         old = {w.name: w.state for w in self._state.workers} if self._state else {}
         self._state = state
+        self._probes.sync(state.workers, time.monotonic())
         self.slot_of.update((w.name, w.replaces or w.name) for w in state.workers)
         newly_failed = [w for w in state.workers if w.state == "failed" and old.get(w.name, "failed") != "failed"]
         if newly_failed or state.epoch != self._epoch:
@@ -660,6 +662,11 @@ class LLM:
                     self._pending_aborts.append(req.req_id)
         if not self._serving:
             return
+        with self._lock:
+            owing = {r.worker for r in self._requests.values()}
+        for report in self._probes.check(owing & set(self._live_attention()), now):
+            log.warning("attention worker %s: %s", report.worker, report.reason)
+            self._route("orchestrator", report)
         dead = self._orch.poll() is not None
         silent = now - self._orch_seen > max(self.orchestrator_timeout_s, 10.0 if now - self._orch_started < 10.0 else 0.0)
         if not (dead or silent) or self._cluster.launcher != "local" or self._state is None:
@@ -724,6 +731,7 @@ class LLM:
                 self._supervise(time.monotonic())
             except Exception:  # a handler's bug must never take the driver down: log it, go on
                 log.exception("driver I/O thread: error in a handler (survived)")
+        self._probes.close()
         self._router.close(0)
         self._outbox_in.close(0)
 
@@ -752,6 +760,8 @@ class LLM:
             return drops.note("driver", sender, f"{type(msg).__name__} from a sender not entitled to it")
         if sender == "orchestrator":
             self._orch_seen, self._orch_heard = now, True
+        else:
+            self._probes.heard_from(sender, now)
         if isinstance(msg, P.ClusterState):
             self._on_cluster_state(msg)
         elif isinstance(msg, P.EventLog):
@@ -809,6 +819,64 @@ class LLM:
             return msg.name == sender and msg.role == "attention" and (
                 record.role == "attention" and record.state in ("starting", "ready") if record else len(self._hello) < 4096)
         return record is not None and record.role == "attention" and record.state in ("ready", "draining")
+
+
+class AttentionProbes:
+    """The driver's own evidence that an attention worker is gone. Heartbeats (1 s) would leave
+    its streams stalled that long, and a host that vanishes sends no FIN to tell sooner: so an
+    attention worker that owes tokens and has been quiet for `quiet_s` is probed on its liveness
+    channel (answered by its liveness thread, even mid-step), and reported failed to the
+    orchestrator once no answer came for `timeout_s`, which fences it and moves its requests."""
+
+    def __init__(self, ctx: Context, quiet_s: float = 0.1, timeout_s: float = 0.3):
+        self.ctx, self.quiet_s, self.timeout_s = ctx, quiet_s, timeout_s
+        self.socks: dict[str, tuple[str, zmq.Socket]] = {}  # worker -> (its probe endpoint, our DEALER)
+        self.heard: dict[str, float] = {}  # worker -> its last message or pong
+        self.suspect: dict[str, float] = {}  # worker -> first unanswered probe
+        self.sent: dict[str, float] = {}
+        self.reported: set[str] = set()
+
+    def heard_from(self, name: str, now: float) -> None:
+        self.heard[name] = now
+        self.suspect.pop(name, None)
+
+    def sync(self, records: list[P.WorkerRecord], now: float) -> None:
+        """Probe channels to the ready attention workers, closed for the others."""
+        ready = {w.name: w.probe_endpoint for w in records if w.role == "attention" and w.state == "ready" and w.probe_endpoint}
+        for name in [n for n, (ep, _) in self.socks.items() if ready.get(n) != ep]:
+            self.socks.pop(name)[1].close(0)
+        for name, endpoint in ready.items():
+            if name not in self.socks:
+                self.socks[name] = (endpoint, make_socket(self.ctx, zmq.DEALER, connect=endpoint, identity="driver"))
+                self.heard.setdefault(name, now)
+
+    def check(self, owing: set[str], now: float) -> list[P.WorkerFailed]:
+        """Reports on the workers in `owing` (each holds requests) that stopped answering."""
+        failed = []
+        for name in owing & self.socks.keys() - self.reported:
+            sock = self.socks[name][1]
+            while sock.poll(0):
+                if recv(sock, (P.Pong,), "driver (probes)") is not None:
+                    self.heard_from(name, now)
+            if now - self.heard.get(name, now) < self.quiet_s:
+                continue
+            since = self.suspect.setdefault(name, now)
+            if now - since >= self.timeout_s:
+                self.reported.add(name)
+                failed.append(P.WorkerFailed(name, "driver", f"no token and no answer to probes for {(now - since) * 1000:.0f} ms",
+                                             (now - since) * 1000))
+            elif now - self.sent.get(name, 0.0) >= self.quiet_s / 2:
+                self.sent[name] = now
+                try:
+                    sock.send_multipart(P.encode(P.Probe(int(now * 1e6))), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        return failed
+
+    def close(self) -> None:
+        for _, sock in self.socks.values():
+            sock.close(0)
+        self.socks.clear()
 
 
 class _Spawner:

@@ -77,7 +77,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
 
 # What each side may send the orchestrator; anything else is dropped on receipt.
 FROM_WORKERS = (P.Join, P.Heartbeat, P.Ready, P.WorkerFailed, P.Report, P.Drain)
-FROM_DRIVER = (P.GetEvents, P.Report, P.Shutdown, P.Handover, P.Drain, P.Drained)
+FROM_DRIVER = (P.GetEvents, P.Report, P.Shutdown, P.Handover, P.Drain, P.Drained, P.WorkerFailed)
 DRAIN_GRACE_S = 0.5  # a drained expert worker, out of every routing table, gets this long to answer what it owes
 DRAIN_EXIT_S = 5.0  # ... and this long to exit once told to; then it is killed
 DRAIN_MAX_S = 30.0  # a drain that has not reached its shutdown by then is ended by force
@@ -128,6 +128,7 @@ class Orchestrator:
         self.last_loop = time.monotonic()
         # A worker whose heartbeats come late (its process runs in fits: a slow AW) while its peers' do not.
         self.gray = GrayDetector("heartbeats late by", GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S)
+        self.told_to_stop: dict[str, float] = {}  # worker -> the last Shutdown sent to it unasked
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -219,7 +220,8 @@ class Orchestrator:
             pass
 
     def publish(self) -> None:
-        records = [P.WorkerRecord(w.name, w.role, w.proc.pid, w.state, w.info, w.slot if w.replacement else "")
+        records = [P.WorkerRecord(w.name, w.role, w.proc.pid, w.state, w.info, w.slot if w.replacement else "",
+                                  (self.launcher.probe_endpoint(w.name) or "") if w.role == "attention" else "")
                    for w in self.workers.values()]
         initial_ready = not self.waiting and all(w.state == "ready" for w in self.workers.values() if not w.replacement)
         if initial_ready and not self.ready_announced and self.epoch:
@@ -353,6 +355,17 @@ class Orchestrator:
             self.push_table()  # it started with an older table
         self.publish()
 
+    def tell_to_stop(self, name: str) -> None:
+        """A fenced or unknown worker that speaks (its host's link came back, it was only frozen,
+        a predecessor started it) is told to shut down, at most once a second each: a Shutdown
+        sent when it was fenced may have been lost with its connection."""
+        now = time.monotonic()
+        if now - self.told_to_stop.get(name, 0.0) >= 1.0:
+            if len(self.told_to_stop) >= 1024:
+                self.told_to_stop.clear()
+            self.told_to_stop[name] = now
+            self.send(name, P.Shutdown())
+
     def check_liveness(self) -> None:
         now = time.monotonic()
         for w in list(self.workers.values()):
@@ -467,10 +480,11 @@ class Orchestrator:
             return
         w = self.workers.get(sender.removesuffix("#hb"))
         if w is None:
-            if isinstance(msg, P.Ready) and msg.role in ("attention", "expert", "store"):
-                self.send(sender.removesuffix("#hb"), P.Shutdown())  # not ours: e.g. started by a predecessor after its last word
+            if isinstance(msg, (P.Ready, P.Heartbeat)):  # not ours: fenced and forgotten, or started by a predecessor
+                self.tell_to_stop(sender.removesuffix("#hb"))
             return drops.note("orchestrator", sender, f"{type(msg).__name__} from a worker that is not ours")
-        if w.state in ("failed", "stopped"):
+        if w.state in ("failed", "stopped"):  # fenced: heard again once a cut link heals; told to go
+            self.tell_to_stop(w.name)
             return drops.note("orchestrator", sender, f"{type(msg).__name__} from a worker that is not in service")
         # The heartbeat channel carries beats, and the worker's Ready again when it reconnects (to a successor).
         on_hb = sender.endswith("#hb")
@@ -508,6 +522,10 @@ class Orchestrator:
             w = self.workers.get(msg.name)
             if w is not None and w.state == "draining":
                 w.stop_at = time.monotonic()
+        elif isinstance(msg, P.WorkerFailed):  # the driver's evidence is about attention workers (see llm.AttentionProbes)
+            target = self.workers.get(msg.worker)
+            if target is not None and target.role == "attention":
+                self.fail(msg.worker, msg.reason, reporter="driver", detect_ms=msg.detect_ms)
         elif isinstance(msg, P.Shutdown):
             return False
         return True

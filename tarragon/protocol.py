@@ -140,6 +140,7 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True):
     state: str  # "starting" | "ready" | "failed" | "stopped"
     info: dict[str, int] = {}
     replaces: str = ""  # the failed worker this one took over from
+    probe_endpoint: str = ""  # attention workers: where the driver probes one that owes tokens and is silent
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):

@@ -36,6 +36,11 @@ log = logging.getLogger("tarragon.sockets")
 DATA_MAX_BYTES = P.MAX_MESSAGE_BYTES  # datapath, checkpoints, prompt logits
 CONTROL_MAX_BYTES = 16 << 20  # orchestrator, probes, heartbeats, joins: a routing table fits many times over
 ZAP_DOMAIN = b"tarragon"
+# tcp:// connections to a peer whose host vanished (no FIN, no RST) are torn down within
+# ZMQ_HB_IVL + ZMQ_HB_TIMEOUT (ZMTP heartbeats, both sides), with TCP keepalive as the backstop
+# for the few seconds before the handshake; the kernel's default would keep them for hours.
+ZMQ_HB_IVL_MS, ZMQ_HB_TIMEOUT_MS = 1000, 3000
+TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTVL_S, TCP_KEEPALIVE_CNT = 2, 1, 3
 
 
 class ClusterKey(msgspec.Struct, frozen=True):
@@ -140,6 +145,8 @@ def make_socket(ctx: Context, kind: int, *, bind: str = "", connect: str = "", i
             s.setsockopt(zmq.CURVE_SERVERKEY, ctx.key.public.encode())
         s.setsockopt(zmq.CURVE_PUBLICKEY, ctx.key.public.encode())
         s.setsockopt(zmq.CURVE_SECRETKEY, ctx.key.secret.encode())
+    if endpoint.startswith("tcp://"):
+        set_liveness(s)
     if monitor:
         s.get_monitor_socket(monitor)
     if bind:
@@ -147,6 +154,18 @@ def make_socket(ctx: Context, kind: int, *, bind: str = "", connect: str = "", i
     elif connect:
         s.connect(connect)
     return s
+
+
+def set_liveness(s: zmq.Socket) -> None:
+    """A dead peer's connection is dropped in seconds (see ZMQ_HB_IVL_MS): the socket then
+    reconnects (connect side), and monitors report EVENT_DISCONNECTED."""
+    s.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HB_IVL_MS)
+    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMQ_HB_TIMEOUT_MS)
+    s.setsockopt(zmq.HEARTBEAT_TTL, ZMQ_HB_TIMEOUT_MS)  # the peer drops us too when our pings stop
+    s.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    s.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
+    s.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
 
 
 class Received(NamedTuple):
