@@ -129,6 +129,7 @@ class Orchestrator:
         # A worker whose heartbeats come late (its process runs in fits: a slow AW) while its peers' do not.
         self.gray = GrayDetector("heartbeats late by", GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S)
         self.told_to_stop: dict[str, float] = {}  # worker -> the last Shutdown sent to it unasked
+        self.suspicions: dict[str, tuple[float, dict[str, P.WorkerFailed]]] = {}  # EW -> (first report, reports by AW)
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -366,8 +367,41 @@ class Orchestrator:
             self.told_to_stop[name] = now
             self.send(name, P.Shutdown())
 
+    def suspect(self, ew: Worker, msg: P.WorkerFailed) -> None:
+        """An attention worker lost an expert worker: weighed against the heartbeats that worker
+        still sends here (see `judge_suspicions`) before anyone is fenced."""
+        if ew.state != "ready":
+            return self.fail(ew.name, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
+        _, reports = self.suspicions.setdefault(ew.name, (time.monotonic(), {}))
+        reports[msg.reporter] = msg
+
+    def judge_suspicions(self, now: float) -> None:
+        """An expert worker reported lost that still beats here, `heartbeat_s * 3` after the
+        report, is alive: its reporters are the ones cut off (a partition between them), and are
+        fenced, so their requests move to attention workers that reach every expert; unless every
+        live attention worker reported it, when it serves nobody and is fenced itself. One that
+        stays silent `heartbeat_s * 6` after the report is failed, as reported."""
+        hb = self.spec.heartbeat_s
+        for name, (t, reports) in list(self.suspicions.items()):
+            ew = self.workers.get(name)
+            first = next(iter(reports.values()))
+            if ew is None or ew.state != "ready":
+                del self.suspicions[name]
+            elif ew.last_beat > t + 3 * hb:
+                del self.suspicions[name]
+                live = {w.name for w in self.workers.values() if w.role == "attention" and w.state == "ready"}
+                if live <= reports.keys():
+                    self.fail(name, f"{first.reason}; unreachable from every attention worker", first.reporter, first.detect_ms)
+                    continue
+                for reporter in reports.keys() & live:
+                    self.fail(reporter, f"cut off from {name}, which is alive")
+            elif now - t > 6 * hb:
+                del self.suspicions[name]
+                self.fail(name, first.reason, reporter=first.reporter, detect_ms=first.detect_ms)
+
     def check_liveness(self) -> None:
         now = time.monotonic()
+        self.judge_suspicions(now)
         for w in list(self.workers.values()):
             if self.workers.get(w.name) is not w:  # replaced by a restart during this loop
                 continue
@@ -501,7 +535,7 @@ class Orchestrator:
         elif isinstance(msg, P.WorkerFailed) and w.role == "attention" and msg.reporter == w.name:
             target = self.workers.get(msg.worker)
             if target is not None and target.role == "expert":  # an AW's evidence is about expert workers
-                self.fail(msg.worker, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
+                self.suspect(target, msg)
         elif isinstance(msg, P.Report) and msg.worker == w.name:
             self.event(msg.kind, msg.worker, msg.detail, msg.ms)
         elif isinstance(msg, P.Drain) and w.state == "ready":  # it got SIGTERM: a preemption notice

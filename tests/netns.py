@@ -129,10 +129,11 @@ class Net:
         `b` may be "driver" (the root namespace)."""
         if a == "driver":
             a, b = b, a
-        self._tc(a, "qdisc", "replace", "dev", "DEV", "root", "handle", "1:", "htb", "default", "10")
-        for cls in ("1:10", "1:20"):
-            self._tc(a, "class", "replace", "dev", "DEV", "parent", "1:", "classid", cls, "htb", "rate", "100gbit")
-        self._tc(a, "qdisc", "replace", "dev", "DEV", "parent", "1:20", "handle", "20:", "blackhole")
+        if a not in self.faults:  # the first partition of a: classes first, then a filter per peer
+            self._tc(a, "qdisc", "replace", "dev", "DEV", "root", "handle", "1:", "htb", "default", "10")
+            for cls in ("1:10", "1:20"):
+                self._tc(a, "class", "replace", "dev", "DEV", "parent", "1:", "classid", cls, "htb", "rate", "100gbit")
+            self._tc(a, "qdisc", "replace", "dev", "DEV", "parent", "1:20", "handle", "20:", "blackhole")
         # Leaving a (its own end): to b. Towards a (the bridge's end): from b.
         sh("ip", "netns", "exec", self.ns(a), "tc", "filter", "add", "dev", self.inner(a), "parent", "1:", "protocol", "ip",
            "prio", "1", "u32", "match", "ip", "dst", f"{self.ip(b)}/32", "flowid", "1:20")

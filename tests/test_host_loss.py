@@ -5,6 +5,8 @@ the failure-free run token for token, and the stall stay under a second."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import sys
 import time
@@ -51,6 +53,14 @@ class Hosts:
 RESULTS: dict[str, dict] = {}  # case -> figures, written to docs/results/host_loss.json by bench/host_loss.py
 
 
+@pytest.fixture(scope="module", autouse=True)
+def figures():
+    """bench/host_loss.py sets HOST_LOSS_RESULTS: the figures of every case go there as JSON."""
+    yield
+    if os.environ.get("HOST_LOSS_RESULTS"):
+        Path(os.environ["HOST_LOSS_RESULTS"]).write_text(json.dumps(RESULTS, indent=1) + "\n")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_models):
     """One cluster for the module (start-up is the slow part): a store, two expert workers, two
@@ -60,7 +70,7 @@ def cluster(tmp_path_factory, tiny_models):
         for role in ("store", "expert", "expert", "attention", "attention"):
             hosts.start(role)
         with LLM(tiny_models["olmoe"], attention_workers=2, expert_workers=2, launcher="manual", join_address=hosts.address,
-                 key_file=str(hosts.key_file), placement="spread", stall_timeout_s=30) as llm:
+                 key_file=str(hosts.key_file), placement="spread", stall_timeout_s=30, log_dir=hosts.tmp / "driver-logs") as llm:
             yield hosts, llm, [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
@@ -125,3 +135,28 @@ def test_store_host_cut_does_not_stall(cluster):
     assert [o.token_ids for o in outs] == baseline
     assert RESULTS["store host cut"]["detected_s"] is not None
     assert RESULTS["store host cut"]["stall_s"] < 1.0
+
+
+def test_an_attention_worker_cut_off_from_the_experts_is_fenced_not_them(cluster):
+    """A partition between one attention worker and both expert workers (the driver and the
+    orchestrator still reach all three): the attention worker loses every expert on its side, but
+    they still beat, so it is the one fenced; its requests move, the experts keep serving."""
+    hosts, llm, baseline = cluster
+    experts = [w.name for w in llm.workers() if w.role == "expert" and w.state == "ready"]
+    hosts.start("attention")
+    reqs = [llm.submit(p, PARAMS) for p in PROMPTS]
+    wait_until(lambda: min(len(r.tokens) for r in reqs) >= 40, 60, "tokens before the partition")
+    name = reqs[0].worker
+    t0 = time.monotonic()
+    for ew in experts:
+        hosts.net.partition(hosts.host_of(name), hosts.host_of(ew))
+    outs = [llm.wait(r, 120) for r in reqs]
+    hosts.net.heal(hosts.host_of(name))
+    failed = [e for e in llm.events() if e.kind == "worker_failed" and e.t > t0]
+    gap = max(max((b - a for a, b in zip(o.token_times, o.token_times[1:]) if b > t0), default=0.0) for o in outs)
+    RESULTS["attention cut off from the experts"] = {"worker": name, "detected_s": round(failed[0].t - t0, 3) if failed else None,
+                                                      "how": failed[0].detail if failed else "", "stall_s": round(gap, 3)}
+    print(RESULTS["attention cut off from the experts"])
+    assert [o.token_ids for o in outs] == baseline
+    assert [e.worker for e in failed] == [name]  # the experts were not fenced
+    assert gap < 1.0
