@@ -96,8 +96,10 @@ def cut_during_load(hosts: Hosts, llm: LLM, name: str, case: str, heal_after_s: 
 def test_attention_host_cut_moves_its_requests(cluster):
     hosts, llm, baseline = cluster
     spare = hosts.start("attention")  # joins in the failed one's place
+    restored = llm.reassigned["restored"]
     outs = cut_during_load(hosts, llm, "aw0", "attention host cut")
     assert [o.token_ids for o in outs] == baseline
+    assert llm.reassigned["restored"] > restored  # from the store, not recomputed
     assert RESULTS["attention host cut"]["detected_s"] is not None
     assert RESULTS["attention host cut"]["stall_s"] < 1.0
     new = wait_replaced(llm, "aw0")
