@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 PREFIX = "tarragon-"
@@ -60,11 +61,17 @@ def sweep() -> None:
             sh("ip", "link", "del", name, check=False)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through close()
+
+
 class Net:
     """Hosts h1..hN on a bridge; "driver" is this namespace (the bridge's address)."""
 
     def __init__(self, hosts: int):
         sweep()
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _interrupt)  # `timeout` or CI ending the run: clean up all the same
         self.hosts = [f"h{i}" for i in range(1, hosts + 1)]
         self.procs: list[subprocess.Popen] = []
         self.faults: set[str] = set()

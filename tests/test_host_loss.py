@@ -22,6 +22,10 @@ from tarragon.sockets import ClusterKey
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=f"network hosts: {netns.available()}")
 
 PROMPTS, PARAMS = LOAD_PROMPTS[:6], LOAD_PARAMS
+# Only the store's loss waits for it (AWs and EWs are probed): 3 s, not the default 1 s, since on
+# two cores shared with other jobs healthy expert workers missed 1 s of heartbeats (fenced, with no
+# spare to replace them: the module's later cases hung).
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("HOST_LOSS_HEARTBEAT_TIMEOUT_S", "3.0"))
 
 
 class Hosts:
@@ -70,7 +74,8 @@ def cluster(tmp_path_factory, tiny_models):
         for role in ("store", "expert", "expert", "attention", "attention"):
             hosts.start(role)
         with LLM(tiny_models["olmoe"], attention_workers=2, expert_workers=2, launcher="manual", join_address=hosts.address,
-                 key_file=str(hosts.key_file), placement="spread", stall_timeout_s=30, log_dir=hosts.tmp / "driver-logs") as llm:
+                 key_file=str(hosts.key_file), placement="spread", stall_timeout_s=30,
+                 heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, log_dir=hosts.tmp / "driver-logs") as llm:
             yield hosts, llm, [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
@@ -84,8 +89,12 @@ def cut_during_load(hosts: Hosts, llm: LLM, name: str, case: str, heal_after_s: 
     if heal_after_s:
         time.sleep(heal_after_s)
         hosts.net.heal(host)
-    outs = [llm.wait(r, 120) for r in reqs]
-    failed = [e for e in llm.events() if e.kind == "worker_failed" and e.worker == name]
+    outs = [llm.wait(r, 60) for r in reqs]
+    failed: list = []
+    deadline = time.monotonic() + HEARTBEAT_TIMEOUT_S + 5  # the store is judged by heartbeats only: it may come after the outputs
+    while not failed and time.monotonic() < deadline:
+        failed = [e for e in llm.events() if e.kind == "worker_failed" and e.worker == name]
+        time.sleep(0.1)
     gap = max(max((b - a for a, b in zip(o.token_times, o.token_times[1:]) if b > t0), default=0.0) for o in outs)
     RESULTS[case] = {"worker": name, "detected_s": round(failed[0].t - t0, 3) if failed else None,
                      "how": failed[0].detail if failed else "not declared failed", "stall_s": round(gap, 3)}
@@ -152,7 +161,7 @@ def test_an_attention_worker_cut_off_from_the_experts_is_fenced_not_them(cluster
     t0 = time.monotonic()
     for ew in experts:
         hosts.net.partition(hosts.host_of(name), hosts.host_of(ew))
-    outs = [llm.wait(r, 120) for r in reqs]
+    outs = [llm.wait(r, 60) for r in reqs]
     hosts.net.heal(hosts.host_of(name))
     failed = [e for e in llm.events() if e.kind == "worker_failed" and e.t > t0]
     gap = max(max((b - a for a, b in zip(o.token_times, o.token_times[1:]) if b > t0), default=0.0) for o in outs)
