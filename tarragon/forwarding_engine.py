@@ -299,9 +299,9 @@ class ForwardingEngine:
         self.probe_timeout.observe(now - part.sent_at, now)
         self.gray.observe(worker, now - part.sent_at, now)
         for slow, why in self.gray.slow(now):
-            self._fail(slow, why)
+            self._fail(slow, why, slow=True)
 
-    def _fail(self, worker: str, reason: str, report: bool = True) -> None:
+    def _fail(self, worker: str, reason: str, report: bool = True, slow: bool = False) -> None:
         """This worker is failed for us: never send it anything again; replay what it owes."""
         if worker in self.failed:
             return
@@ -311,7 +311,7 @@ class ForwardingEngine:
         self.failed.add(worker)
         log.warning("%s: expert worker %s failed: %s", self.name, worker, reason)
         if report:
-            self.orch.send_multipart(P.encode(P.WorkerFailed(worker, self.name, reason, detect_ms)))
+            self.orch.send_multipart(P.encode(P.WorkerFailed(worker, self.name, reason, detect_ms, slow)))
         owed = [p for p in self.expected.values() if p.worker == worker]
         self._disconnect(worker)
         for p in owed:

@@ -534,7 +534,9 @@ class Orchestrator:
             self.on_ready(w, msg)
         elif isinstance(msg, P.WorkerFailed) and w.role == "attention" and msg.reporter == w.name:
             target = self.workers.get(msg.worker)
-            if target is not None and target.role == "expert":  # an AW's evidence is about expert workers
+            if target is not None and target.role == "expert" and msg.slow:  # its replies came, slowly: no partition
+                self.fail(target.name, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
+            elif target is not None and target.role == "expert":  # an AW's evidence is about expert workers
                 self.suspect(target, msg)
         elif isinstance(msg, P.Report) and msg.worker == w.name:
             self.event(msg.kind, msg.worker, msg.detail, msg.ms)

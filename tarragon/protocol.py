@@ -201,6 +201,7 @@ class WorkerFailed(Msg):
     reporter: str
     reason: str
     detect_ms: float
+    slow: bool = False  # it answers, much slower than its peers (a gray failure): no partition to weigh
 
 
 class TableUpdate(Msg):
