@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .llm import LLM, Request
 from .sampling import MAX_LOGPROBS, SamplingParams
+from .tokenizer import PromptTooLong
 
 log = logging.getLogger("tarragon.server")
 
@@ -68,11 +69,19 @@ NO_EFFECT = {"user", "metadata", "store", "service_tier", "reasoning_effort", "r
              "vllm_xargs", "echo_prompt", "add_special_tokens", "stream_options"}
 
 
-MAX_BODY_BYTES = 8 << 20
+MAX_BODY_BYTES = 8 << 20  # whatever the context
 MAX_STOP = 64  # stop strings, each at most MAX_STOP_CHARS; stop token ids at most MAX_STOP_IDS
 MAX_STOP_CHARS = 1024
 MAX_STOP_IDS = 4096
 PROMPT_CHARS_PER_TOKEN = 64  # text longer than this many characters per context token cannot fit: refused before tokenizing
+
+
+def body_limit(max_model_len: int) -> int:
+    """The largest body a request that fits the context can need: its text at most
+    PROMPT_CHARS_PER_TOKEN characters per token, each at most 6 bytes of JSON (\\uXXXX), at
+    least 1 MiB, at most MAX_BODY_BYTES. Anything larger is a 413 before it is parsed: parsing
+    holds the GIL (a 3 MB list of token ids: 60 ms), and with it every stream."""
+    return min(MAX_BODY_BYTES, max(1 << 20, 6 * PROMPT_CHARS_PER_TOKEN * max_model_len))
 
 
 class _Sampling(BaseModel):
@@ -379,7 +388,9 @@ class Serving:
             raise APIError(400, f"the prompt has {len(text)} characters; this model's context ({self.llm.max_model_len} tokens) "
                                 f"cannot hold that many", param="prompt")
         try:
-            return self.llm.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return self.llm.tokenizer.encode(text, add_special_tokens=add_special_tokens, max_tokens=self.llm.max_model_len)
+        except PromptTooLong as e:
+            raise context_error(self.llm.max_model_len, e.tokens, None) from None
         except Exception as e:  # e.g. lone surrogates the tokenizer cannot take
             raise APIError(400, f"the prompt cannot be tokenized: {e}", param="prompt") from None
 
@@ -573,10 +584,10 @@ class BodyLimit:
 
 
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               fault_injection: bool = False, max_body_bytes: int = MAX_BODY_BYTES, admin: bool = False) -> FastAPI:
+               fault_injection: bool = False, max_body_bytes: int | None = None, admin: bool = False) -> FastAPI:
     # No /docs, /redoc, /openapi.json: nothing is served that the API key does not cover.
     app = FastAPI(title="Tarragon", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes or body_limit(llm.max_model_len))
     metrics = Metrics(llm, model_name)
     created = int(time.time())
 

@@ -556,3 +556,236 @@ def test_http_limits(served):
     ok = httpx.post(u, json={"model": MODEL, "prompt": "x", "max_tokens": 3, "stop_token_ids": list(range(900, 1000)), "stop": ["zz" * 300]})
     assert ok.status_code == 200, ok.text
     assert all(httpx.get(f"{srv.url}{p}").status_code == 404 for p in ("/docs", "/redoc", "/openapi.json"))
+
+
+def test_tokenizing_a_long_prompt_leaves_other_threads_running(served):
+    """Tokenization runs on a worker thread; `tokenizers`' plain encode holds the GIL throughout
+    (3 MB: 3 s during which the event loop could not run), its batch encode releases it."""
+    llm, _ = served
+    text = "word " * 600_000
+    ticks, busy = [], threading.Event()
+
+    def tick():
+        while not busy.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.002)
+    t = threading.Thread(target=tick)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="600001 tokens|tokens"):
+            llm.tokenizer.encode(text, max_tokens=llm.max_model_len)
+        took = time.monotonic() - t0
+    finally:
+        busy.set()
+        t.join()
+    gap = max(b - a for a, b in zip(ticks, ticks[1:]))
+    print(f"\ntokenizing 3 MB: {1000 * took:.0f} ms; the other thread's largest gap {1000 * gap:.0f} ms")
+    assert gap < took / 4, (gap, took)  # with the GIL held it is the whole tokenization
+
+
+def _stream_times(srv, times: list[float], stop: threading.Event) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                times.append(time.monotonic())
+            if stop.is_set():
+                return
+
+
+def test_a_3mb_prompt_does_not_stall_other_streams(served):
+    """Issue 16: while one client sends 3 MB prompts (text, token ids, chat: 413 before parsing;
+    a prompt just under the character cap: tokenized off the loop, then a 400), another's stream
+    goes on: its largest gap in the attack windows vs in equal windows just before them, and
+    /health's latency meanwhile. Everything shares this process's GIL (driver, server, clients), so
+    the bodies are encoded before the windows. The assert is on the median of 3 tries, and is
+    "the attack adds < 100 ms to the quiet windows' largest gap": a loaded 2-core CI box has
+    100 ms hiccups of its own. Measured on a quiet machine: 20-50 ms either way."""
+    llm, srv = served
+    big_text = "word " * 600_000
+    attacks = [("/v1/completions", {"model": MODEL, "prompt": big_text}, 413),
+               ("/v1/completions", {"model": MODEL, "prompt": list(range(1, 500)) * 1200}, 413),
+               ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": big_text}]}, 413),
+               ("/tokenize", {"model": MODEL, "prompt": big_text}, 413),
+               ("/v1/completions", {"model": MODEL, "prompt": "word " * (llm.max_model_len * 64 // 5 - 10)}, 400)]
+    attacks = [(path, json.dumps(body).encode(), status) for path, body, status in attacks]  # encoded here: 60 ms of GIL
+    times, stop = [], threading.Event()
+    streamer = threading.Thread(target=_stream_times, args=(srv, times, stop))
+    streamer.start()
+    windows, health_ms = [], []
+    try:
+        wait_until(lambda: len(times) > 5, 30, "the stream to start")
+        with httpx.Client(timeout=30) as c:
+            for _ in range(3):
+                quiet = time.monotonic()
+                time.sleep(1.0)
+                start = time.monotonic()
+                for path, body, status in attacks:
+                    r = c.post(f"{srv.url}{path}", content=body, headers={"content-type": "application/json"})
+                    assert r.status_code == status, (path, r.status_code, r.text[:200])
+                    t0 = time.monotonic()
+                    assert c.get(f"{srv.url}/health").status_code == 200
+                    health_ms.append(1000 * (time.monotonic() - t0))
+                end = time.monotonic()
+                windows.append((quiet, start, end))
+    finally:
+        stop.set()
+        streamer.join(60)
+
+    def largest_gap(a: float, b: float) -> float:
+        return max((y - x for x, y in zip(times, times[1:]) if a < y <= b + 0.05), default=float("inf"))
+    quiet_gaps = [largest_gap(q, s) for q, s, _ in windows]
+    attack_gaps = [largest_gap(s, e) for _, s, e in windows]
+    med = sorted(attack_gaps)[1]
+    print(f"\nlargest stream gap, quiet windows: {[round(1000 * g) for g in quiet_gaps]} ms; while 3 MB prompts are sent: "
+          f"{[round(1000 * g) for g in attack_gaps]} ms (median {1000 * med:.0f} ms); /health max {max(health_ms):.0f} ms")
+    assert med < 0.1 + sorted(quiet_gaps)[1], (attack_gaps, quiet_gaps)
+    assert max(health_ms) < 1000
+
+
+WORDS = "def class import return the a of to in and for while if else print self x y value data list".split()
+
+
+def valid_body(rng, vocab: int) -> tuple[str, dict]:
+    """A request the server must serve: the model's name, sampling anywhere in its real ranges."""
+    chat = rng.random() < 0.4
+    body: dict = {"max_tokens": rng.randint(1, 64)}
+    if rng.random() < 0.8:
+        body["model"] = MODEL
+    text = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))  # noqa: E731
+    if chat:
+        roles = ["system"] * (rng.random() < 0.3) + ["user"] + ["assistant", "user"] * rng.randint(0, 1)
+        body["messages"] = [{"role": r, "content": text()} for r in roles]
+    else:
+        body["prompt"] = text() if rng.random() < 0.6 else [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
+    if rng.random() < 0.4:
+        body["temperature"] = 0.0
+    else:
+        body |= {"temperature": round(rng.uniform(0.1, 2.0), 3), "seed": rng.randrange(2**63)}
+        if rng.random() < 0.5:
+            body["top_p"] = round(rng.uniform(0.05, 1.0), 3)
+        if rng.random() < 0.5:
+            body["top_k"] = rng.choice([-1, 1, 2, 5, 50])
+        if rng.random() < 0.3:
+            body["min_p"] = round(rng.uniform(0, 0.5), 3)
+    for k, lo, hi in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2), ("repetition_penalty", 0.5, 2)):
+        if rng.random() < 0.3:
+            body[k] = round(rng.uniform(lo, hi), 3)
+    if rng.random() < 0.3:
+        body["stop"] = [rng.choice(WORDS)[:2] for _ in range(rng.randint(1, 3))]
+        body["include_stop_str_in_output"] = rng.random() < 0.5
+    if rng.random() < 0.2:
+        body["stop_token_ids"] = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+    if rng.random() < 0.3:
+        if chat:
+            body |= {"logprobs": True, "top_logprobs": rng.randint(0, 5)}
+        else:
+            body["logprobs"] = rng.randint(0, 5)
+    body["ignore_eos"] = rng.random() < 0.5
+    body["n"] = 1 if rng.random() < 0.2 else None
+    body = {k: v for k, v in body.items() if v is not None}
+    if rng.random() < 0.5:
+        body["stream"] = True
+        if rng.random() < 0.5:
+            body["stream_options"] = {"include_usage": True}
+    return ("/v1/chat/completions" if chat else "/v1/completions"), body
+
+
+INVALID = [("temperature", -0.5), ("top_p", 0.0), ("max_tokens", 0), ("max_tokens", 5000), ("model", "nope"), ("n", 2),
+           ("top_k", -5), ("logprobs", 99), ("seed", -1), ("stop", ["s"] * 70), ("presence_penalty", 3.0)]
+
+
+def fuzz_call(srv, path: str, body: dict, disconnect_after: int | None) -> tuple[int, str | None, str | None]:
+    """(status, text or None, finish reason); a stream must end with [DONE] after its finish
+    chunk; `disconnect_after` chunks: the client leaves mid-stream (or, not streaming, after 0.3 s)."""
+    with httpx.Client(timeout=120) as c:
+        if not body.get("stream"):
+            try:
+                r = c.post(f"{srv.url}{path}", json=body, timeout=0.3 if disconnect_after is not None else 120)
+            except httpx.ReadTimeout:
+                return 0, None, None
+            if r.status_code != 200:
+                return r.status_code, None, None
+            ch = r.json()["choices"][0]
+            return 200, ch["message"]["content"] if "message" in ch else ch["text"], ch["finish_reason"]
+        with c.stream("POST", f"{srv.url}{path}", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                return r.status_code, None, None
+            lines = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                if disconnect_after is not None and len(lines) >= disconnect_after:
+                    return 0, None, None
+    assert lines and lines[-1] == "[DONE]", lines[-3:]
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert not any("error" in ch for ch in chunks), chunks[-1]
+    deltas = [ch["choices"][0] for ch in chunks if ch.get("choices")]
+    text = "".join((d.get("delta") or {}).get("content") or d.get("text") or "" for d in deltas)
+    return 200, text, deltas[-1]["finish_reason"]
+
+
+@pytest.mark.timeout(180)
+def test_http_fuzz_reaches_the_engine_through_failures(served):
+    """Issue 16: generated bodies that reach the engine (valid model, real sampling ranges,
+    streams and not, disconnects, 8 concurrent clients), plus invalid ones, twice: without
+    failures, then with an expert worker and an attention worker SIGKILLed through the fault
+    endpoint meanwhile. No 5xx; every valid request completes; no worker but the two dies;
+    the outputs of greedy and seeded requests are the same both times. Seeded generation, not
+    hypothesis: a run is one concurrent batch, not a sequence of shrinkable examples."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    llm, srv = served
+    rng = random.Random(16)
+    vocab = llm.model_config.vocab_size
+    calls = []
+    for i in range(48):
+        path, body = valid_body(rng, vocab)
+        if i % 8 == 7:
+            k, v = INVALID[rng.randrange(len(INVALID))]
+            calls.append((path, {**body, k: v}, None, "invalid"))
+        else:
+            calls.append((path, body, rng.randint(1, 4) if i % 8 == 3 else None, "valid"))
+    armed = Server(llm, fault_injection=True)
+
+    def run(inject: bool) -> list:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(fuzz_call, srv, *c[:3]) for c in calls]
+            if inject:
+                for role, after in (("expert", 12), ("attention", 28)):
+                    wait_until(lambda: sum(f.done() for f in futures) >= after, 60, f"{after} requests done")
+                    r = httpx.post(f"{armed.url}/tarragon/fault", json={"role": role, "index": 0})
+                    assert r.status_code == 200, r.text
+                    killed.append(r.json()["victim"])
+            return [f.result() for f in futures]
+
+    killed: list[str] = []
+    try:
+        t0 = time.monotonic()
+        quiet = run(False)
+        t1 = time.monotonic()
+        faulty = run(True)
+        t2 = time.monotonic()
+    finally:
+        armed.stop()
+    compared = 0
+    for (path, body, leave, kind), a, b in zip(calls, quiet, faulty):
+        for status, text, reason in (a, b):
+            assert status < 500, (path, body, status)
+            if kind == "invalid":
+                assert 400 <= status < 500, (path, body, status)
+            elif leave is None:
+                assert status == 200 and reason in ("stop", "length"), (path, body, status, reason)
+        if kind == "valid" and leave is None and (body.get("temperature") == 0 or "seed" in body):
+            assert a[1:] == b[1:], (path, body, a, b)
+            compared += 1
+    wait_until(lambda: not llm._requests, 30, "every request (and abandoned one) to end")
+    failed = {e.worker for e in llm.events() if e.kind == "worker_failed" and e.t >= t1}
+    assert failed == set(killed), (failed, killed)
+    print(f"\nfuzz: {len(calls)} bodies x 2, {compared} outputs compared; {t1 - t0:.1f} s without failures, "
+          f"{t2 - t1:.1f} s with {killed} killed")
+    for name in killed:
+        wait_replaced(llm, name)
