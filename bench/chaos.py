@@ -72,6 +72,7 @@ class Fault:
     cont_after_s: float | None = None  # pause: SIGCONT this long after the SIGSTOP
     healed_after_s: float | None = None  # until the cluster had healed again (None: not within the timeout)
     stall_s: float = 0.0  # the largest token gap of any stream in this fault's window
+    events: list = field(default_factory=list)  # the orchestrator's events in its window: (s after the fault, kind, worker, detail)
 
 
 @dataclass
@@ -173,6 +174,16 @@ def inject(llm: LLM, rng: random.Random, double: float, roles: Deck, actions: De
     return f
 
 
+def window_events(llm: LLM, last: list[Fault]) -> None:
+    """The events since the last fault, kept with it (a successor orchestrator's log starts empty,
+    so they are read before the next fault)."""
+    if last:
+        try:
+            last[0].events = [(round(e.t - last[0].t, 3), e.kind, e.worker, e.detail) for e in llm.events(2.0) if e.t >= last[0].t]
+        except TimeoutError:
+            last[0].events = [(0.0, "events_unavailable", "", "the orchestrator did not answer")]
+
+
 def stalls(faults: list[Fault], done: list[Done], end: float) -> None:
     """Per fault: the largest gap between two tokens of one stream whose later token falls in the
     fault's window (from the fault to the next one)."""
@@ -223,6 +234,7 @@ def run(args) -> dict:
         roles, actions = Deck(ROLES, rng), Deck(ACTIONS, rng)
         while len(faults) < args.faults:
             time.sleep(rng.uniform(0.5, 1.5) * args.interval)
+            window_events(llm, faults[-1:])
             f = inject(llm, rng, args.double, roles, actions)
             if f is None:
                 continue
@@ -237,6 +249,7 @@ def run(args) -> dict:
             else:
                 print(f"  not healed after {args.heal_timeout:.0f} s: {[(w.name, w.state, w.alive) for w in llm.workers()]}", flush=True)
         time.sleep(args.interval)
+        window_events(llm, faults[-1:])
         soak.stop.set()
         loader.join(args.request_timeout + 30)
         end = time.monotonic()
@@ -257,6 +270,9 @@ def summarize(record: dict, faults: list[Fault], soak: Soak, quiet: Soak, refere
         "requests": len(soak.done), "requests_failed": len(failed), "outputs_differing": len(differing),
         "processes_seen": len(soak.seen), "processes_leaked": len(leaked_pids), "leaked_pids": leaked_pids,
         "not_healed": sum(f.healed_after_s is None for f in faults),
+        # workers failed in a fault's window that were not its victims (nor replaced victims' successors
+        # failing with them): false alarms, or failures caused by the fault
+        "other_failures": [(i + 1, e) for i, f in enumerate(faults) for e in f.events if e[1] == "worker_failed" and e[2] not in f.victims],
         "stall": quantiles([f.stall_s for f in faults]), "stall_by_kind": {k: v for k, v in by_kind.items() if v["n"]},
         "quiet_largest_gap_ms": round(1000 * max(quiet_gaps, default=0.0), 1),
         "orchestrator_restarts": llm.orchestrator_restarts, "failures_detected": dict(llm.failures),
@@ -266,7 +282,8 @@ def summarize(record: dict, faults: list[Fault], soak: Soak, quiet: Soak, refere
     rows = [("faults (double)", f"{len(faults)} ({record['double_faults']})"), ("requests", len(soak.done)),
             ("requests failed (goal 0)", len(failed)), ("outputs differing (goal 0)", len(differing)),
             ("processes leaked (goal 0)", f"{len(leaked_pids)} of {len(soak.seen)}"), ("faults not healed", record["not_healed"]),
-            ("largest gap, failure-free", f"{record['quiet_largest_gap_ms']} ms")]
+            ("largest gap, failure-free", f"{record['quiet_largest_gap_ms']} ms"),
+            ("other workers failed (not victims)", len(record["other_failures"]))]
     s = record["stall"]
     rows.append(("stall per fault median / p90 / max", f"{s.get('median_ms')} / {s.get('p90_ms')} / {s.get('max_ms')} ms"))
     rows += [(f"  {k} (n={v['n']})", f"{v['median_ms']} / {v['p90_ms']} / {v['max_ms']} ms") for k, v in record["stall_by_kind"].items()]
