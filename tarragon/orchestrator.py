@@ -130,6 +130,7 @@ class Orchestrator:
         self.gray = GrayDetector("heartbeats late by", GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S)
         self.told_to_stop: dict[str, float] = {}  # worker -> the last Shutdown sent to it unasked
         self.suspicions: dict[str, tuple[float, dict[str, P.WorkerFailed]]] = {}  # EW -> (first report, reports by AW)
+        self.silent_gap: dict[str, float] = {}  # suspect EW -> its longest gap between two messages here since the report
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -372,23 +373,31 @@ class Orchestrator:
         still sends here (see `judge_suspicions`) before anyone is fenced."""
         if ew.state != "ready":
             return self.fail(ew.name, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
-        _, reports = self.suspicions.setdefault(ew.name, (time.monotonic(), {}))
+        now = time.monotonic()
+        _, reports = self.suspicions.setdefault(ew.name, (now, {}))
         reports[msg.reporter] = msg
+        self.silent_gap[ew.name] = max(self.silent_gap.get(ew.name, 0.0), now - ew.last_beat)
 
     def judge_suspicions(self, now: float) -> None:
         """An expert worker reported lost that still beats here, `heartbeat_s * 3` after the
         report, is alive: its reporters are the ones cut off (a partition between them), and are
         fenced, so their requests move to attention workers that reach every expert; unless every
         live attention worker reported it, when it serves nobody and is fenced itself. One that
-        stays silent `heartbeat_s * 6` after the report is failed, as reported."""
+        stays silent `heartbeat_s * 6` after the report is failed, as reported; so is one whose
+        beats stopped here too around the report (`heartbeat_s * 2` or more between two): it was
+        stopped or starved for a while (a pause, not a partition), its reporters were right."""
         hb = self.spec.heartbeat_s
         for name, (t, reports) in list(self.suspicions.items()):
             ew = self.workers.get(name)
             first = next(iter(reports.values()))
             if ew is None or ew.state != "ready":
                 del self.suspicions[name]
+                self.silent_gap.pop(name, None)
             elif ew.last_beat > t + 3 * hb:
                 del self.suspicions[name]
+                if self.silent_gap.pop(name, 0.0) >= 2 * hb:
+                    self.fail(name, f"{first.reason}; its heartbeats stopped too", first.reporter, first.detect_ms)
+                    continue
                 live = {w.name for w in self.workers.values() if w.role == "attention" and w.state == "ready"}
                 if live <= reports.keys():
                     self.fail(name, f"{first.reason}; unreachable from every attention worker", first.reporter, first.detect_ms)
@@ -397,6 +406,7 @@ class Orchestrator:
                     self.fail(reporter, f"cut off from {name}, which is alive")
             elif now - t > 6 * hb:
                 del self.suspicions[name]
+                self.silent_gap.pop(name, None)
                 self.fail(name, first.reason, reporter=first.reporter, detect_ms=first.detect_ms)
 
     def check_liveness(self) -> None:
@@ -526,6 +536,8 @@ class Orchestrator:
                 or getattr(msg, "name", w.name) != w.name:
             return drops.note("orchestrator", sender, f"{type(msg).__name__} on the wrong channel or under another name")
         now = time.monotonic()
+        if w.name in self.suspicions:  # the longest silence of a suspect, as seen here
+            self.silent_gap[w.name] = max(self.silent_gap.get(w.name, 0.0), now - w.last_beat)
         if isinstance(msg, P.Heartbeat) and w.state == "ready":
             self.heartbeat_timeout.observe(now - w.last_beat, now)
             self.gray.observe(w.name, max(0.0, now - w.last_beat - self.spec.heartbeat_s), now)

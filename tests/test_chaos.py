@@ -59,3 +59,29 @@ def test_a_paused_orchestrator_fails_no_worker(tiny_models):
         failed = [(e.worker, e.detail) for e in llm.events() if e.kind == "worker_failed" and e.t > t]
         assert not [f for f in failed if "heartbeat" in f[1]], failed
         assert llm._orch.pid == pid  # 1.5 s < orchestrator_timeout_s: not replaced either
+
+
+def test_a_paused_expert_worker_is_not_taken_for_a_partition(tiny_models):
+    """Found by the soak: an expert worker SIGSTOPped for 0.3 s is failed by the attention worker
+    waiting on it (probe timeout); it beats again once resumed, and the orchestrator took that for
+    a partition and fenced the attention worker instead ("cut off from ew0, which is alive"). Its
+    heartbeats stopped too meanwhile: the reporter was right, the expert worker is failed."""
+    import time
+
+    from tarragon import LLM, SamplingParams
+
+    with LLM(tiny_models["mixtral"], attention_workers=2, expert_workers=2, max_model_len=512) as llm:
+        params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+        prompts = [[5, 6, 7], [8, 9, 10, 11]]
+        expected = [o.token_ids for o in llm.generate(prompts, params)]
+        reqs = [llm.submit(p, params) for p in prompts]
+        while min(len(r.tokens) for r in reqs) < 20:
+            time.sleep(0.01)
+        t, victim = time.monotonic(), next(w for w in llm.workers() if w.name == "ew0")
+        os.kill(victim.pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        os.kill(victim.pid, signal.SIGCONT)
+        assert [llm.wait(r, 60).token_ids for r in reqs] == expected
+        time.sleep(0.5)  # past the orchestrator's judgement
+        failed = [(e.worker, e.detail) for e in llm.events() if e.kind == "worker_failed" and e.t > t]
+        assert failed and all(w == "ew0" for w, _ in failed), failed
