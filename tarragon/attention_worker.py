@@ -31,7 +31,7 @@ from .kv_cache import KVCache
 from .model import AttentionModel
 from .model_runner import Flight, ModelRunner, StepOutput
 from .scheduler import ScheduledChunk, Scheduler, Sequence
-from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
+from .sockets import DATA_MAX_BYTES, make_socket, recv
 from .weights import WeightFiles, torch_dtype
 from .worker import restore_priority
 

@@ -262,9 +262,8 @@ def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
             pass
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {spec.name} %(levelname)s %(message)s")
     import torch
-    import zmq
 
-    from .sockets import Context, make_socket
+    from .sockets import Context
 
     torch.set_num_threads(spec.threads)
     ctx = Context(key)

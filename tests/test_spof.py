@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from failover import LOAD_PARAMS, LOAD_PROMPTS, max_gap, run_with_fault, wait_until
+from failover import LOAD_PARAMS, LOAD_PROMPTS, run_with_fault, wait_until
 from tarragon import LLM, SamplingParams
 from tarragon import protocol as P
 from tarragon.sockets import Received
