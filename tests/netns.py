@@ -36,7 +36,30 @@ def available() -> str | None:
         return "network namespaces need root"
     if not shutil.which("ip") or not shutil.which("tc"):
         return "iproute2 (ip, tc) is not installed"
-    return None
+    return _kernel_can()
+
+
+def _kernel_can() -> str | None:
+    """Try once what the harness needs (a namespace, a veth pair, the blackhole and htb qdiscs,
+    a u32 filter): a container without CAP_NET_ADMIN or a kernel without them says so here."""
+    ns = f"{PREFIX}probe"
+    sh("ip", "netns", "del", ns, check=False)
+    steps = [("ip", "netns", "add", ns),
+             ("ip", "-n", ns, "link", "add", "pa", "type", "veth", "peer", "name", "pb"),
+             ("ip", "-n", ns, "link", "set", "pa", "up"),
+             ("tc", "-n", ns, "qdisc", "add", "dev", "pa", "root", "handle", "1:", "htb"),
+             ("tc", "-n", ns, "class", "add", "dev", "pa", "parent", "1:", "classid", "1:20", "htb", "rate", "10gbit"),
+             ("tc", "-n", ns, "qdisc", "add", "dev", "pa", "parent", "1:20", "blackhole"),
+             ("tc", "-n", ns, "filter", "add", "dev", "pa", "parent", "1:", "protocol", "ip", "u32",
+              "match", "ip", "dst", "10.213.0.2/32", "flowid", "1:20")]
+    try:
+        for step in steps:
+            r = sh(*step, check=False)
+            if r.returncode != 0:
+                return f"`{' '.join(step)}` failed: {r.stderr.strip()[:200]}"
+        return None
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
