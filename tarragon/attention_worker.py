@@ -32,6 +32,7 @@ from .model import AttentionModel
 from .model_runner import Flight, ModelRunner, StepOutput
 from .scheduler import ScheduledChunk, Scheduler, Sequence
 from .sockets import DATA_MAX_BYTES, make_socket, recv
+from .vocabulary import EventKind
 from .weights import WeightFiles, torch_dtype
 from .worker import restore_priority
 
@@ -156,7 +157,8 @@ class AttentionWorker:
         for r in self.ckpt.receive(self.engine_cfg.restore_timeout_s):
             if r.best is None:
                 self.sched.add(r.seq, front=True)
-                self.report("restored", f"{r.seq.req_id}: 0 of {r.seq.length} tokens from the store", (time.monotonic() - r.t0) * 1000)
+                self.report(EventKind.RESTORED, f"{r.seq.req_id}: 0 of {r.seq.length} tokens from the store", (time.monotonic() - r.t0) * 1000,
+                            restored_tokens=0, request_tokens=r.seq.length)
                 continue
             self.install(r)
             self.ckpt.complete_copies(r)
@@ -182,7 +184,8 @@ class AttentionWorker:
                 log.warning("%s: installing %s failed (%s): recomputing", self.spec.name, seq.req_id, e)
                 self.kv.release(seq.blocks)
         self.sched.add(seq, front=True)
-        self.report("restored", f"{seq.req_id}: {seq.num_computed} of {seq.length} tokens from the store", (time.monotonic() - t0) * 1000)
+        self.report(EventKind.RESTORED, f"{seq.req_id}: {seq.num_computed} of {seq.length} tokens from the store", (time.monotonic() - t0) * 1000,
+                    restored_tokens=seq.num_computed, request_tokens=seq.length)
 
     def misfit(self, k: torch.Tensor, v: torch.Tensor, n: int) -> str | None:
         """Why restored KV does not fit this model's cache (layers, positions, heads, dims, dtype), or
@@ -194,8 +197,8 @@ class AttentionWorker:
                 return f"{name} in {got.dtype}, this model's cache is {want.dtype}"
         return None
 
-    def report(self, kind: str, detail: str, ms: float) -> None:
-        self.orch.send_multipart(P.encode(P.Report(kind, self.spec.name, detail, ms)))
+    def report(self, kind: EventKind, detail: str, ms: float, **counts: int) -> None:
+        self.orch.send_multipart(P.encode(P.Report(kind, self.spec.name, detail, ms, **counts)))
 
 
 def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .vocabulary import EventKind
+
 BUILTIN_DATASET = Path(__file__).parent / "data" / "conversations.json"
 BIN_S = 0.25  # timeline bin width
 SETTLE_S = 1.0  # a token gap that starts this soon after a fault counts towards its stall
@@ -376,11 +378,8 @@ def fault_report(run: BenchRun, i: int) -> dict[str, Any]:
     events = [e for e in run.server["events"] if rec.server_t <= e["t"] < t_end and e["kind"] != "stall"]
     steps = [{"after_ms": 1000 * (e["t"] - rec.server_t), **{k: e[k] for k in ("kind", "worker", "detail", "ms")}} for e in events]
     detected = next((s for s in steps if s["kind"] == "worker_failed" and s["worker"] == rec.victim), None)
-    tail = 0  # a restore's uncommitted tail, as its new worker reported it
-    for s in steps:
-        m = re.search(r"(\d+) of (\d+) tokens", s["detail"]) if s["kind"] == "restored" else None
-        if m:
-            tail += int(m[2]) - int(m[1])
+    # a restore's uncommitted tail, as its new worker reported it
+    tail = sum(e["request_tokens"] - e["restored_tokens"] for e in events if e["kind"] == EventKind.RESTORED)
     recomputed = sum(x["tokens"] for x in run.server.get("recomputed", []) if rec.server_t <= x["t"] < t_end)
     out.update(detect_ms=detected["after_ms"] if detected else None, detection=detected["detail"] if detected else "not detected",
                tokens_recomputed=tail + recomputed, steps=steps)

@@ -34,6 +34,7 @@ from .launcher import AdoptedProcess, Launcher, LocalLauncher, ManualLauncher, W
 from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
 from .timeouts import GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S, HEARTBEAT_CAP_S, AdaptiveTimeout, GrayDetector, runnable
+from .vocabulary import EventKind
 from .worker import WorkerSpec, die_with_parent
 
 log = logging.getLogger("tarragon.orchestrator")
@@ -211,8 +212,9 @@ class Orchestrator:
 
     # ---- events and state -----------------------------------------------------------------
 
-    def event(self, kind: str, worker: str, detail: str = "", ms: float = 0.0) -> None:
-        self.events.append(P.Event(time.monotonic(), kind, worker, detail, ms))
+    def event(self, kind: EventKind, worker: str, detail: str = "", ms: float = 0.0, report: P.Report | None = None) -> None:
+        counts = (report.restored_tokens, report.request_tokens) if report else (0, 0)
+        self.events.append(P.Event(time.monotonic(), kind, worker, detail, ms, *counts))
         log.info("%s %s %s %s", kind, worker, detail, f"({ms:.1f} ms)" if ms else "")
 
     def send(self, name: str, msg: P.Msg) -> None:
@@ -551,7 +553,7 @@ class Orchestrator:
             elif target is not None and target.role == "expert":  # an AW's evidence is about expert workers
                 self.suspect(target, msg)
         elif isinstance(msg, P.Report) and msg.worker == w.name:
-            self.event(msg.kind, msg.worker, msg.detail, msg.ms)
+            self.event(msg.kind, msg.worker, msg.detail, msg.ms, report=msg)
         elif isinstance(msg, P.Drain) and w.state == "ready":  # it got SIGTERM: a preemption notice
             self.drain(w.name, "SIGTERM")
 
@@ -559,7 +561,7 @@ class Orchestrator:
         if isinstance(msg, P.GetEvents):
             self.driver.send_multipart(P.encode(P.EventLog(list(self.events))))
         elif isinstance(msg, P.Report):
-            self.event(msg.kind, msg.worker, msg.detail, msg.ms)
+            self.event(msg.kind, msg.worker, msg.detail, msg.ms, report=msg)
         elif isinstance(msg, P.Handover):  # the driver moved requests: the store must let their new owner in
             for w in self.workers.values():
                 if w.role == "store" and w.state in ("starting", "ready"):

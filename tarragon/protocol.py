@@ -17,6 +17,7 @@ import msgspec
 
 from .routing_table import RoutingTable
 from .sampling import SamplingParams, TokenLogprobs
+from .vocabulary import EventKind, Role, WorkerState
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +61,7 @@ class Msg(msgspec.Struct, tag=True, forbid_unknown_fields=True):
 
 class Ready(Msg):
     name: str
-    role: str
+    role: Role
     pid: int
     info: dict[str, int] = {}
 
@@ -94,10 +95,12 @@ class ResumeRequest(Msg):
 class Report(Msg):
     """Worker or driver -> orchestrator: a recovery step for the event log."""
 
-    kind: str
+    kind: EventKind
     worker: str
     detail: str
     ms: float
+    restored_tokens: int = 0  # kind "restored": tokens of the request whose KV came from a store ...
+    request_tokens: int = 0  # ... of this many (the rest is recomputed)
 
 
 class RestartAll(Msg):
@@ -120,7 +123,7 @@ class Join(Msg):
     """A worker started by hand (`tarragon worker --join`) -> orchestrator: it offers to fill a
     planned slot of `role` and has reserved these addresses on its host."""
 
-    role: str
+    role: Role
     pid: int
     endpoint: str
     probe_endpoint: str
@@ -135,9 +138,9 @@ class Assign(Msg):
 
 class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True):
     name: str
-    role: str
+    role: Role
     pid: int
-    state: str  # "starting" | "ready" | "failed" | "stopped"
+    state: WorkerState
     info: dict[str, int] = {}
     replaces: str = ""  # the failed worker this one took over from
     probe_endpoint: str = ""  # attention workers: where the driver probes one that owes tokens and is silent
@@ -145,10 +148,12 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True):
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):
     t: float  # time.monotonic() in the orchestrator (same clock as the driver's on one host)
-    kind: str
+    kind: EventKind
     worker: str
     detail: str = ""
     ms: float = 0.0
+    restored_tokens: int = 0  # see Report
+    request_tokens: int = 0
 
 
 class ClusterState(Msg):
