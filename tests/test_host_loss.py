@@ -68,8 +68,8 @@ def figures():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_models):
     """One cluster for the module (start-up is the slow part): a store, two expert workers, two
-    attention workers, each on its own host, and free hosts for spares that join later."""
-    with netns.Net(9) as net:
+    attention workers, each on its own host, and five free hosts for spares that join later."""
+    with netns.Net(10) as net:
         hosts = Hosts(net, tmp_path_factory.mktemp("hosts"))
         for role in ("store", "expert", "expert", "attention", "attention"):
             hosts.start(role)
@@ -171,3 +171,33 @@ def test_an_attention_worker_cut_off_from_the_experts_is_fenced_not_them(cluster
     assert [o.token_ids for o in outs] == baseline
     assert [e.worker for e in failed] == [name]  # the experts were not fenced
     assert gap < 1.0
+
+
+def test_an_attention_worker_cut_off_from_the_driver_is_fenced_and_stays_so(cluster):
+    """The reverse partition: one attention worker loses the driver and the orchestrator (one host)
+    but still reaches the experts and the store. Its requests move (restored from the store, whose
+    checkpoints follow their new owner), the experts keep serving, and when the link heals it is told
+    to shut down: no token is delivered twice."""
+    hosts, llm, baseline = cluster
+    hosts.start("attention")
+    restored = llm.reassigned["restored"]
+    reqs = [llm.submit(p, PARAMS) for p in PROMPTS]
+    wait_until(lambda: min(len(r.tokens) for r in reqs) >= 40, 60, "tokens before the partition")
+    name = reqs[0].worker
+    host = hosts.host_of(name)
+    proc = next(p for p in hosts.net.procs if p.args[3] == hosts.net.ns(host))
+    t0 = time.monotonic()
+    hosts.net.partition(host, "driver")
+    outs = [llm.wait(r, 60) for r in reqs]
+    failed = [e for e in llm.events() if e.kind == "worker_failed" and e.t > t0]
+    gap = max(max((b - a for a, b in zip(o.token_times, o.token_times[1:]) if b > t0), default=0.0) for o in outs)
+    RESULTS["attention cut off from the driver"] = {"worker": name, "detected_s": round(failed[0].t - t0, 3) if failed else None,
+                                                     "how": failed[0].detail if failed else "", "stall_s": round(gap, 3)}
+    print(RESULTS["attention cut off from the driver"])
+    hosts.net.heal(host)
+    assert [o.token_ids for o in outs] == baseline  # a token delivered twice would show here
+    assert [e.worker for e in failed] == [name]  # the experts and the store were not fenced
+    assert llm.reassigned["restored"] > restored
+    assert gap < 1.0
+    assert proc.wait(30) is not None  # told to shut down once its link came back
+    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == baseline
