@@ -170,15 +170,22 @@ class ManualLauncher:
         self.send = send
         self.slots: dict[str, JoinedWorker] = {}  # by worker name, joined or not
         self.joiners: list[tuple[str, P.Join]] = []  # (identity, offer) waiting for a slot of their role
+        self.assigned: set[str] = set()  # joiners given a slot: their repeated offers are stale
 
     def start_worker(self, spec: WorkerSpec, node: str = "") -> JoinedWorker:
         self.slots[spec.name] = slot = JoinedWorker(spec, self.send)
         self.match()
         return slot
 
+    def adopt(self, spec: WorkerSpec) -> JoinedWorker:
+        """A worker that joined a predecessor orchestrator: its slot, filled (a successor's)."""
+        self.slots[spec.name] = slot = JoinedWorker(spec, self.send)
+        slot.joined = True
+        return slot
+
     def join(self, identity: str, offer: P.Join) -> None:
-        if any(i == identity for i, _ in self.joiners) or len(self.joiners) >= 64:
-            return  # a joiner asks once; a flood of offers is not queued
+        if identity in self.assigned or any(i == identity for i, _ in self.joiners) or len(self.joiners) >= 64:
+            return  # a joiner's offer is queued once (it repeats it until assigned); a flood of offers is not queued
         self.joiners.append((identity, offer))
         self.match()
 
@@ -189,6 +196,7 @@ class ManualLauncher:
                 continue
             self.joiners.remove(joiner)
             identity, offer = joiner
+            self.assigned.add(identity)
             slot.joined = True
             slot.spec = msgspec.structs.replace(slot.spec, endpoint=slot.spec.endpoint or offer.endpoint,
                                                 probe_endpoint=offer.probe_endpoint)

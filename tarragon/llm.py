@@ -669,8 +669,8 @@ class LLM:
             self._route("orchestrator", report)
         dead = self._orch.poll() is not None
         silent = now - self._orch_seen > max(self.orchestrator_timeout_s, 10.0 if now - self._orch_started < 10.0 else 0.0)
-        if not (dead or silent) or self._cluster.launcher != "local" or self._state is None:
-            return  # Ray and hand-joined workers share their orchestrator's fate: not replaceable here
+        if not (dead or silent) or self._cluster.launcher == "ray" or self._state is None:
+            return  # Ray's workers are actors of their orchestrator's Ray job: they share its fate
         why = f"the orchestrator (pid {self._orch.pid}) " + (f"exited ({self._orch.returncode})" if dead else
                                                               f"was silent for {now - self._orch_seen:.1f} s")
         log.error("%s: starting a successor", why)

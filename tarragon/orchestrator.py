@@ -225,7 +225,7 @@ class Orchestrator:
 
     def publish(self) -> None:
         records = [P.WorkerRecord(w.name, w.role, w.proc.pid, w.state, w.info, w.slot if w.replacement else "",
-                                  (self.launcher.probe_endpoint(w.name) or "") if w.role == "attention" else "")
+                                  self.launcher.probe_endpoint(w.name) or "", self.launcher.endpoint(w.name) or "")
                    for w in self.workers.values()]
         initial_ready = not self.waiting and all(w.state == "ready" for w in self.workers.values() if not w.replacement)
         if initial_ready and not self.ready_announced and self.epoch:
@@ -445,7 +445,13 @@ class Orchestrator:
         for r in s.adopt:
             if r.state in ("failed", "stopped"):
                 continue
-            self.workers[r.name] = Worker(r.name, r.role, AdoptedProcess(r.pid), None, r.replaces or r.name,
+            if isinstance(self.launcher, ManualLauncher):  # on another host: no pid to watch, heartbeats tell
+                if not r.probe_endpoint:
+                    continue  # a slot no joiner had filled yet: filled afresh below
+                proc = self.launcher.adopt(WorkerSpec(role=r.role, endpoint=r.endpoint, probe_endpoint=r.probe_endpoint, **self.common(r.name)))
+            else:
+                proc = AdoptedProcess(r.pid)
+            self.workers[r.name] = Worker(r.name, r.role, proc, None, r.replaces or r.name,
                                           replacement=bool(r.replaces), state=r.state, info=dict(r.info))
             if r.state == "draining":  # its drain was under way: finish it (its replacement was started)
                 w = self.workers[r.name]

@@ -143,7 +143,8 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True):
     state: WorkerState
     info: dict[str, int] = {}
     replaces: str = ""  # the failed worker this one took over from
-    probe_endpoint: str = ""  # attention workers: where the driver probes one that owes tokens and is silent
+    probe_endpoint: str = ""  # where it answers probes (the driver probes attention workers that owe tokens)
+    endpoint: str = ""  # expert worker, store: where it serves (a successor orchestrator adopting joined workers needs it)
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):

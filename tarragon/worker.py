@@ -227,6 +227,9 @@ def host_towards(address: str) -> str:
         return s.getsockname()[0]
 
 
+JOIN_REPEAT_S = 2.0  # a joiner repeats its offer this often until it is given a slot
+
+
 def join(address: str, role: str, key: ClusterKey | None, host: str | None = None, timeout_s: float = 600.0) -> int:
     """`tarragon worker --join ADDR --key-file F`: offer this process to the orchestrator at ADDR
     for a planned slot of `role`, then serve as the worker it assigns; returns the exit status.
@@ -239,9 +242,12 @@ def join(address: str, role: str, key: ClusterKey | None, host: str | None = Non
     endpoint, probe_endpoint, _held = reserve_endpoints(host or host_towards(address))  # held while this runs
     ctx = Context(key)
     s = make_socket(ctx, zmq.DEALER, connect=address, identity=f"join-{socket.gethostname()}-{os.getpid()}")
-    s.send_multipart(P.encode(P.Join(role, os.getpid(), endpoint, probe_endpoint)))
-    got = recv(s, (P.Assign,), "join") if s.poll(timeout_s * 1000) else None
-    msg = got.msg if got else None
+    msg, deadline = None, time.monotonic() + timeout_s
+    while msg is None and time.monotonic() < deadline:  # repeated: a successor orchestrator never saw the first offer
+        s.send_multipart(P.encode(P.Join(role, os.getpid(), endpoint, probe_endpoint)))
+        if s.poll(min(JOIN_REPEAT_S, max(0.0, deadline - time.monotonic())) * 1000):
+            got = recv(s, (P.Assign,), "join")
+            msg = got.msg if got else None
     ctx.destroy(linger=0)
     if not isinstance(msg, P.Assign):
         print(f"tarragon worker: no {role} slot assigned by {address} within {timeout_s:.0f} s", file=sys.stderr)
