@@ -223,8 +223,10 @@ def test_a_silent_orchestrator_is_replaced_and_its_successor_runs_the_joined_wor
     assert [o.token_ids for o in outs] == baseline
     assert gap < 1.0
     wait_until(lambda: llm.orchestrator_restarts > restarts and llm.health()[0], 30, "a successor")
-    RESULTS["orchestrator silent"] = {"worker": "orchestrator", "replaced_after_s": round(time.monotonic() - t0, 3), "stall_s": round(gap, 3)}
     adopted = next(e for e in llm.events() if e.kind == "orchestrator_replaced")
+    RESULTS["orchestrator silent (SIGSTOP)"] = {"worker": "orchestrator", "detected_s": round(adopted.t - t0, 3),
+                                                "how": f"successor up: {adopted.detail}", "stall_s": round(gap, 3)}
+    print(RESULTS["orchestrator silent (SIGSTOP)"])
     victim = next(w.name for w in llm.workers() if w.role == "expert" and w.state == "ready")
     assert victim in adopted.detail
     spare = hosts.start("expert")
