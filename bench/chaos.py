@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from tarragon import LLM, SamplingParams  # noqa: E402
-from tarragon.bench import experiment_header, write_results  # noqa: E402
+from tarragon.bench.experiments import experiment_header, write_results  # noqa: E402
 from tarragon.launcher import pid_alive  # noqa: E402
 from tarragon.make_model import make_model  # noqa: E402
 

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tarragon import LLM, SamplingParams  # noqa: E402
-from tarragon.bench import experiment_header, write_results  # noqa: E402
+from tarragon.bench.experiments import experiment_header, write_results  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
 
 

@@ -6,7 +6,7 @@ streams, under each recovery policy (`tarragon`, `recompute`, `restart`).
 One server per policy (2 AW x 3 EW, shadows=1), all up at once; each run sends the same load to
 each in turn (policies interleaved), one fault per run at --fault-at seconds, then waits for the
 cluster to heal. Stall = the largest token gap, as the client saw it, among the streams in flight
-at the fault (tarragon.bench.fault_report); beside it, the largest gap of the same streams before
+at the fault (tarragon.faults.stall_s, via tarragon.bench.report.fault_report); beside it, the largest gap of the same streams before
 the fault, for scale. Medians of --runs; the ratios restart/tarragon and
 recompute/tarragon are taken within each run, then their median. Writes docs/results/failover.json and one timeline PNG per
 fault (the first run of each policy side by side).
@@ -21,7 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tarragon.bench import Fault, Load, Server, bench_load, experiment_header, plot_timelines, start_servers, summarize, write_results  # noqa: E402
+from tarragon.bench.experiments import Load, bench_load, experiment_header, write_results  # noqa: E402
+from tarragon.bench.plot import plot_timelines  # noqa: E402
+from tarragon.bench.report import summarize  # noqa: E402
+from tarragon.bench.server import Server, start_servers  # noqa: E402
+from tarragon.faults import Fault  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
 
 POLICIES = ("tarragon", "recompute", "restart")
