@@ -107,6 +107,19 @@ class StallWatch:
 # ---- putting a fault into a live cluster -------------------------------------------------------
 
 
+def inject(llm, role: str, index: int, action: str = FaultAction.KILL):
+    """SIGKILL (KILL) or SIGSTOP (HANG) the `index`-th live ready worker of `role`, in registry
+    order; returns it and the moment (this host's time.monotonic()). IndexError when fewer are
+    live (a previous fault's replacement may still be starting)."""
+    live = [w for w in llm.workers() if w.role == role and w.state == WorkerState.READY and w.alive]
+    if index >= len(live):
+        raise IndexError(f"there are {len(live)} live {role} workers now; index {index} is out of range")
+    victim, t = live[index], time.monotonic()
+    llm.kill(victim.name, FaultAction(action).signal)  # a hung worker is fenced by SIGKILL
+    return victim, t
+
+
+
 def kill_under_load(llm, prompts, params, reference, role: str) -> dict:
     """Rerun `prompts` on `llm` and SIGKILL a worker of `role` (an attention worker that holds
     requests) a third of the way in. Returns the victim, when it was killed, the events since,
