@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from tarragon import LLM, SamplingParams  # noqa: E402
-from tarragon.bench import experiment_header, write_results  # noqa: E402
+from tarragon.bench.experiments import experiment_header, write_results  # noqa: E402
 from tarragon.launcher import pid_alive  # noqa: E402
 from tarragon.make_model import make_model  # noqa: E402
+from tarragon.vocabulary import EventKind, WorkerState  # noqa: E402
 
 ROLES = ("attention", "expert", "store", "orchestrator")
 ACTIONS = ("kill", "hang", "pause")  # SIGKILL; SIGSTOP left stopped; SIGSTOP then SIGCONT
@@ -126,7 +127,7 @@ class Soak:
 
 
 def live(llm: LLM, role: str) -> list:
-    return [w for w in llm.workers() if w.role == role and w.state == "ready" and w.alive and proc_state(w.pid) not in "TtZX"]
+    return [w for w in llm.workers() if w.role == role and w.state == WorkerState.READY and w.alive and proc_state(w.pid) not in "TtZX"]
 
 
 def healed(llm: LLM, shape: dict[str, int]) -> bool:
@@ -272,7 +273,7 @@ def summarize(record: dict, faults: list[Fault], soak: Soak, quiet: Soak, refere
         "not_healed": sum(f.healed_after_s is None for f in faults),
         # workers failed in a fault's window that were not its victims (nor replaced victims' successors
         # failing with them): false alarms, or failures caused by the fault
-        "other_failures": [(i + 1, e) for i, f in enumerate(faults) for e in f.events if e[1] == "worker_failed" and e[2] not in f.victims],
+        "other_failures": [(i + 1, e) for i, f in enumerate(faults) for e in f.events if e[1] == EventKind.WORKER_FAILED and e[2] not in f.victims],
         "stall": quantiles([f.stall_s for f in faults]), "stall_by_kind": {k: v for k, v in by_kind.items() if v["n"]},
         "quiet_largest_gap_ms": round(1000 * max(quiet_gaps, default=0.0), 1),
         "orchestrator_restarts": llm.orchestrator_restarts, "failures_detected": dict(llm.failures),

@@ -4,8 +4,9 @@
 
 For each of an attention worker and an expert worker (2 AW x 3 EW, shadows=1): the same load
 (--prompts streams, --max-tokens each, greedy), with the worker drained (`LLM.drain`) or SIGKILLed
-once every stream has --after tokens. Stall = the largest token gap, over all streams, among gaps
-that end after the fault and begin within 3 s of it; beside it the failure-free run's median
+once every stream has --after tokens. Stall = `tarragon.faults.stall_s` with a settle time of 3 s:
+the largest token gap, over all streams, among gaps that end after the fault and begin within 3 s
+of it; beside it the failure-free run's median
 inter-token gap, for scale; tokens are checked against the failure-free run. Then an expert
 worker is cycled (SIGSTOP 80 ms / SIGCONT 20 ms) and the time until it is failed is measured.
 Every fault waits for the cluster to heal (replacement ready) before the next. Medians of --runs.
@@ -25,13 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tarragon import LLM, SamplingParams  # noqa: E402
-from tarragon.bench import experiment_header, write_results  # noqa: E402
+from tarragon.bench.experiments import experiment_header, write_results  # noqa: E402
+from tarragon.faults import stall_s  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
+from tarragon.vocabulary import EventKind, Role, WorkerState  # noqa: E402
 
 
-def gaps(outs, since: float = float("-inf"), until: float = float("inf")) -> list[float]:
-    """Inter-token gaps of every stream that end after `since` and begin before `until`."""
-    return [b - a for o in outs for a, b in zip(o.token_times, o.token_times[1:]) if b > since and a < until]
+def gaps(outs) -> list[float]:
+    """Inter-token gaps of every stream."""
+    return [b - a for o in outs for a, b in zip(o.token_times, o.token_times[1:])]
 
 
 def wait_until(cond, timeout: float, what: str) -> None:
@@ -43,25 +46,25 @@ def wait_until(cond, timeout: float, what: str) -> None:
 
 
 def healed(llm: LLM, slot: str) -> bool:
-    return any(w.replaces == slot and w.state == "ready" for w in llm.workers())
+    return any(w.replaces == slot and w.state == WorkerState.READY for w in llm.workers())
 
 
 def one_fault(llm: LLM, prompts, params, after: int, role: str, how: str) -> tuple[float, bool]:
     """Submit the load, hit a busy worker of `role` (drain or SIGKILL), return (stall s, tokens ok)."""
     reqs = [llm.submit(p, params) for p in prompts]
     wait_until(lambda: min(len(r.tokens) for r in reqs) >= after, 120, "tokens before the fault")
-    victim = reqs[0].worker if role == "attention" else next(w.name for w in llm.workers() if w.role == "expert" and w.state == "ready")
+    victim = reqs[0].worker if role == Role.ATTENTION else next(w.name for w in llm.workers() if w.role == Role.EXPERT and w.state == WorkerState.READY)
     slot = llm.slot_of.get(victim, victim)
     t = time.monotonic()
     llm.drain(victim) if how == "drain" else llm.kill(victim)
     outs = [llm.wait(r, 300) for r in reqs]
     wait_until(lambda: healed(llm, slot) and not any(w.name == victim and w.alive for w in llm.workers()), 120, f"{victim} replaced")
-    return max(gaps(outs, t, t + 3.0)), [o.token_ids for o in outs]
+    return stall_s([o.token_times for o in outs], t, settle_s=3.0), [o.token_ids for o in outs]
 
 
 def cycled_detection(llm: LLM, prompts, params) -> float:
     """Seconds from the first SIGSTOP of an expert worker cycled 80/20 ms until it is failed."""
-    victim = next(w for w in llm.workers() if w.role == "expert" and w.state == "ready")
+    victim = next(w for w in llm.workers() if w.role == Role.EXPERT and w.state == WorkerState.READY)
     reqs = [llm.submit(p, params) for p in prompts]
     wait_until(lambda: min(len(r.tokens) for r in reqs) >= 8, 120, "tokens")
     stop, t0 = threading.Event(), time.monotonic()
@@ -79,7 +82,7 @@ def cycled_detection(llm: LLM, prompts, params) -> float:
     th = threading.Thread(target=cycle, daemon=True)
     th.start()
     try:
-        wait_until(lambda: any(e.kind == "worker_failed" and e.worker == victim.name for e in llm.events()), 60, "detection")
+        wait_until(lambda: any(e.kind == EventKind.WORKER_FAILED and e.worker == victim.name for e in llm.events()), 60, "detection")
     finally:
         stop.set()
         th.join()
@@ -87,7 +90,7 @@ def cycled_detection(llm: LLM, prompts, params) -> float:
             os.kill(victim.pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
-    t = next(e.t for e in llm.events() if e.kind == "worker_failed" and e.worker == victim.name)
+    t = next(e.t for e in llm.events() if e.kind == EventKind.WORKER_FAILED and e.worker == victim.name)
     for r in reqs:
         llm.wait(r, 300)
     wait_until(lambda: healed(llm, llm.slot_of.get(victim.name, victim.name)), 120, "replacement")
@@ -116,7 +119,7 @@ def main() -> None:
         base_tokens = [o.token_ids for o in base]
         cells["failure-free ITL"] = [statistics.median(gaps(base))]
         for run in range(args.runs):
-            for role in ("attention", "expert"):
+            for role in (Role.ATTENTION, Role.EXPERT):
                 for how in ("drain", "sigkill"):
                     gap, tokens = one_fault(llm, prompts, params, args.after, role, how)
                     mismatches += tokens != base_tokens

@@ -6,7 +6,7 @@ streams, under each recovery policy (`tarragon`, `recompute`, `restart`).
 One server per policy (2 AW x 3 EW, shadows=1), all up at once; each run sends the same load to
 each in turn (policies interleaved), one fault per run at --fault-at seconds, then waits for the
 cluster to heal. Stall = the largest token gap, as the client saw it, among the streams in flight
-at the fault (tarragon.bench.fault_report); beside it, the largest gap of the same streams before
+at the fault (tarragon.faults.stall_s, via tarragon.bench.report.fault_report); beside it, the largest gap of the same streams before
 the fault, for scale. Medians of --runs; the ratios restart/tarragon and
 recompute/tarragon are taken within each run, then their median. Writes docs/results/failover.json and one timeline PNG per
 fault (the first run of each policy side by side).
@@ -21,7 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tarragon.bench import Fault, Load, Server, bench_load, experiment_header, plot_timelines, start_servers, summarize, write_results  # noqa: E402
+from tarragon.bench.experiments import Load, bench_load, experiment_header, write_results  # noqa: E402
+from tarragon.bench.plot import plot_timelines  # noqa: E402
+from tarragon.bench.report import summarize  # noqa: E402
+from tarragon.bench.server import Server, start_servers  # noqa: E402
+from tarragon.faults import Fault  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
 
 POLICIES = ("tarragon", "recompute", "restart")
@@ -49,6 +53,19 @@ def main() -> None:
                                f"Poisson {args.rate:g} req/s, {args.num_prompts} requests x 10 tokens in / {args.output_len} out; "
                                f"2 AW x {args.expert_workers} EW, shadows=1; fault at {args.fault_at:g} s; median of {args.runs}")
     faults = {role: Fault.parse(f"{role}:0@{args.fault_at}s") for role in args.faults}
+    cells, first_runs = run_faults(model, args, load, faults)
+    table, lines = tabulate(cells)
+    record.update(table=table, runs=cells)
+    write_results(record, "\n".join(lines), args.out)
+    for name, panels in first_runs.items():
+        png = Path(args.out).with_name(f"{Path(args.out).stem}_{name.replace(':', '_')}.png")
+        if plot_timelines(panels, png, f"{name} worker {'SIGSTOP' if name.startswith('hang') else 'SIGKILL'} at {args.fault_at:g} s, {load.name}"):
+            print(f"wrote {png}")
+
+
+def run_faults(model: str, args: argparse.Namespace, load: Load, faults: dict[str, Fault]) -> tuple[dict, dict]:
+    """Each run, each fault, each policy's server in turn: one cell of figures per (fault, policy,
+    run); the first run of each fault kept whole for its timeline."""
     cells: dict[str, dict[str, list[dict]]] = {f: {p: [] for p in POLICIES} for f in faults}
     first_runs: dict[str, list] = {f: [] for f in faults}
     servers: dict[str, Server] = start_servers({p: ["--model", model, "--recovery", p, "--expert-workers", str(args.expert_workers)]
@@ -72,9 +89,13 @@ def main() -> None:
     finally:
         for srv in servers.values():
             srv.stop()
+    return cells, first_runs
 
+
+def tabulate(cells: dict[str, dict[str, list[dict]]]) -> tuple[dict, list[str]]:
+    """Per fault and policy: the medians over runs, and the median of the per-run ratio to tarragon."""
     med = statistics.median
-    table = {}
+    table: dict[str, dict] = {}
     lines = [f"{'fault':>10} | {'policy':>9} | {'stall ms':>9} | {'x tarragon':>10} | {'gap before ms':>13} | {'detect ms':>9} | "
              f"{'tokens recomputed':>17} | failed"]
     for name, by_policy in cells.items():
@@ -88,12 +109,7 @@ def main() -> None:
             table.setdefault(name, {})[p] = row
             lines.append(f"{name:>10} | {p:>9} | {stall:>9.0f} | {ratio:>9.1f}x | {row['gap_before_ms']:>13.0f} | "
                          f"{row['detect_ms'] if row['detect_ms'] is not None else float('nan'):>9.1f} | {row['tokens_recomputed']:>17.0f} | {row['failed_requests']}")
-    record.update(table=table, runs=cells)
-    write_results(record, "\n".join(lines), args.out)
-    for name, panels in first_runs.items():
-        png = Path(args.out).with_name(f"{Path(args.out).stem}_{name.replace(':', '_')}.png")
-        if plot_timelines(panels, png, f"{name} worker {'SIGSTOP' if name.startswith('hang') else 'SIGKILL'} at {args.fault_at:g} s, {load.name}"):
-            print(f"wrote {png}")
+    return table, lines
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tarragon import LLM, SamplingParams  # noqa: E402
-from tarragon.cli import kill_under_load  # noqa: E402
+from tarragon.faults import kill_under_load  # noqa: E402
 from tarragon.make_model import make_model  # noqa: E402
 
 

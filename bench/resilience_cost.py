@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tarragon.bench import Load, compare_variants, experiment_header, format_comparison, layout_argv, layout_text, write_results  # noqa: E402
+from tarragon.bench.experiments import Load, compare_variants, experiment_header, format_comparison, layout_argv, layout_text, write_results  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
 
 

@@ -25,14 +25,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tarragon import LLM, SamplingParams  # noqa: E402
-from tarragon.bench import experiment_header, write_results  # noqa: E402
+from tarragon.bench.experiments import experiment_header, write_results  # noqa: E402
+from tarragon.faults import stall_s  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
+from tarragon.vocabulary import EventKind, Role, WorkerState  # noqa: E402
 
 POLICIES = {"tarragon": "restore from checkpoint", "recompute": "re-prefill", "replay": "token-by-token replay"}
 
 
 def resume_gap(llm: LLM, context: int, seed: int, store_first: bool = False) -> float:
-    """Kill the worker of one request 8 tokens in; its largest token gap after that point."""
+    """Kill the worker of one request 8 tokens in; the stall (`faults.stall_s`): its largest token
+    gap across the failure, or starting within a second after it."""
     wait_attention(llm, 2)  # the previous run's replacement (and the store's)
     rng = random.Random(seed)
     prompt = [rng.randrange(3, llm.model_config.vocab_size) for _ in range(context)]
@@ -40,16 +43,16 @@ def resume_gap(llm: LLM, context: int, seed: int, store_first: bool = False) -> 
     while len(req.tokens) < 8:
         time.sleep(0.0005)
     if store_first:
-        llm.kill(next(w.name for w in llm.workers() if w.role == "store" and w.state == "ready"))
+        llm.kill(next(w.name for w in llm.workers() if w.role == Role.STORE and w.state == WorkerState.READY))
+    killed_at = time.monotonic()
     llm.kill(req.worker)
-    times = llm.wait(req, 600).token_times[6:]
-    return max(b - a for a, b in zip(times, times[1:]))
+    return stall_s([llm.wait(req, 600).token_times], killed_at)
 
 
 def wait_attention(llm: LLM, n: int, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
-    while sum(w.role == "attention" and w.state == "ready" for w in llm.workers()) < n or any(w.state == "starting" for w in llm.workers()) \
-            or sum(w.role == "store" and w.state == "ready" for w in llm.workers()) < llm.config.stores:
+    while sum(w.role == Role.ATTENTION and w.state == WorkerState.READY for w in llm.workers()) < n or any(w.state == WorkerState.STARTING for w in llm.workers()) \
+            or sum(w.role == Role.STORE and w.state == WorkerState.READY for w in llm.workers()) < llm.config.stores:
         if time.monotonic() > deadline:
             raise TimeoutError("the attention worker was not replaced")
         time.sleep(0.05)
@@ -108,7 +111,7 @@ def main() -> None:
                     gaps[ctx][p].append(1000 * resume_gap(llm, ctx, seed=run, store_first=args.store_first))
                 print(f"run {run + 1}, context {ctx}: " + ", ".join(f"{p} {gaps[ctx][p][-1]:.0f} ms" for p in args.policies), flush=True)
             if run == 0:
-                print("restores: " + "; ".join(e.detail for e in llms[args.policies[0]].events() if e.kind == "restored"), flush=True)
+                print("restores: " + "; ".join(e.detail for e in llms[args.policies[0]].events() if e.kind == EventKind.RESTORED), flush=True)
     finally:
         for llm in llms.values():
             llm.shutdown()

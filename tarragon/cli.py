@@ -7,6 +7,8 @@ import sys
 import time
 
 from .config import SUPPORTED_FAMILIES
+from .faults import kill_under_load
+from .vocabulary import EventKind, Role
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -78,12 +80,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.failover:
             print("\nfailover: the same prompts again, a worker SIGKILLed a third of the way in. Stall: the largest gap "
                   "between tokens across the failure.")
-            for role in ("expert", "attention"):
+            for role in (Role.EXPERT, Role.ATTENTION):
                 print(failover_line(role, kill_under_load(llm, prompts, params, outs, role)))
     if args.failover and args.recovery != "restart":
         print("for comparison, a cluster with --recovery restart (every worker restarted, every request rerun):")
         with start_llm(argparse.Namespace(**{**vars(args), "recovery": "restart"})) as llm:
-            print(failover_line("attention", kill_under_load(llm, prompts, params, outs, "attention")))
+            print(failover_line(Role.ATTENTION, kill_under_load(llm, prompts, params, outs, Role.ATTENTION)))
     return 0
 
 
@@ -91,37 +93,13 @@ def failover_line(role: str, r: dict) -> str:
     """One failure in one line: detection, what the cluster did, the stall, token identity."""
     from collections import Counter
 
-    failed = next((e for e in r["events"] if e.kind == "worker_failed" and e.worker == r["victim"]), None)
+    failed = next((e for e in r["events"] if e.kind == EventKind.WORKER_FAILED and e.worker == r["victim"]), None)
     detect = f"detected after {1000 * (failed.t - r['killed_at']):.0f} ms" if failed else "not detected"
-    steps = Counter(e.kind for e in r["events"] if e.kind != "stall")
+    steps = Counter(e.kind for e in r["events"] if e.kind != EventKind.STALL)
     did = ", ".join(f"{k}{f' x{n}' if n > 1 else ''}" for k, n in steps.items())
     return (f"  {role} worker {r['victim']} killed: {detect}; stall {r['stall_ms']:.0f} ms (largest gap before: "
             f"{r['gap_before_ms']:.0f} ms); tokens identical to the failure-free run: {'yes' if r['tokens_identical'] else 'NO'}\n"
             f"    what happened: {did}")
-
-
-def kill_under_load(llm, prompts, params, reference, role: str) -> dict:
-    """Rerun `prompts` and SIGKILL a worker of `role` (an attention worker that holds requests) a
-    third of the way in; returns the victim, the events since, whether every output equals
-    `reference`, and the stall (`tarragon.bench.stall_s`, the one definition every report uses)."""
-    from .bench import largest_gap_before_s, stall_s
-
-    reqs = [llm.submit(p, params) for p in prompts]
-    while min(len(r.tokens) for r in reqs) < max(1, params.max_tokens // 3):
-        time.sleep(0.001)
-    busy = {r.worker for r in reqs if not r.done.is_set()}
-    victim = next(w.name for w in llm.workers() if w.role == role and w.state == "ready" and (role == "expert" or w.name in busy))
-    seen = len(llm.events())
-    killed_at = time.monotonic()
-    llm.kill(victim)
-    outs = [llm.wait(r, 300) for r in reqs]
-    deadline = time.monotonic() + 120
-    while any(w.state == "starting" for w in llm.workers()) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the replacement joins before the next measurement
-    streams = [o.token_times for o in outs]
-    return {"victim": victim, "killed_at": killed_at, "events": llm.events()[seen:], "stall_ms": 1000 * stall_s(streams, killed_at),
-            "gap_before_ms": 1000 * largest_gap_before_s(streams, killed_at),
-            "tokens_identical": [o.token_ids for o in outs] == [o.token_ids for o in reference]}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -210,6 +188,38 @@ def add_serve_parser(sub, fmt: type[argparse.HelpFormatter]) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+def cluster_argv(args: argparse.Namespace) -> list[str]:
+    """The `tarragon serve` flags that rebuild the cluster `args` describes: every flag of
+    `add_cluster_args` whose value is not its default, each spelled as its destination with dashes
+    (--attention-workers for attention_workers; tests/test_bench.py checks the round trip)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_cluster_args(p)
+    argv: list[str] = []
+    for dest, default in vars(p.parse_args([])).items():
+        value, flag = getattr(args, dest), "--" + dest.replace("_", "-")
+        if value == default:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag)
+        elif isinstance(value, list):  # a repeatable option, e.g. --node
+            argv += [x for v in value for x in (flag, str(v))]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def add_bench_parser(sub, fmt: type[argparse.HelpFormatter]) -> None:
+    """`tarragon bench`: its own flags, and the cluster flags of the server it starts when given no
+    running one (handed to it as `tarragon serve` arguments, so bench never reads cluster flags)."""
+    from .bench.command import add_bench_args, cmd_bench
+
+    b = sub.add_parser("bench", help="load a server (a running one, or one it starts) with optional faults; report latencies and stalls",
+                       formatter_class=fmt)
+    add_cluster_args(b)
+    add_bench_args(b)
+    b.set_defaults(func=lambda args: cmd_bench(args, cluster_argv(args)))
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
@@ -231,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_serve_parser(sub, fmt)
 
-    from .bench import add_bench_args, cmd_bench
-
-    b = sub.add_parser("bench", help="load a server (a running one, or one it starts) with optional faults; report latencies and stalls",
-                       formatter_class=fmt)
-    add_cluster_args(b)
-    add_bench_args(b)
-    b.set_defaults(func=cmd_bench)
+    add_bench_parser(sub, fmt)
 
     w = sub.add_parser("worker", help="start one worker by hand that joins a cluster (e.g. on another host)", formatter_class=fmt)
     w.add_argument("--role", required=True, choices=["attention", "expert", "store"], help="the kind of slot to fill")

@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import secrets
-import signal
 import socket
 import threading
 import time
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
+from .faults import inject
 from .llm import LLM, Request
 from .sampling import MAX_LOGPROBS, SamplingParams
 from .tokenizer import PromptTooLong
@@ -700,12 +700,10 @@ def add_fault_injection(app: FastAPI, llm: LLM) -> None:
 
     @app.post("/tarragon/fault")
     async def _fault(body: FaultBody):
-        live = [w for w in llm.workers() if w.role == body.role and w.state == "ready" and w.alive]
-        if body.index >= len(live):
-            raise APIError(409, f"there are {len(live)} live {body.role} workers now; index {body.index} is out of range", param="index")
-        victim = live[body.index]
-        t = time.monotonic()
-        llm.kill(victim.name, signal.SIGKILL if body.action == "kill" else signal.SIGSTOP)  # a hung worker is fenced by SIGKILL
+        try:
+            victim, t = inject(llm, body.role, body.index, body.action)
+        except IndexError as e:
+            raise APIError(409, str(e), param="index") from None
         return {"victim": victim.name, "pid": victim.pid, "role": body.role, "action": body.action, "t": t}
 
     @app.get("/tarragon/events")

@@ -9,6 +9,8 @@ import msgspec
 
 from conftest import prompts_of_lengths
 from tarragon import SamplingParams
+from tarragon.faults import largest_gap_s
+from tarragon.vocabulary import EventKind, Role, WorkerState
 
 LOAD_PROMPTS = prompts_of_lengths([4 + 3 * i for i in range(16)], 1024, seed=11)
 LOAD_PARAMS = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
@@ -16,8 +18,10 @@ LONG = msgspec.structs.replace(LOAD_PARAMS, max_tokens=1900)  # outlive a test's
 
 
 def max_gap(reqs_or_outs) -> float:
-    times = [getattr(r, "token_times", None) or r.times for r in reqs_or_outs]
-    return max(max(b - a for a, b in zip(t, t[1:])) for t in times if len(t) > 1)
+    """The largest token gap of any of these requests (live ones or finished outputs) over the
+    whole run (`tarragon.faults.largest_gap_s`): a failure's stall is this minus a failure-free
+    run's."""
+    return largest_gap_s(getattr(r, "token_times", None) or r.times for r in reqs_or_outs)
 
 
 def wait_until(cond, timeout: float = 60.0, what: str = "condition") -> None:
@@ -32,7 +36,7 @@ def wait_replaced(llm, killed: str, timeout: float = 90.0) -> str:
     slot = llm.slot_of[killed]  # its record may be gone: failed workers leave the registry
 
     def ready() -> list[str]:
-        return [w.name for w in llm.workers() if w.replaces == slot and w.name != killed and w.state == "ready"]
+        return [w.name for w in llm.workers() if w.replaces == slot and w.name != killed and w.state == WorkerState.READY]
 
     wait_until(ready, timeout, f"a replacement of {killed}")
     return ready()[0]
@@ -49,8 +53,8 @@ def run_with_fault(llm, inject, after_tokens: int = 50, prompts=LOAD_PROMPTS, pa
 
 
 def restored_tokens(llm, since: float) -> list[int]:
-    """Tokens each restore since `since` took from a store (its event: "req: N of M tokens ...")."""
-    return [int(re.search(r"(\d+) of \d+ tokens", e.detail).group(1)) for e in llm.events() if e.kind == "restored" and e.t > since]
+    """Tokens each restore since `since` took from a store (its event's `restored_tokens`)."""
+    return [e.restored_tokens for e in llm.events() if e.kind == EventKind.RESTORED and e.t > since]
 
 
 def assert_failure_free(llm, reqs, more: int = 20) -> None:
@@ -71,14 +75,14 @@ def wait_refilled(llm, reqs, since: float, timeout: float = 60.0) -> None:
     """Wait until every attention worker that holds one of `reqs` has re-filled the store that
     came up since `since`, and that store holds what they wrote (its own count, sent each 0.5 s)."""
     def done() -> bool:
-        refills = [e for e in llm.events() if e.kind == "store_refilled" and e.t > since]
+        refills = [e for e in llm.events() if e.kind == EventKind.STORE_REFILLED and e.t > since]
         if not {r.worker for r in reqs} <= {e.worker for e in refills}:
             return False
-        new = [w for w in llm.workers() if w.role == "store" and w.state == "ready" and w.pid not in old]
+        new = [w for w in llm.workers() if w.role == Role.STORE and w.state == WorkerState.READY and w.pid not in old]
         written = sum(int(re.search(r"(\d+) positions", e.detail).group(1)) for e in refills)
         return any(w.info.get("positions", 0) >= written for w in new)
 
-    old = {w.pid for w in llm.workers() if w.role == "store" and w.state == "ready"}
+    old = {w.pid for w in llm.workers() if w.role == Role.STORE and w.state == WorkerState.READY}
     try:
         wait_until(done, timeout, "every attention worker with requests refilled the new store")
     except AssertionError:

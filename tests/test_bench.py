@@ -3,8 +3,10 @@ the four experiment scripts under bench/ in their --short form."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import random
 import os
 import signal
 import subprocess
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tarragon.bench import BUILTIN_DATASET, Fault, arrival_offsets, random_requests, sharegpt_requests
+from tarragon.bench.workload import BUILTIN_DATASET, arrival_offsets, random_requests, sharegpt_requests
+from tarragon.cli import add_cluster_args, cluster_argv
+from tarragon.faults import Fault, FaultAction, StallWatch, largest_gap_s, stall_s
 from tarragon.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +39,46 @@ def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 def test_fault_specs():
     assert Fault.parse("expert:1@20s") == Fault("expert", 1, 20.0, "kill")
     assert Fault.parse("hang:attention:0@500ms") == Fault("attention", 0, 0.5, "hang")
+    assert str(Fault.parse("hang:attention:0@500ms")) == "hang:attention:0@0.5s" and FaultAction.HANG.signal == signal.SIGSTOP
     for bad in ("expert@1s", "gpu:0@1s", "hang:expert:x@1s", "expert:0"):
         with pytest.raises(ValueError):
             Fault.parse(bad)
     r = run([sys.executable, "-m", "tarragon", "bench", "--fault", "disk:0@1s"], timeout=60)
     assert r.returncode == 2 and "bad --fault" in r.stdout
+
+
+def test_stall_definition():
+    """The one stall: the largest gap of a stream streaming at the fault, across it or starting
+    within the settle time after it; the driver's online watch gives the same with settle 0."""
+    t = 10.0
+    streams = [[9.0, 9.5, 10.4, 10.5],  # across the fault: 0.9 s
+               [9.8, 10.9, 12.5],  # 1.1 s across, then 1.6 s starting within 1 s after the fault
+               [10.2, 13.0],  # started after the fault: its TTFT shows it instead
+               [8.0, 9.9]]  # ended before the fault
+    assert stall_s(streams, t) == pytest.approx(1.6)
+    assert stall_s(streams, t, settle_s=0) == pytest.approx(1.1)
+    assert stall_s([[9.0, 9.1], [10.5, 12.0]], t) == 0.0
+    assert largest_gap_s(streams) == pytest.approx(2.8) and largest_gap_s(streams, before=t) == pytest.approx(1.9)
+    rng = random.Random(0)
+    for _ in range(200):
+        streams = [sorted(rng.uniform(0, 20) for _ in range(rng.randint(0, 30))) for _ in range(rng.randint(1, 6))]
+        t = rng.uniform(0, 20)
+        watching = {str(i): [x for x in s if x < t][-1] for i, s in enumerate(streams) if any(x < t for x in s) and any(x > t for x in s)}
+        watch, got = StallWatch(watching), None
+        for now, i in sorted((next(x for x in s if x > t), str(i)) for i, s in enumerate(streams) if str(i) in watching):
+            got = watch.token(i, now) if got is None else got
+        assert (got or 0.0) == pytest.approx(stall_s(streams, t, settle_s=0))
+
+
+def test_cluster_argv_round_trip():
+    """`tarragon bench` starts its server with the cluster flags it was given, and only those."""
+    p = argparse.ArgumentParser()
+    add_cluster_args(p)
+    argv = ["--model", "m", "--shadows", "2", "--no-checkpoint", "--node", "ew0=a", "--node", "aw1=b", "--probe-interval-s", "0.5",
+            "--insecure-transport", "--recovery", "restart"]
+    assert cluster_argv(p.parse_args([])) == []
+    assert vars(p.parse_args(cluster_argv(p.parse_args(argv)))) == vars(p.parse_args(argv))
+    assert sorted(cluster_argv(p.parse_args(argv))) == sorted(argv)
 
 
 def test_datasets_and_arrivals(tiny_models, tmp_path):
