@@ -12,6 +12,10 @@ to the driver, their KV to the stores), launches no more, makes sure every store
 (one round trip on each channel), then hands every request back to the driver (`Drained`),
 which moves them to another worker: they resume from the stores, nothing is recomputed. It stays
 up, bouncing any request that still reaches it, until the orchestrator shuts it down.
+
+Its channel to the orchestrator is its own (`on_control`): routing tables go to the forwarding
+engine, a drain and a shutdown set flags its loop checks. While a step waits for experts the engine
+wakes on that channel too and calls `on_control`, which stops the wait on a shutdown.
 """
 
 from __future__ import annotations
@@ -26,24 +30,25 @@ import zmq
 from . import protocol as P
 from .checkpointer import Checkpointer, Restore
 from .config import ModelConfig
-from .forwarding_engine import ForwardingEngine, ShutdownRequested
+from .forwarding_engine import ForwardingEngine
 from .kv_cache import KVCache
 from .model import AttentionModel
 from .model_runner import Flight, ModelRunner, StepOutput
 from .scheduler import ScheduledChunk, Scheduler, Sequence
-from .sockets import DATA_MAX_BYTES, make_socket, recv
-from .vocabulary import EventKind
+from .sockets import DATA_MAX_BYTES, Context, make_socket, recv
+from .vocabulary import EventKind, Role
 from .weights import WeightFiles, torch_dtype
-from .worker import restore_priority
+from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 
 log = logging.getLogger(__name__)
 
 
 FROM_DRIVER = (P.AddRequest, P.ResumeRequest, P.AbortRequest)
+FROM_ORCHESTRATOR = (P.TableUpdate, P.Drain, P.Shutdown)
 
 
 class AttentionWorker:
-    def __init__(self, spec, ctx: zmq.Context, orch: zmq.Socket):
+    def __init__(self, spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel):
         self.spec, self.orch = spec, orch
         cfg = ModelConfig.from_dir(spec.model_dir)
         dtype = torch_dtype(spec.dtype)
@@ -52,44 +57,67 @@ class AttentionWorker:
         e = self.engine_cfg = spec.engine
         self.kv = KVCache(cfg, e.kv_cache_blocks, e.block_size, dtype, spec.device)
         self.sched = Scheduler(self.kv, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len, cfg.eos_token_ids, e.micro_batches)
-        self.engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, orch, spec.probe_endpoints_of_experts,
-                                       spec.probe_interval_s, spec.probe_timeout_s)
+        self.engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, spec.probe_endpoints_of_experts,
+                                       orch.send, spec.probe_interval_s, spec.probe_timeout_s)
+        self.engine.wake_on(orch.sock, self.on_control)
         self.runner = ModelRunner(model, self.kv, self.engine)
         self.flights: dict[int, Flight] = {}  # micro-batch group -> its step in the air
         self.driver = self._socket(ctx, spec.driver_endpoint)
         self.ckpt = Checkpointer(ctx, spec.name, spec.store_endpoints, e.checkpoint_queue, self.kv, self.sched, self.report) \
             if spec.store_endpoints else None
         self.poller = zmq.Poller()
-        for s in (self.driver, orch, *(self.ckpt.sockets() if self.ckpt else [])):
+        for s in (self.driver, orch.sock, *(self.ckpt.sockets() if self.ckpt else [])):
             self.poller.register(s, zmq.POLLIN)
         self.partial_logits: dict[str, list[torch.Tensor]] = {}
+        self.drain_requested = False  # the orchestrator's Drain: no new steps, then hand every request back
         self.drained = False
+        self.stopping = False  # the orchestrator's Shutdown: the loop ends
 
     def _socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
         return make_socket(ctx, zmq.DEALER, connect=endpoint, identity=self.spec.name, max_bytes=DATA_MAX_BYTES)
 
     def run(self) -> None:
-        ready = P.Ready(self.spec.name, "attention", os.getpid(), {"kv_blocks": self.kv.num_blocks})
+        """Until shut down: control messages, requests, restores, then each group's step."""
+        ready = P.Ready(self.spec.name, Role.ATTENTION, os.getpid(), {"kv_blocks": self.kv.num_blocks})
         self.driver.send_multipart(P.encode(ready))
-        self.orch.send_multipart(P.encode(ready))
+        self.orch.send(ready)
         restore_priority(self.spec)
-        while True:
-            if not self.flights and not self.sched.has_work():
-                self.poller.poll(100 if self.ckpt and self.ckpt.restoring else None)  # idle: sleep until a message
-            self.engine.service_control()
+        while self.on_control():
             self.handle_driver()
             self.handle_store()
-            if self.engine.drain_requested and not self.flights and not self.drained:
+            if self.drain_requested and not self.flights and not self.drained:
                 self.drain()
-            for group in range(self.sched.groups):  # advance each group's step; start the next at once
-                flight = self.flights.get(group)
-                if flight is not None and (out := self.runner.advance(flight)) is not None:
-                    del self.flights[group]
-                    self.sched.in_flight.discard(group)
-                    self.finish_step(flight.chunks, out)
-                if group not in self.flights and not self.engine.drain_requested and (chunks := self.sched.schedule(group)):
-                    self.flights[group] = self.runner.launch(chunks)
-                    self.sched.in_flight.add(group)
+            self.step()
+            if not self.flights and not self.sched.has_work() and not self.stopping:
+                self.poller.poll(100 if self.ckpt and self.ckpt.restoring else None)  # idle: sleep until a message
+
+    def step(self) -> None:
+        """Advance each micro-batch group's step; start its next one at once."""
+        for group in range(self.sched.groups):
+            flight = self.flights.get(group)
+            if flight is not None and (out := self.runner.advance(flight)) is not None:
+                del self.flights[group]
+                self.sched.in_flight.discard(group)
+                self.finish_step(flight.chunks, out)
+            if self.stopping:  # told to shut down while waiting for the experts
+                return
+            if group not in self.flights and not self.drain_requested and (chunks := self.sched.schedule(group)):
+                self.flights[group] = self.runner.launch(chunks)
+                self.sched.in_flight.add(group)
+
+    def on_control(self) -> bool:
+        """Apply what the orchestrator sent: routing tables, a drain, a shutdown. False once shut
+        down (also called by the forwarding engine while it waits: False stops the wait)."""
+        while not self.stopping and self.orch.sock.poll(0):
+            got = recv(self.orch.sock, FROM_ORCHESTRATOR, f"{self.spec.name} (orchestrator)")
+            msg = got.msg if got else None
+            if isinstance(msg, P.TableUpdate):
+                self.engine.apply_update(msg)
+            elif isinstance(msg, P.Drain):
+                self.drain_requested = True
+            elif isinstance(msg, P.Shutdown):
+                self.stopping = True
+        return not self.stopping
 
     def finish_step(self, chunks: list[ScheduledChunk], out: StepOutput) -> None:
         """A step's tokens: to the scheduler, the checkpoint store and the driver."""
@@ -127,7 +155,7 @@ class AttentionWorker:
         for req_id in req_ids:
             self.sched.abort(req_id)  # frees the KV; the stores keep the checkpoints (not finished)
         self.driver.send_multipart(P.encode(P.Drained(self.spec.name, req_ids)))
-        self.report("drained", f"{len(req_ids)} requests handed back" + ("" if flushed else "; stores not confirmed"),
+        self.report(EventKind.DRAINED, f"{len(req_ids)} requests handed back" + ("" if flushed else "; stores not confirmed"),
                     (time.monotonic() - t0) * 1000)
 
     def handle_driver(self) -> None:
@@ -172,7 +200,7 @@ class AttentionWorker:
         misfit = self.misfit(k, v, n) if n > 0 else None
         if misfit:
             log.warning("%s: checkpoint of %s rejected: %s", self.spec.name, seq.req_id, misfit)
-            self.report("restore_rejected", f"{seq.req_id}: {misfit}; recomputing", (time.monotonic() - t0) * 1000)
+            self.report(EventKind.RESTORE_REJECTED, f"{seq.req_id}: {misfit}; recomputing", (time.monotonic() - t0) * 1000)
         elif n > 0 and self.kv.grow(seq.blocks, n):
             try:
                 device = self.kv.k.device
@@ -198,11 +226,8 @@ class AttentionWorker:
         return None
 
     def report(self, kind: EventKind, detail: str, ms: float, **counts: int) -> None:
-        self.orch.send_multipart(P.encode(P.Report(kind, self.spec.name, detail, ms, **counts)))
+        self.orch.send(P.Report(kind, self.spec.name, detail, ms, **counts))
 
 
-def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
-    try:
-        AttentionWorker(spec, ctx, orch).run()
-    except ShutdownRequested:
-        return
+def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
+    AttentionWorker(spec, ctx, orch).run()

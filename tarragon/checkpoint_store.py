@@ -28,8 +28,9 @@ import torch
 import zmq
 
 from . import protocol as P
-from .sockets import DATA_MAX_BYTES, Received, drops, make_socket, recv
-from .worker import restore_priority
+from .sockets import DATA_MAX_BYTES, Context, Received, drops, make_socket, recv
+from .vocabulary import Role
+from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
@@ -143,19 +144,19 @@ class CheckpointStore:
                 "refused": self.refused, "gaps": self.gaps, "foreign": self.foreign}
 
 
-def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
+def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     store = CheckpointStore(spec.store_max_bytes)
     sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
-    orch.send_multipart(P.encode(P.Ready(spec.name, "store", os.getpid(), store.stats())))
+    orch.send(P.Ready(spec.name, Role.STORE, os.getpid(), store.stats()))
     restore_priority(spec)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    poller.register(orch, zmq.POLLIN)
+    poller.register(orch.sock, zmq.POLLIN)
     next_stats = 0.0
     while True:
         events = dict(poller.poll(timeout=50 if store.parked else 500))
-        if orch in events:
-            got = recv(orch, FROM_ORCHESTRATOR, spec.name)
+        if orch.sock in events:
+            got = recv(orch.sock, FROM_ORCHESTRATOR, spec.name)
             if got is not None and isinstance(got.msg, P.Shutdown):
                 return
             if got is not None:
@@ -169,7 +170,7 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
         for requester, req_id, allowed in store.due_restores(time.monotonic()):
             answer_restore(store, sock, requester, req_id, allowed)
         if time.monotonic() >= next_stats:  # byte accounting, for /metrics and llm.workers()
-            orch.send_multipart(P.encode(P.Ready(spec.name, "store", os.getpid(), store.stats())))
+            orch.send(P.Ready(spec.name, Role.STORE, os.getpid(), store.stats()))
             next_stats = time.monotonic() + 0.5
 
 

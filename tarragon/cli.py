@@ -146,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from .sockets import ClusterKey
-    from .worker import join
+    from .worker_main import join
 
     if not args.key_file and not args.insecure_transport:
         raise ValueError("a worker needs the cluster's key: --key-file (the file `serve --key-file` wrote)")

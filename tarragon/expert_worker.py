@@ -17,9 +17,10 @@ import zmq
 from . import protocol as P
 from .config import ModelConfig
 from .model import ExpertBank
-from .sockets import DATA_MAX_BYTES, Received, drops, make_socket, recv
+from .sockets import DATA_MAX_BYTES, Context, Received, drops, make_socket, recv
+from .vocabulary import Role
 from .weights import WeightFiles, torch_dtype
-from .worker import restore_priority
+from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 
 MAX_DRAIN = 256  # requests batched per pass at most
 
@@ -64,7 +65,7 @@ def validate(bank: ExpertBank, hidden_size: int, got: Received) -> tuple[bytes, 
     return ident, header, x
 
 
-def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
+def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     """The main loop: drain requests, batch, compute (replays first), reply; obey the orchestrator."""
     cfg = ModelConfig.from_dir(spec.model_dir)
     with WeightFiles(spec.model_dir) as files:
@@ -76,14 +77,14 @@ def run(spec, ctx: zmq.Context, orch: zmq.Socket) -> None:
     shadow_bytes = sum(a.nbytes + b.nbytes for k, (a, b) in bank.experts.items() if k in shadow)
     sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
     info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.experts), "shadows": len(shadow)}
-    orch.send_multipart(P.encode(P.Ready(spec.name, "expert", os.getpid(), info)))
+    orch.send(P.Ready(spec.name, Role.EXPERT, os.getpid(), info))
     restore_priority(spec)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    poller.register(orch, zmq.POLLIN)
+    poller.register(orch.sock, zmq.POLLIN)
     while True:
         events = dict(poller.poll())
-        if orch in events and recv(orch, (P.Shutdown,), spec.name) is not None:
+        if orch.sock in events and recv(orch.sock, (P.Shutdown,), spec.name) is not None:
             return
         requests = []
         while sock in events and len(requests) < MAX_DRAIN:

@@ -17,12 +17,17 @@ Failure handling lives here, on the waiting side:
   expert (a shadow), flagged so that worker serves them first; the orchestrator is told;
 - a late reply of a worker already declared failed is dropped, never applied twice;
 - with no live candidate (no shadows), calls wait for the orchestrator's next routing table.
+
+The orchestrator's channel belongs to the attention worker: while a call waits, the engine wakes
+on it too (`wake_on`) and hands it to the worker, which applies a routing table, or tells the
+engine to stop waiting (a shutdown): then `result()` returns None and the worker's loop ends.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,10 +41,6 @@ from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
 from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector
 
 log = logging.getLogger(__name__)
-
-
-class ShutdownRequested(Exception):
-    pass
 
 
 @dataclass(eq=False)
@@ -62,9 +63,16 @@ class ExpertFuture:
     def __init__(self, engine: "ForwardingEngine", parts: list[_Part], token_of_row: torch.Tensor, row_weights: torch.Tensor, like: torch.Tensor):
         self.engine, self.parts = engine, parts
         self.token_of_row, self.row_weights, self.like = token_of_row, row_weights, like
+        self.outs: list[torch.Tensor] = []  # the parts answered so far, in order
 
-    def result(self) -> torch.Tensor:
-        outs = [self.engine.wait(p) for p in self.parts]
+    def result(self) -> torch.Tensor | None:
+        """The combined output; None if the wait was interrupted (the worker is shutting down)."""
+        while len(self.outs) < len(self.parts):
+            out = self.engine.wait(self.parts[len(self.outs)])
+            if out is None:
+                return None
+            self.outs.append(out)
+        outs = self.outs
         rows = P.to_device(outs[0] if len(outs) == 1 else torch.cat(outs), self.like.device)
         combined = torch.zeros_like(self.like)
         combined.index_add_(0, self.token_of_row, (rows * self.row_weights[:, None]).to(combined.dtype))
@@ -72,19 +80,18 @@ class ExpertFuture:
 
 
 class ForwardingEngine:
-    def __init__(self, name: str, table: RoutingTable, endpoints: dict[str, str], ctx: zmq.Context, orch: zmq.Socket,
-                 probe_endpoints: dict[str, str], probe_interval_s: float = 0.01, probe_timeout_s: float = 0.1,
-                 give_up_s: float = 300.0):
-        self.name, self.ctx, self.orch = name, ctx, orch
+    def __init__(self, name: str, table: RoutingTable, endpoints: dict[str, str], ctx: zmq.Context,
+                 probe_endpoints: dict[str, str], report: Callable[[P.Msg], None], probe_interval_s: float = 0.01,
+                 probe_timeout_s: float = 0.1, give_up_s: float = 300.0):
+        self.name, self.ctx, self.report = name, ctx, report  # report: the worker's evidence, to the orchestrator
         self.table = table
         self.failed: set[str] = set()
         self.probe_interval_s, self.give_up_s = probe_interval_s, give_up_s
         self.probe_timeout = AdaptiveTimeout(probe_timeout_s, PROBE_CAP_S)  # learns from every round trip
         self.gray = GrayDetector()
         self.last_poll = time.monotonic()
-        self.drain_requested = False  # the orchestrator asked this (attention) worker to drain
         self.poller = zmq.Poller()
-        self.poller.register(orch, zmq.POLLIN)
+        self.control: tuple[zmq.Socket, Callable[[], bool]] | None = None  # see wake_on
         self.data: dict[str, zmq.Socket] = {}
         self.probes: dict[str, zmq.Socket] = {}
         self.monitors: dict[zmq.Socket, str] = {}
@@ -142,26 +149,18 @@ class ForwardingEngine:
                 self._connect(worker, endpoint)
         for worker in list(self.data):
             if worker not in update.endpoints:
-                self._fail(worker, "removed by the orchestrator", report=False)
+                self._fail(worker, "removed by the orchestrator", tell=False)
         log.info("%s: routing table v%d", self.name, self.table.version)
         pending, self.waiting_for_table = self.waiting_for_table, []
         for part in pending:
             self._replay(part)
 
-    def service_control(self) -> None:
-        """Apply pending orchestrator messages (routing tables; shutdown raises)."""
-        while self.orch.poll(0):
-            self._on_control()
-
-    def _on_control(self) -> None:
-        got = recv(self.orch, (P.TableUpdate, P.Shutdown, P.Drain), f"{self.name} (orchestrator)")
-        msg = got.msg if got else None
-        if isinstance(msg, P.TableUpdate):
-            self.apply_update(msg)
-        elif isinstance(msg, P.Drain):
-            self.drain_requested = True
-        elif isinstance(msg, P.Shutdown):
-            raise ShutdownRequested()
+    def wake_on(self, sock: zmq.Socket, handle: Callable[[], bool]) -> None:
+        """While a call waits, also wake when `sock` (the worker's control channel) is readable,
+        and call `handle`: it reads the socket (a routing table may be what the call waits
+        for, see `apply_update`) and returns False to stop waiting."""
+        self.poller.register(sock, zmq.POLLIN)
+        self.control = (sock, handle)
 
     # ---- dispatch -------------------------------------------------------------------------
 
@@ -210,13 +209,19 @@ class ForwardingEngine:
 
     # ---- waiting, detection, replay --------------------------------------------------------
 
-    def wait(self, part: _Part) -> torch.Tensor:
+    def wait(self, part: _Part) -> torch.Tensor | None:
+        """The part's answer (from whichever worker serves it in the end); None once the control
+        handler says to stop waiting."""
         deadline = time.monotonic() + self.give_up_s
         while True:
             if part.call_id in self.replies:
                 return self.replies.pop(part.call_id)
             if part.redirected:
-                outs = [self.wait(p) for p in part.redirected]
+                outs = []
+                for p in part.redirected:
+                    if (out := self.wait(p)) is None:
+                        return None
+                    outs.append(out)
                 return outs[0] if len(outs) == 1 else torch.cat(outs)
             now = time.monotonic()
             if now > deadline:
@@ -228,7 +233,11 @@ class ForwardingEngine:
             events = self.poller.poll(timeout=self.probe_interval_s * 1000)
             self._discount_own_lag()
             for sock, _ in events:
-                self._drain(sock)
+                if self.control is not None and sock is self.control[0]:
+                    if not self.control[1]():
+                        return None
+                else:
+                    self._drain(sock)
 
     def _discount_own_lag(self) -> None:
         """A poll that returned much later than asked means this process was not running (a busy
@@ -258,9 +267,6 @@ class ForwardingEngine:
             self.probes[w].send_multipart(P.encode(P.Probe(int(now * 1e6))))
 
     def _drain(self, sock: zmq.Socket) -> None:
-        if sock is self.orch:
-            self._on_control()
-            return
         if sock in self.monitors:
             worker = self.monitors[sock]
             evt = recv_monitor_message(sock)
@@ -301,7 +307,7 @@ class ForwardingEngine:
         for slow, why in self.gray.slow(now):
             self._fail(slow, why, slow=True)
 
-    def _fail(self, worker: str, reason: str, report: bool = True, slow: bool = False) -> None:
+    def _fail(self, worker: str, reason: str, tell: bool = True, slow: bool = False) -> None:
         """This worker is failed for us: never send it anything again; replay what it owes."""
         if worker in self.failed:
             return
@@ -310,8 +316,8 @@ class ForwardingEngine:
         self.gray.forget(worker)
         self.failed.add(worker)
         log.warning("%s: expert worker %s failed: %s", self.name, worker, reason)
-        if report:
-            self.orch.send_multipart(P.encode(P.WorkerFailed(worker, self.name, reason, detect_ms, slow)))
+        if tell:
+            self.report(P.WorkerFailed(worker, self.name, reason, detect_ms, slow))
         owed = [p for p in self.expected.values() if p.worker == worker]
         self._disconnect(worker)
         for p in owed:

@@ -105,7 +105,7 @@ class LocalLauncher:
     def start_worker(self, spec: WorkerSpec, node: str = "") -> subprocess.Popen:
         spec = msgspec.structs.replace(spec, endpoint=spec.endpoint or self.endpoint(spec.name),
                                        probe_endpoint=self.probe_endpoint(spec.name))
-        return self.start("tarragon.worker", spec.name, spec, spec.threads, self.gpu_env(spec))
+        return self.start("tarragon.worker_main", spec.name, spec, spec.threads, self.gpu_env(spec))
 
     def gpu_env(self, spec: WorkerSpec) -> dict[str, str]:
         """Each GPU worker sees one GPU of its own (in turn; shared once there are more workers)."""

@@ -45,7 +45,7 @@ class ModelRunner:
     def __init__(self, model: AttentionModel, kv: KVCache, engine):
         self.model = model
         self.kv = kv
-        self.engine = engine  # ForwardingEngine: dispatch(MoECall) -> future with .result()
+        self.engine = engine  # ForwardingEngine: dispatch(MoECall) -> future with .result() (None: interrupted)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
         bs = self.kv.block_size
@@ -110,8 +110,12 @@ class ModelRunner:
     @torch.inference_mode()
     def advance(self, flight: Flight) -> StepOutput | None:
         """Wait for the flight's experts, run it to its next expert call; at its end, sample and
-        return the step's output (None while it is still in the air)."""
-        self._resume(flight, flight.pending.result())
+        return the step's output (None while it is still in the air, or if the wait was
+        interrupted: the worker is shutting down)."""
+        value = flight.pending.result()
+        if value is None:
+            return None
+        self._resume(flight, value)
         return None if flight.pending is not None else self._finish(flight)
 
     def _resume(self, flight: Flight, value: torch.Tensor | None) -> None:

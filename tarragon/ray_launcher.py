@@ -24,7 +24,8 @@ import msgspec
 import ray
 
 from .sockets import ClusterKey
-from .worker import WorkerSpec, reserve_endpoints, serve
+from .worker import WorkerSpec, reserve_endpoints
+from .worker_main import serve
 
 LOOPBACK = "127.0.0.1"
 

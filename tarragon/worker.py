@@ -1,7 +1,9 @@
-"""Entry point of every worker process: `python -m tarragon.worker SPEC_JSON` (the local
-launcher), a Ray actor's `run` (the Ray launcher), or `tarragon worker --join ADDR` (by hand).
+"""What every worker process is told, and what each does beside its role.
 
-Imports only torch, safetensors, zmq and msgspec (never transformers), so workers start fast.
+`WorkerSpec` is a worker's whole configuration (the command line of `python -m
+tarragon.worker_main`, a Ray actor's call, or the `Assign` a hand-joined worker gets). The rest
+is what every role's process shares (`worker_main.serve` sets it up, the role's `run` uses it):
+
 A local worker dies with the driver (the process that holds the clients' connections), not with
 the orchestrator that started it: it watches the driver's pidfd, so it keeps serving while a dead
 orchestrator is replaced, and re-registers with the successor (its liveness thread resends its last
@@ -14,6 +16,8 @@ stopped process (SIGSTOP) does neither, so it is detected like a dead one.
 
 SIGTERM (a preemption notice, a rolling restart) asks for a planned drain: the liveness thread
 tells the orchestrator, which moves the worker's requests or experts off before shutting it down.
+
+Imports only torch, safetensors, zmq and msgspec (never transformers), so workers start fast.
 """
 
 from __future__ import annotations
@@ -28,15 +32,17 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import msgspec
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from . import protocol as P
 from .config import EngineConfig
 from .routing_table import RoutingTable
+from .sockets import ClusterKey, Context, make_socket, recv
 
-if TYPE_CHECKING:
-    from .sockets import ClusterKey
+log = logging.getLogger(__name__)
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
@@ -70,8 +76,6 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
 
 def cluster_key(spec: WorkerSpec) -> ClusterKey | None:
     """The key a worker started by the local launcher reads from its run folder."""
-    from .sockets import ClusterKey
-
     if spec.insecure_transport:
         return None
     if not spec.key_file:
@@ -111,7 +115,8 @@ def may_raise_priority(nice: int) -> bool:
 
 
 def restore_priority(spec: WorkerSpec) -> None:
-    """Once loaded, a replacement serves at normal priority (needs privileges; else stays low)."""
+    """Once loaded (each role calls this after its `Ready`), a replacement serves at normal
+    priority (needs privileges; else stays low)."""
     if not spec.nice:
         return
     # Every thread: on Linux both settings are per thread, and the liveness thread (started while
@@ -124,44 +129,32 @@ def restore_priority(spec: WorkerSpec) -> None:
             pass
 
 
-def orchestrator_socket(ctx, name: str, endpoint: str):
-    """A worker's DEALER to the orchestrator. Sends never block (a dead or hung orchestrator must
+class OrchestratorChannel:
+    """A worker's channel to the orchestrator. Sends never block (a dead or hung orchestrator must
     not stall serving; messages queue for its successor, or are dropped once the queue is full),
-    and the last `Ready` sent is kept, so the liveness thread can register again with a successor."""
-    import zmq
+    and the last `Ready` sent is kept, so the liveness thread can register again with a successor.
+    The role's loop reads `sock` (control messages: shutdown, drain, routing tables)."""
 
-    from . import protocol as P
-    from .sockets import make_socket
+    def __init__(self, ctx: Context, name: str, endpoint: str):
+        self.name = name
+        self.sock = make_socket(ctx, zmq.DEALER, connect=endpoint, identity=name, linger_ms=1000)
+        self.last_ready: list[bytes] | None = None
 
-    class Socket(zmq.Socket):
-        last_ready: list | None = None
-
-        def send_multipart(self, msg_parts, flags=0, copy=True, track=False, **kwargs):
-            parts = list(msg_parts)
-            try:
-                if isinstance(P.decode(parts[:1])[0], P.Ready):
-                    self.last_ready = [bytes(memoryview(p)) for p in parts]
-            except P.BadMessage:
-                pass
-            try:
-                return super().send_multipart(parts, flags | zmq.NOBLOCK, copy=copy, track=track, **kwargs)
-            except zmq.Again:
-                logging.getLogger(__name__).warning("%s: orchestrator unreachable, message dropped", name)
-
-    return make_socket(ctx, zmq.DEALER, connect=endpoint, identity=name, linger_ms=1000, socket_class=Socket)
+    def send(self, msg: P.Msg) -> None:
+        frames = P.encode(msg)
+        if isinstance(msg, P.Ready):
+            self.last_ready = frames
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("%s: orchestrator unreachable, message dropped", self.name)
 
 
-def start_liveness(ctx, name: str, probe_endpoint: str, orch_endpoint: str, heartbeat_s: float, orch=None,
-                   drain: threading.Event | None = None) -> threading.Thread:
+def start_liveness(ctx: Context, name: str, probe_endpoint: str, orch_endpoint: str, heartbeat_s: float,
+                   orch: OrchestratorChannel | None = None, drain: threading.Event | None = None) -> threading.Thread:
     """Answers probes and sends heartbeats; each time its channel to the orchestrator (re)connects,
     resends `orch.last_ready`: a replacement orchestrator learns of this worker without a restart.
     Once `drain` is set (SIGTERM), asks the orchestrator for a drain (again at each reconnection)."""
-    import zmq
-    from zmq.utils.monitor import recv_monitor_message
-
-    from . import protocol as P
-    from .sockets import make_socket, recv
-
     probe = make_socket(ctx, zmq.ROUTER, bind=probe_endpoint)
     hb = make_socket(ctx, zmq.DEALER, connect=orch_endpoint, identity=f"{name}#hb", monitor=zmq.EVENT_CONNECTED)
     mon = hb.get_monitor_socket(zmq.EVENT_CONNECTED)
@@ -225,83 +218,3 @@ def host_towards(address: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((host, int(port)))  # UDP: picks the route, sends nothing
         return s.getsockname()[0]
-
-
-JOIN_REPEAT_S = 2.0  # a joiner repeats its offer this often until it is given a slot
-
-
-def join(address: str, role: str, key: ClusterKey | None, host: str | None = None, timeout_s: float = 600.0) -> int:
-    """`tarragon worker --join ADDR --key-file F`: offer this process to the orchestrator at ADDR
-    for a planned slot of `role`, then serve as the worker it assigns; returns the exit status.
-    Without the cluster's key (None: an insecure cluster) the orchestrator never hears it."""
-    import zmq
-
-    from . import protocol as P
-    from .sockets import Context, make_socket, recv
-
-    endpoint, probe_endpoint, _held = reserve_endpoints(host or host_towards(address))  # held while this runs
-    ctx = Context(key)
-    s = make_socket(ctx, zmq.DEALER, connect=address, identity=f"join-{socket.gethostname()}-{os.getpid()}")
-    msg, deadline = None, time.monotonic() + timeout_s
-    while msg is None and time.monotonic() < deadline:  # repeated: a successor orchestrator never saw the first offer
-        s.send_multipart(P.encode(P.Join(role, os.getpid(), endpoint, probe_endpoint)))
-        if s.poll(min(JOIN_REPEAT_S, max(0.0, deadline - time.monotonic())) * 1000):
-            got = recv(s, (P.Assign,), "join")
-            msg = got.msg if got else None
-    ctx.destroy(linger=0)
-    if not isinstance(msg, P.Assign):
-        print(f"tarragon worker: no {role} slot assigned by {address} within {timeout_s:.0f} s", file=sys.stderr)
-        return 1
-    spec = msgspec.json.decode(msg.spec, type=WorkerSpec)
-    print(f"tarragon worker: joined as {spec.name}, serving on {spec.endpoint or spec.probe_endpoint}", flush=True)
-    return serve(spec, key)
-
-
-def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
-    """Run one worker until the orchestrator shuts it down; returns its exit status. How the
-    process then ends is the caller's business (a subprocess exits, a Ray actor reports it)."""
-    if spec.nice and may_raise_priority(spec.nice):  # start-up (imports, weights) only in CPU time nobody else wants
-        os.nice(spec.nice)
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {spec.name} %(levelname)s %(message)s")
-    import torch
-
-    from .sockets import Context
-
-    torch.set_num_threads(spec.threads)
-    ctx = Context(key)
-    orch = orchestrator_socket(ctx, spec.name, spec.orch_endpoint)
-    drain = threading.Event()
-    if threading.current_thread() is threading.main_thread():  # (a Ray actor's thread cannot set handlers)
-        signal.signal(signal.SIGTERM, lambda *_: drain.set())
-    start_liveness(ctx, spec.name, spec.probe_endpoint, spec.orch_endpoint, spec.heartbeat_s, orch, drain)
-    if spec.role == "expert":
-        from .expert_worker import run
-    elif spec.role == "store":
-        from .checkpoint_store import run
-    else:
-        from .attention_worker import run
-    try:
-        run(spec, ctx, orch)
-    except Exception:
-        logging.exception("worker failed")
-        return 1
-    return 0
-
-
-def main(argv: list[str]) -> None:
-    spec = msgspec.json.decode(argv[0], type=WorkerSpec)
-    if spec.driver_pid:
-        die_with_driver(spec.driver_pid)
-        if os.getppid() != spec.parent_pid:
-            os._exit(1)
-    else:
-        die_with_parent(spec.parent_pid)
-    os._exit(serve(spec, cluster_key(spec)))  # the liveness thread's sockets need no orderly close
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

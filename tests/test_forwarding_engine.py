@@ -21,8 +21,8 @@ def test_silent_worker_is_failed_and_its_calls_replayed(tmp_path):
     fake = {name: make_socket(ctx, zmq.ROUTER, bind=ep[name]) for name in ep}
     orch = make_socket(ctx, zmq.DEALER, connect=ep["orch"], identity="aw0")
     table = RoutingTable(0, 2, [0], [[["ew0", "ew1"], ["ew1", "ew0"]]])  # expert 0: primary ew0, shadow ew1
-    engine = ForwardingEngine("aw0", table, {"ew0": ep["ew0"], "ew1": ep["ew1"]}, ctx, orch,
-                              {"ew0": ep["ew0-probe"], "ew1": ep["ew1-probe"]}, probe_interval_s=0.01, probe_timeout_s=0.03)
+    engine = ForwardingEngine("aw0", table, {"ew0": ep["ew0"], "ew1": ep["ew1"]}, ctx, {"ew0": ep["ew0-probe"], "ew1": ep["ew1-probe"]},
+                              lambda msg: orch.send_multipart(P.encode(msg)), probe_interval_s=0.01, probe_timeout_s=0.03)
     hidden = torch.randn(3, 8)
     call = MoECall(0, hidden, torch.zeros(3, 1, dtype=torch.long), torch.full((3, 1), 0.5))
     result = {}
