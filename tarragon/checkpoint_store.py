@@ -28,7 +28,7 @@ import torch
 import zmq
 
 from . import protocol as P
-from .sockets import DATA_MAX_BYTES, Context, Received, drops, make_socket, recv
+from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv
 from .vocabulary import Role
 from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 
@@ -164,9 +164,9 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
         for _ in range(1000 if sock in events else 0):  # every write already here goes in before any restore is answered
             if not sock.poll(0):
                 break
-            got = recv(sock, FROM_ATTENTION, spec.name)
+            got = recv(sock, FROM_ATTENTION, spec.name, check=check_write)
             if got is not None:
-                serve(store, sock, got, spec.name)
+                serve(store, got)
         for requester, req_id, allowed in store.due_restores(time.monotonic()):
             answer_restore(store, sock, requester, req_id, allowed)
         if time.monotonic() >= next_stats:  # byte accounting, for /metrics and llm.workers()
@@ -174,21 +174,26 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
             next_stats = time.monotonic() + 0.5
 
 
-def serve(store: CheckpointStore, sock: zmq.Socket, got: Received, name: str) -> None:
-    sender, msg, bufs = got.sender, got.msg, got.bufs
-    if isinstance(msg, P.RestoreRequest):  # answered once the writes that arrived with it are in (due_restores)
-        if len(store.parked) < 4096:
-            store.parked.append((got.identity, msg.req_id, time.monotonic()))
+def check_write(got: Received) -> None:
+    """Raises P.BadMessage unless a KVWrite's tensors hold the positions it lists."""
+    msg = got.msg
+    if not isinstance(msg, P.KVWrite):
         return
-    try:
-        k, v = P.to_tensor(msg.k, bufs[0]), P.to_tensor(msg.v, bufs[1])
-        if k.shape[:2] != v.shape[:2] or k.dim() != 4 or v.dim() != 4 or k.shape[1] != sum(msg.counts) \
-                or min(msg.counts, default=0) < 0 \
-                or not len(msg.req_ids) == len(msg.starts) == len(msg.counts) or min(msg.starts, default=0) < 0:
-            raise P.BadMessage(f"KV of shape {list(k.shape)} for {sum(msg.counts)} positions")
-    except P.BadMessage as e:
-        return drops.note(name, sender, str(e))
-    store.write(sender, msg, k, v)
+    k, v = got.tensors
+    if k.shape[:2] != v.shape[:2] or k.dim() != 4 or v.dim() != 4 or k.shape[1] != sum(msg.counts) \
+            or min(msg.counts, default=0) < 0 \
+            or not len(msg.req_ids) == len(msg.starts) == len(msg.counts) or min(msg.starts, default=0) < 0:
+        raise P.BadMessage(f"KV of shape {list(k.shape)} for {sum(msg.counts)} positions")
+
+
+def serve(store: CheckpointStore, got: Received) -> None:
+    """A write goes in at once; a restore is answered once the writes that arrived with it are in
+    (`due_restores`)."""
+    if isinstance(got.msg, P.RestoreRequest):
+        if len(store.parked) < 4096:
+            store.parked.append((got.identity, got.msg.req_id, time.monotonic()))
+        return
+    store.write(got.sender, got.msg, *got.tensors)
 
 
 def answer_restore(store: CheckpointStore, sock: zmq.Socket, requester: bytes, req_id: str, allowed: bool) -> None:

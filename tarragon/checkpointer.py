@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import protocol as P
 from .kv_cache import KVCache
 from .scheduler import Scheduler, Sequence
-from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
+from .sockets import DATA_MAX_BYTES, make_socket, recv
 
 WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 MAX_FINISHED = 4096  # finished requests remembered for a store that is not taking writes
@@ -35,8 +35,8 @@ class StoreLink:
     """One checkpoint store as this worker writes to it."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, name: str, queue: int):
-        self.sock = make_socket(ctx, zmq.DEALER, connect=endpoint, identity=name, max_bytes=DATA_MAX_BYTES, monitor=WATCHED)
-        self.sock.setsockopt(zmq.SNDHWM, queue)
+        self.sock = make_socket(ctx, zmq.DEALER, connect=endpoint, identity=name, max_bytes=DATA_MAX_BYTES, monitor=WATCHED,
+                                send_queue=queue)
         self.events = self.sock.get_monitor_socket(WATCHED)
         self.endpoint = endpoint
         self.up = False  # connected (a store listens there)
@@ -162,14 +162,9 @@ class Checkpointer:
                 if r is None or i not in r.waiting:
                     continue
                 r.waiting.discard(i)
-                try:
-                    k, v = P.to_tensor(got.msg.k, got.bufs[0]), P.to_tensor(got.msg.v, got.bufs[1])
-                except P.BadMessage as e:
-                    drops.note(f"{self.name} (store)", link.endpoint, str(e))
-                    continue
                 r.answers[i] = got.msg.committed
                 if got.msg.committed > (r.best[0].committed if r.best else 0):
-                    r.best = (got.msg, k, v)
+                    r.best = (got.msg, *got.tensors)
         now = time.monotonic()
         done = [r for r in self.restoring.values() if r.complete() or now - r.t0 > timeout_s]
         for r in done:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import zmq
@@ -17,7 +19,7 @@ import zmq
 from . import protocol as P
 from .config import ModelConfig
 from .model import ExpertBank
-from .sockets import DATA_MAX_BYTES, Context, Received, drops, make_socket, recv
+from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv
 from .vocabulary import Role
 from .weights import WeightFiles, torch_dtype
 from .worker import OrchestratorChannel, WorkerSpec, restore_priority
@@ -50,9 +52,9 @@ def serve_batch(bank: ExpertBank, requests: list[tuple[bytes, P.ExpertRequest, t
     return [(ident, P.ExpertReply(req.call_id, P.tensor_meta(out)), out) for (ident, req, _), out in zip(requests, outputs)]
 
 
-def validate(bank: ExpertBank, hidden_size: int, got: Received) -> tuple[bytes, P.ExpertRequest, torch.Tensor]:
-    ident, header = got.identity, got.msg
-    x = P.to_tensor(header.hidden, got.bufs[0])
+def check_request(bank: ExpertBank, hidden_size: int, got: Received) -> None:
+    """Raises P.BadMessage unless the request's rows are for experts served here, in their shape."""
+    header, x = got.msg, got.tensors[0]
     if len(header.experts) != len(header.counts) or any(n < 0 for n in header.counts):
         raise P.BadMessage("experts and counts disagree")
     if x.dim() != 2 or x.shape[1] != hidden_size or x.shape[0] != sum(header.counts):
@@ -62,17 +64,35 @@ def validate(bank: ExpertBank, hidden_size: int, got: Received) -> tuple[bytes, 
     missing = [e for e in header.experts if (header.layer, e) not in bank]
     if missing:
         raise P.BadMessage(f"experts {missing} of layer {header.layer} are not served here")
-    return ident, header, x
+
+
+def load(spec: WorkerSpec, cfg: ModelConfig) -> ExpertBank:
+    """The experts of `spec`, each run once (page faults, BLAS set-up) before serving."""
+    with WeightFiles(spec.model_dir) as files:
+        bank = ExpertBank(cfg, files, [tuple(x) for x in spec.experts], torch_dtype(spec.dtype), spec.device)
+    with torch.inference_mode():
+        for key in bank.experts:
+            bank.run(*key, torch.zeros(2, cfg.hidden_size, dtype=bank.dtype, device=bank.device))
+    return bank
+
+
+def receive(sock: zmq.Socket, check: Callable[[Received], None], name: str) -> list[tuple[bytes, P.ExpertRequest, torch.Tensor]]:
+    """Every valid request already here (at most MAX_DRAIN): (sender, header, rows)."""
+    requests = []
+    while len(requests) < MAX_DRAIN:
+        try:
+            got = recv(sock, (P.ExpertRequest,), name, zmq.NOBLOCK, check=check)
+        except zmq.Again:
+            break
+        if got is not None:
+            requests.append((got.identity, got.msg, got.tensors[0]))
+    return requests
 
 
 def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     """The main loop: drain requests, batch, compute (replays first), reply; obey the orchestrator."""
     cfg = ModelConfig.from_dir(spec.model_dir)
-    with WeightFiles(spec.model_dir) as files:
-        bank = ExpertBank(cfg, files, [tuple(x) for x in spec.experts], torch_dtype(spec.dtype), spec.device)
-    with torch.inference_mode():  # warm every expert (page faults, BLAS set-up) before serving
-        for key in bank.experts:
-            bank.run(*key, torch.zeros(2, cfg.hidden_size, dtype=bank.dtype, device=bank.device))
+    bank = load(spec, cfg)
     shadow = {tuple(x) for x in spec.shadow_experts}
     shadow_bytes = sum(a.nbytes + b.nbytes for k, (a, b) in bank.experts.items() if k in shadow)
     sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
@@ -82,21 +102,12 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(orch.sock, zmq.POLLIN)
+    check = partial(check_request, bank, cfg.hidden_size)
     while True:
         events = dict(poller.poll())
         if orch.sock in events and recv(orch.sock, (P.Shutdown,), spec.name) is not None:
             return
-        requests = []
-        while sock in events and len(requests) < MAX_DRAIN:
-            try:
-                got = recv(sock, (P.ExpertRequest,), spec.name, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                if got is not None:
-                    requests.append(validate(bank, cfg.hidden_size, got))
-            except P.BadMessage as e:
-                drops.note(spec.name, got.sender, str(e))
+        requests = receive(sock, check, spec.name) if sock in events else []
         replays = [r for r in requests if r[1].replay]
         for batch in (replays, [r for r in requests if not r[1].replay]):
             if batch:

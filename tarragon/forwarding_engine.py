@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import zmq
@@ -37,7 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import protocol as P
 from .model import MoECall
 from .routing_table import RoutingTable
-from .sockets import DATA_MAX_BYTES, drops, make_socket, recv
+from .sockets import DATA_MAX_BYTES, Received, make_socket, recv
 from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector
 
 log = logging.getLogger(__name__)
@@ -274,32 +275,30 @@ class ForwardingEngine:
                 self._fail(worker, "channel disconnected")
             return
         worker = self.owner_of.get(sock)
+        probe = sock is self.probes.get(worker)
+        accept, check = ((P.Pong,), None) if probe else ((P.ExpertReply,), partial(self._check_reply, worker))
         while True:
             try:
-                got = recv(sock, (P.ExpertReply, P.Pong), self.name, zmq.NOBLOCK)
+                got = recv(sock, accept, f"{self.name} ({worker})", zmq.NOBLOCK, check=check)
             except zmq.ZMQError:  # zmq.Again (drained) included
                 return
             self.suspect_since.pop(worker, None)  # any answer proves it alive
-            if got is not None and isinstance(got.msg, P.Pong):
+            if got is not None and probe:
                 self.probe_timeout.observe(time.monotonic() - got.msg.seq / 1e6)
-            if sock is self.probes.get(worker) or got is None:
-                continue
-            self._accept(worker, got.msg, got.bufs)
+            elif got is not None:
+                self._accept(worker, got.msg, got.tensors[0])
 
-    def _accept(self, worker: str, header: P.Msg, bufs: list) -> None:
-        try:
-            if not isinstance(header, P.ExpertReply):
-                raise P.BadMessage(f"unexpected {type(header).__name__} on the datapath")
-            part = self.expected.get(header.call_id)
-            if part is None or part.worker != worker:
-                raise P.BadMessage(f"reply to unknown, replayed or finished call {header.call_id} from {worker}")
-            hidden = P.to_tensor(header.hidden, bufs[0])
-            if hidden.shape != part.hidden.shape or hidden.dtype != part.hidden.dtype:
-                raise P.BadMessage(f"reply of {hidden.dtype}{list(hidden.shape)} to a call of {list(part.hidden.shape)}")
-        except P.BadMessage as e:
-            drops.note(self.name, worker, str(e))
-            return
-        del self.expected[header.call_id]
+    def _check_reply(self, worker: str, got: Received) -> None:
+        """Raises P.BadMessage unless this is the awaited answer of `worker`, in the call's shape."""
+        part = self.expected.get(got.msg.call_id)
+        if part is None or part.worker != worker:
+            raise P.BadMessage(f"reply to unknown, replayed or finished call {got.msg.call_id} from {worker}")
+        hidden = got.tensors[0]
+        if hidden.shape != part.hidden.shape or hidden.dtype != part.hidden.dtype:
+            raise P.BadMessage(f"reply of {hidden.dtype}{list(hidden.shape)} to a call of {list(part.hidden.shape)}")
+
+    def _accept(self, worker: str, header: P.ExpertReply, hidden: torch.Tensor) -> None:
+        part = self.expected.pop(header.call_id)
         self.replies[header.call_id] = hidden
         now = time.monotonic()
         self.probe_timeout.observe(now - part.sent_at, now)

@@ -294,8 +294,10 @@ Message = Union[
 ]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
-# Tensor frames each message type carries (every other type: none); checked on receipt.
-TENSOR_FRAMES: dict[type, int] = {PromptLogits: 1, ExpertRequest: 1, ExpertReply: 1, KVWrite: 2, RestoreData: 2}
+# The header fields that describe each message type's tensor frames, in frame order (every other
+# type: none); checked on receipt.
+TENSOR_FIELDS: dict[type, tuple[str, ...]] = {PromptLogits: ("logits",), ExpertRequest: ("hidden",), ExpertReply: ("hidden",),
+                                             KVWrite: ("k", "v"), RestoreData: ("k", "v")}
 
 
 def tensor_meta(t: torch.Tensor) -> TensorMeta:
@@ -346,9 +348,15 @@ def decode(frames: list) -> tuple[Msg, list[memoryview]]:
         header = _decoder.decode(bufs[0])
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
         raise BadMessage(f"bad header: {e}") from None
-    if len(bufs) - 1 != TENSOR_FRAMES.get(type(header), 0):
+    if len(bufs) - 1 != len(TENSOR_FIELDS.get(type(header), ())):
         raise BadMessage(f"{type(header).__name__} with {len(bufs) - 1} tensor frames")
     return header, bufs[1:]
+
+
+def tensors(msg: Msg, bufs: list[memoryview]) -> list[torch.Tensor]:
+    """The message's tensor frames as tensors, each checked against the dtype and shape its
+    header declares (see `to_tensor`)."""
+    return [to_tensor(getattr(msg, name), buf) for name, buf in zip(TENSOR_FIELDS.get(type(msg), ()), bufs)]
 
 
 def to_tensor(meta: TensorMeta, buf: memoryview) -> torch.Tensor:

@@ -12,8 +12,9 @@ ipc:// sockets (the local launcher's) are not encrypted: they live in the run fo
 0700, so only processes of the same user (or root) can reach them: the check a peer-uid filter
 would make. CURVE would add nothing there (the key file sits in that same folder) and it costs
 the datapath 2.4x per 64 KiB round trip here (bench/curve_cost.py).
-- `recv`: receive one message, decode and validate it (type allowed on this socket, tensor frame
-  count), log and drop anything else, rate-limited per sender.
+- `recv`: receive one message, decode and validate it (type allowed on this socket, tensor frames
+  that hold what the header declares, and whatever the receiver checks), log and drop anything
+  else, rate-limited per sender.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from . import protocol as P
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("tarragon.sockets")
 
@@ -121,17 +126,20 @@ class Context(zmq.Context):
 
 
 def make_socket(ctx: Context, kind: int, *, bind: str = "", connect: str = "", identity: str = "",
-                max_bytes: int = CONTROL_MAX_BYTES, linger_ms: int = 0, socket_class: type | None = None,
-                monitor: int = 0) -> zmq.Socket:
+                max_bytes: int = CONTROL_MAX_BYTES, linger_ms: int = 0, monitor: int = 0,
+                send_queue: int = 0) -> zmq.Socket:
     """A socket with the cluster's options, bound or connected; CURVE on tcp:// (the binding
     side is the server), see the module's docstring for ipc://. `monitor`: events watched from
-    before the first connection (`s.get_monitor_socket(monitor)` then returns that monitor)."""
+    before the first connection (`s.get_monitor_socket(monitor)` then returns that monitor).
+    `send_queue`: messages queued per peer before a send blocks or fails (0: ZMQ's default)."""
     if not isinstance(ctx, Context):
         raise TypeError("cluster sockets come from a tarragon.sockets.Context (it decides on authentication)")
-    s = ctx.socket(kind, socket_class=socket_class) if socket_class else ctx.socket(kind)
+    s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, linger_ms)
     s.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     s.copy_threshold = P.COPY_THRESHOLD  # copy rather than free frames through pyzmq's GC thread (see protocol)
+    if send_queue:
+        s.setsockopt(zmq.SNDHWM, send_queue)
     if identity:
         s.setsockopt(zmq.IDENTITY, identity.encode())
     endpoint = bind or connect
@@ -173,6 +181,7 @@ class Received(NamedTuple):
     msg: P.Msg
     bufs: list[memoryview]  # tensor frames, as many as the message type carries
     identity: bytes = b""  # the identity's bytes, to address the reply (any bytes, not only text)
+    tensors: list[torch.Tensor] = []  # the frames as tensors, checked against the header (views, read-only)
 
 
 class DropLog:
@@ -206,9 +215,11 @@ class DropLog:
 drops = DropLog()
 
 
-def recv(sock: zmq.Socket, accept: tuple[type, ...], where: str, flags: int = 0) -> Received | None:
-    """The next message on `sock` if it is valid and of a type this socket accepts, else None
-    (logged and dropped). Raises zmq.Again with NOBLOCK and nothing queued."""
+def recv(sock: zmq.Socket, accept: tuple[type, ...], where: str, flags: int = 0,
+         check: Callable[[Received], None] | None = None) -> Received | None:
+    """The next message on `sock` if it is valid, of a type this socket accepts, and passes the
+    receiver's `check` (which raises P.BadMessage), else None (logged and dropped). Raises
+    zmq.Again with NOBLOCK and nothing queued."""
     frames = sock.recv_multipart(flags, copy=False)
     sender, identity = "", b""
     if sock.type == zmq.ROUTER:
@@ -218,7 +229,10 @@ def recv(sock: zmq.Socket, accept: tuple[type, ...], where: str, flags: int = 0)
         msg, bufs = P.decode(frames)
         if not isinstance(msg, accept):
             raise P.BadMessage(f"{type(msg).__name__} is not accepted here")
+        got = Received(sender, msg, bufs, identity, P.tensors(msg, bufs))
+        if check is not None:
+            check(got)
     except P.BadMessage as e:
         drops.note(where, sender, str(e))
         return None
-    return Received(sender, msg, bufs, identity)
+    return got

@@ -107,7 +107,7 @@ def test_checkpointer_restores_the_longest_prefix_and_skips_a_dead_store(tiny_mo
     import zmq
 
     from tarragon import protocol as P
-    from tarragon.checkpoint_store import FROM_ATTENTION, CheckpointStore, answer_restore, serve
+    from tarragon.checkpoint_store import FROM_ATTENTION, CheckpointStore, answer_restore, check_write, serve
     from tarragon.checkpointer import Checkpointer
     from tarragon.config import ModelConfig
     from tarragon.kv_cache import KVCache
@@ -126,7 +126,7 @@ def test_checkpointer_restores_the_longest_prefix_and_skips_a_dead_store(tiny_mo
 
     def pump(i: int) -> None:  # store i serves what has arrived
         while not socks[i].closed and socks[i].poll(50):
-            serve(stores[i], socks[i], recv(socks[i], FROM_ATTENTION, f"s{i}"), f"s{i}")
+            serve(stores[i], recv(socks[i], FROM_ATTENTION, f"s{i}", check=check_write))
         for who, req_id, allowed in stores[i].due_restores(time.monotonic()):
             answer_restore(stores[i], socks[i], who, req_id, allowed)
 
