@@ -26,6 +26,7 @@ from . import protocol as P
 from .kv_cache import KVCache
 from .scheduler import Scheduler, Sequence
 from .sockets import DATA_MAX_BYTES, make_socket, recv
+from .vocabulary import EventKind
 
 WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 MAX_FINISHED = 4096  # finished requests remembered for a store that is not taking writes
@@ -128,7 +129,7 @@ class Checkpointer:
                 held = [s for s in [*self.sched.running, *self.sched.waiting] if s.num_computed > 0 and s.blocks]
                 if link.up and held:
                     sent = all([self.refill(link, [s]) for s in held])  # one message per request: each within the size limit
-                    self.report("store_refilled" if sent else "store_refill_dropped",
+                    self.report(EventKind.STORE_REFILLED if sent else EventKind.STORE_REFILL_DROPPED,
                                 f"{link.endpoint.rsplit('/', 1)[-1]}: {len(held)} requests, {sum(s.num_computed for s in held)} positions", 0.0)
                 else:
                     for r in self.restoring.values():  # a dead store never answers
@@ -170,7 +171,7 @@ class Checkpointer:
         for r in done:
             del self.restoring[r.seq.req_id]
             if not r.complete():
-                self.report("restore_timeout", f"{r.seq.req_id}: {len(r.waiting)} store(s) silent", (now - r.t0) * 1000)
+                self.report(EventKind.RESTORE_TIMEOUT, f"{r.seq.req_id}: {len(r.waiting)} store(s) silent", (now - r.t0) * 1000)
         return done
 
     def complete_copies(self, r: Restore) -> None:

@@ -21,6 +21,7 @@ from typing import Protocol
 import msgspec
 
 from . import protocol as P
+from .vocabulary import Role
 from .worker import WorkerSpec
 
 
@@ -109,7 +110,7 @@ class LocalLauncher:
 
     def gpu_env(self, spec: WorkerSpec) -> dict[str, str]:
         """Each GPU worker sees one GPU of its own (in turn; shared once there are more workers)."""
-        if spec.device != "cuda" or spec.role == "store" or not self.gpus:  # the store keeps KV in host memory
+        if spec.device != "cuda" or spec.role == Role.STORE or not self.gpus:  # the store keeps KV in host memory
             return {}
         self.started_on_gpu += 1
         return {"CUDA_VISIBLE_DEVICES": self.gpus[(self.started_on_gpu - 1) % len(self.gpus)]}

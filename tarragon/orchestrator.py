@@ -34,7 +34,7 @@ from .launcher import AdoptedProcess, Launcher, LocalLauncher, ManualLauncher, W
 from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
 from .timeouts import GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S, HEARTBEAT_CAP_S, AdaptiveTimeout, GrayDetector, runnable
-from .vocabulary import EventKind
+from .vocabulary import EventKind, RecoveryPolicy, Role, WorkerState
 from .worker import WorkerSpec, die_with_parent
 
 log = logging.getLogger("tarragon.orchestrator")
@@ -58,7 +58,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     probe_interval_s: float = 0.01
     probe_timeout_s: float = 0.1
     replace_failed: bool = True
-    recovery: str = "tarragon"  # see llm.RECOVERY_POLICIES
+    recovery: RecoveryPolicy = RecoveryPolicy.TARRAGON
     launcher: str = "local"  # "local" | "ray" | "manual" (workers join by hand)
     host: str = ""  # ray, manual: the address the orchestrator binds (tcp)
     ray_address: str = ""  # ray: the cluster's GCS address
@@ -72,7 +72,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     adopt: list[P.WorkerRecord] = []
     table_version: int = 0
     epoch: int = 0
-    next_index: dict[str, int] = {}
+    next_index: dict[Role, int] = {}
     replaced: str = ""  # why the predecessor was replaced
 
 
@@ -82,17 +82,20 @@ FROM_DRIVER = (P.GetEvents, P.Report, P.Shutdown, P.Handover, P.Drain, P.Drained
 DRAIN_GRACE_S = 0.5  # a drained expert worker, out of every routing table, gets this long to answer what it owes
 DRAIN_EXIT_S = 5.0  # ... and this long to exit once told to; then it is killed
 DRAIN_MAX_S = 30.0  # a drain that has not reached its shutdown by then is ended by force
+IN_SERVICE = (WorkerState.STARTING, WorkerState.READY)
+OUT_OF_SERVICE = (WorkerState.FAILED, WorkerState.STOPPED)  # fenced or gone: never heard again
+NAME_PREFIX = {Role.EXPERT: "ew", Role.ATTENTION: "aw", Role.STORE: "store"}  # + a number never used before
 
 
 @dataclass
 class Worker:
     name: str
-    role: str
+    role: Role
     proc: WorkerHandle
     spec: WorkerSpec | None  # None: adopted from a predecessor
     slot: str  # the planned worker whose place it holds (itself, or the one it replaced)
     replacement: bool = False  # started to replace a failed worker
-    state: str = "starting"
+    state: WorkerState = WorkerState.STARTING
     info: dict = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic)
@@ -119,7 +122,8 @@ class Orchestrator:
         self.version = 0
         self.events: collections.deque[P.Event] = collections.deque(maxlen=2000)
         self.ready_announced = False
-        self.next_index = {"expert": len(ew_slots), "attention": spec.attention_workers, "store": max(1, spec.engine.stores)}
+        self.next_index = {Role.EXPERT: len(ew_slots), Role.ATTENTION: spec.attention_workers,
+                           Role.STORE: max(1, spec.engine.stores)}
         self.epoch = 0
         self.restart_t0 = 0.0
         self.waiting: dict[str, tuple[str, bool]] = {}  # attention workers waiting for peers' addresses
@@ -162,7 +166,7 @@ class Orchestrator:
         self.workers[spec.name] = Worker(spec.name, spec.role, proc, spec, slot, replacement=replacement)
 
     def start_expert(self, name: str, slot: str, replacement: bool = False) -> None:
-        spec = WorkerSpec(role="expert", experts=self.plan.experts_of(slot), shadow_experts=self.plan.shadows_of(slot),
+        spec = WorkerSpec(role=Role.EXPERT, experts=self.plan.experts_of(slot), shadow_experts=self.plan.shadows_of(slot),
                           nice=10 if replacement else 0, **self.common(name))
         self.launch(spec, slot, replacement)
 
@@ -174,7 +178,7 @@ class Orchestrator:
 
     def start_store(self, name: str, slot: str, replacement: bool = False) -> None:
         endpoint = self.launcher.endpoint(slot) if name != slot else ""
-        spec = WorkerSpec(role="store", endpoint=endpoint or "", store_max_bytes=self.spec.engine.store_max_bytes,
+        spec = WorkerSpec(role=Role.STORE, endpoint=endpoint or "", store_max_bytes=self.spec.engine.store_max_bytes,
                           nice=10 if replacement else 0, **self.common(name))
         self.launch(spec, slot, replacement)
 
@@ -188,11 +192,19 @@ class Orchestrator:
             self.waiting[name] = (slot, replacement)
             return
         self.waiting.pop(name, None)
-        spec = WorkerSpec(role="attention", driver_endpoint=self.spec.driver_endpoint, table=self.table(), store_endpoints=stores,
+        spec = WorkerSpec(role=Role.ATTENTION, driver_endpoint=self.spec.driver_endpoint, table=self.table(), store_endpoints=stores,
                           nice=10 if replacement else 0, expert_endpoints=experts,
                           probe_endpoints_of_experts={w: self.launcher.probe_endpoint(w) for w in live},
                           engine=self.spec.engine, **self.common(name))
         self.launch(spec, slot, replacement)
+
+    def start(self, role: Role, name: str, slot: str, replacement: bool = False) -> None:
+        {Role.EXPERT: self.start_expert, Role.ATTENTION: self.start_attention, Role.STORE: self.start_store}[role](name, slot, replacement)
+
+    def new_name(self, role: Role) -> str:
+        """A name never used in this cluster: ew3, aw2, store4, ..."""
+        self.next_index[role] += 1
+        return f"{NAME_PREFIX[role]}{self.next_index[role] - 1}"
 
     def live_experts(self) -> list[str]:
         return [w for w in self.current.values() if w]
@@ -206,9 +218,9 @@ class Orchestrator:
         update = P.TableUpdate(self.table(), {w: self.launcher.endpoint(w) for w in live},
                                {w: self.launcher.probe_endpoint(w) for w in live})
         for w in self.workers.values():
-            if w.role == "attention" and w.state in ("starting", "ready"):
+            if w.role == Role.ATTENTION and w.state in IN_SERVICE:
                 self.send(w.name, update)
-        self.event("routing_updated", "", f"v{self.version}: experts on {', '.join(live)}")
+        self.event(EventKind.ROUTING_UPDATED, "", f"v{self.version}: experts on {', '.join(live)}")
 
     # ---- events and state -----------------------------------------------------------------
 
@@ -227,9 +239,9 @@ class Orchestrator:
         records = [P.WorkerRecord(w.name, w.role, w.proc.pid, w.state, w.info, w.slot if w.replacement else "",
                                   self.launcher.probe_endpoint(w.name) or "", self.launcher.endpoint(w.name) or "")
                    for w in self.workers.values()]
-        initial_ready = not self.waiting and all(w.state == "ready" for w in self.workers.values() if not w.replacement)
+        initial_ready = not self.waiting and all(w.state == WorkerState.READY for w in self.workers.values() if not w.replacement)
         if initial_ready and not self.ready_announced and self.epoch:
-            self.event("restart_ready", "", f"epoch {self.epoch}: every worker up again", (time.monotonic() - self.restart_t0) * 1000)
+            self.event(EventKind.RESTART_READY, "", f"epoch {self.epoch}: every worker up again", (time.monotonic() - self.restart_t0) * 1000)
         self.ready_announced |= initial_ready
         self.published = time.monotonic()
         state = P.ClusterState(records, self.version, self.ready_announced, self.epoch, len(self.table().unavailable()),
@@ -243,18 +255,18 @@ class Orchestrator:
 
     def fail(self, name: str, reason: str, reporter: str = "", detect_ms: float = 0.0) -> None:
         w = self.workers.get(name)
-        if w is None or w.state in ("failed", "stopped"):
+        if w is None or w.state in OUT_OF_SERVICE:
             return
         if w.stop_sent and reporter:  # told to exit after a drain: its peers see it leave
             return
         t0 = time.monotonic()
-        draining, w.state, w.failed_at = w.state == "draining", "failed", t0
+        draining, w.state, w.failed_at = w.state == WorkerState.DRAINING, WorkerState.FAILED, t0
         if w.proc.poll() is None:  # fence it: a hung worker must never come back
             w.proc.kill()
-        self.event("worker_failed", name, f"{w.role}: {reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
-        if self.spec.recovery == "restart":
+        self.event(EventKind.WORKER_FAILED, name, f"{w.role}: {reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
+        if self.spec.recovery == RecoveryPolicy.RESTART:
             return self.restart_all(t0)
-        if w.role == "expert" and self.current.get(w.slot) == w.name:  # only its holder clears a slot
+        if w.role == Role.EXPERT and self.current.get(w.slot) == w.name:  # only its holder clears a slot
             self.current[w.slot] = None
             self.push_table()
         if not draining:  # a draining worker's replacement is already on its way
@@ -264,10 +276,9 @@ class Orchestrator:
     def start_replacement(self, w: Worker, t0: float) -> None:
         if not self.spec.replace_failed:
             return
-        new = f"{'ew' if w.role == 'expert' else 'aw' if w.role == 'attention' else 'store'}{self.next_index[w.role]}"
-        self.next_index[w.role] += 1
-        {"expert": self.start_expert, "attention": self.start_attention, "store": self.start_store}[w.role](new, w.slot, True)
-        self.event("replacement_started", new, f"for {w.name}", (time.monotonic() - t0) * 1000)
+        new = self.new_name(w.role)
+        self.start(w.role, new, w.slot, replacement=True)
+        self.event(EventKind.REPLACEMENT_STARTED, new, f"for {w.name}", (time.monotonic() - t0) * 1000)
 
     # ---- planned drains -----------------------------------------------------------------------
 
@@ -277,14 +288,14 @@ class Orchestrator:
         shadows serve at once, or, without shadows, its replacement once ready); an attention
         worker hands its requests back to the driver, which moves them through the store."""
         w = self.workers.get(name)
-        if w is None or w.state != "ready" or w.role == "store":
-            why_not = "not a ready worker" if w is None or w.state != "ready" else "the store cannot be drained (kill it: it is replaced)"
-            return self.event("drain_refused", name, why_not)
+        if w is None or w.state != WorkerState.READY or w.role == Role.STORE:
+            why_not = "not a ready worker" if w is None or w.state != WorkerState.READY else "the store cannot be drained (kill it: it is replaced)"
+            return self.event(EventKind.DRAIN_REFUSED, name, why_not)
         t0 = time.monotonic()
-        w.state, w.drain_t0 = "draining", t0
-        self.event("drain_started", name, why)
+        w.state, w.drain_t0 = WorkerState.DRAINING, t0
+        self.event(EventKind.DRAIN_STARTED, name, why)
         self.start_replacement(w, t0)
-        if w.role == "attention":
+        if w.role == Role.ATTENTION:
             self.send(name, P.Drain(name))  # stop_at is set once the driver has moved its requests
         elif self.current.get(w.slot) == name:
             self.current[w.slot] = None
@@ -301,14 +312,14 @@ class Orchestrator:
         if rc is not None:
             if rc != 0 and not w.stop_sent:
                 return self.fail(w.name, f"exited ({rc}) while draining")
-            w.state, w.failed_at = "stopped", now
-            self.event("worker_drained", w.name, f"{w.role}: exited ({rc})", (now - w.drain_t0) * 1000)
+            w.state, w.failed_at = WorkerState.STOPPED, now
+            self.event(EventKind.WORKER_DRAINED, w.name, f"{w.role}: exited ({rc})", (now - w.drain_t0) * 1000)
             return self.publish()
         if w.stop_at and now >= w.stop_at and not w.stop_sent:
             w.stop_sent = True
             self.send(w.name, P.Shutdown())
         elif (w.stop_sent and now > w.stop_at + DRAIN_EXIT_S) or now - w.drain_t0 > DRAIN_MAX_S:
-            self.event("drain_forced", w.name, "did not exit in time: killed")
+            self.event(EventKind.DRAIN_FORCED, w.name, "did not exit in time: killed")
             w.stop_sent = True
             w.proc.kill()
 
@@ -327,7 +338,7 @@ class Orchestrator:
         self.ready_announced = False
         self.publish()  # tell the driver first: its in-flight requests must be rerun
         self.start_all()
-        self.event("restart_started", "", f"epoch {self.epoch}: every worker restarted", (time.monotonic() - t0) * 1000)
+        self.event(EventKind.RESTART_STARTED, "", f"epoch {self.epoch}: every worker restarted", (time.monotonic() - t0) * 1000)
 
     def start_all(self) -> None:
         suffix = f"-r{self.epoch}" if self.epoch else ""
@@ -341,21 +352,21 @@ class Orchestrator:
         self.publish()
 
     def on_ready(self, w: Worker, msg: P.Ready) -> None:
-        if w.state in ("failed", "stopped", "draining"):  # sent before it was fenced (or drained): it must not come back
+        if w.state in (*OUT_OF_SERVICE, WorkerState.DRAINING):  # sent before it was fenced (or drained): it must not come back
             return
-        first = w.state != "ready"
-        w.state, w.info = "ready", dict(msg.info)
+        first = w.state != WorkerState.READY
+        w.state, w.info = WorkerState.READY, dict(msg.info)
         if not first:  # a periodic update (the store's byte accounting)
             return self.publish()
         if w.replacement:
-            self.event("replacement_ready", w.name, f"in place of {w.slot}", (time.monotonic() - w.started) * 1000)
-        if w.replacement and w.role == "expert":
+            self.event(EventKind.REPLACEMENT_READY, w.name, f"in place of {w.slot}", (time.monotonic() - w.started) * 1000)
+        if w.replacement and w.role == Role.EXPERT:
             self.current[w.slot] = w.name
             self.push_table()
             for old in self.workers.values():  # a drained worker that served until now may go
-                if old.state == "draining" and old.slot == w.slot and not old.stop_at:
+                if old.state == WorkerState.DRAINING and old.slot == w.slot and not old.stop_at:
                     old.stop_at = time.monotonic() + DRAIN_GRACE_S
-        elif w.role == "attention" and w.spec is not None and w.spec.table.version < self.version:
+        elif w.role == Role.ATTENTION and w.spec is not None and w.spec.table.version < self.version:
             self.push_table()  # it started with an older table
         self.publish()
 
@@ -373,7 +384,7 @@ class Orchestrator:
     def suspect(self, ew: Worker, msg: P.WorkerFailed) -> None:
         """An attention worker lost an expert worker: weighed against the heartbeats that worker
         still sends here (see `judge_suspicions`) before anyone is fenced."""
-        if ew.state != "ready":
+        if ew.state != WorkerState.READY:
             return self.fail(ew.name, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
         now = time.monotonic()
         _, reports = self.suspicions.setdefault(ew.name, (now, {}))
@@ -392,7 +403,7 @@ class Orchestrator:
         for name, (t, reports) in list(self.suspicions.items()):
             ew = self.workers.get(name)
             first = next(iter(reports.values()))
-            if ew is None or ew.state != "ready":
+            if ew is None or ew.state != WorkerState.READY:
                 del self.suspicions[name]
                 self.silent_gap.pop(name, None)
             elif ew.last_beat > t + 3 * hb:
@@ -400,7 +411,7 @@ class Orchestrator:
                 if self.silent_gap.pop(name, 0.0) >= 2 * hb:
                     self.fail(name, f"{first.reason}; its heartbeats stopped too", first.reporter, first.detect_ms)
                     continue
-                live = {w.name for w in self.workers.values() if w.role == "attention" and w.state == "ready"}
+                live = {w.name for w in self.workers.values() if w.role == Role.ATTENTION and w.state == WorkerState.READY}
                 if live <= reports.keys():
                     self.fail(name, f"{first.reason}; unreachable from every attention worker", first.reporter, first.detect_ms)
                     continue
@@ -417,19 +428,19 @@ class Orchestrator:
         for w in list(self.workers.values()):
             if self.workers.get(w.name) is not w:  # replaced by a restart during this loop
                 continue
-            if w.state in ("failed", "stopped"):
+            if w.state in OUT_OF_SERVICE:
                 if w.proc.poll() is not None and now - w.failed_at > FAILED_RETENTION_S:
                     del self.workers[w.name]  # reaped and reported long enough: out of the registry
                 continue
-            if w.state == "draining":
+            if w.state == WorkerState.DRAINING:
                 self.check_drain(w, now)
             elif w.proc.poll() is not None:
                 self.fail(w.name, f"process exited ({w.proc.returncode})")
-            elif w.state == "ready" and now - w.last_beat > self.heartbeat_timeout.value and not self.starved(w, now):
+            elif w.state == WorkerState.READY and now - w.last_beat > self.heartbeat_timeout.value and not self.starved(w, now):
                 self.fail(w.name, f"no heartbeat for {(now - w.last_beat) * 1000:.0f} ms")
         for name, why in self.gray.slow(now):
             self.gray.forget(name)
-            if name in self.workers and self.workers[name].state == "ready":
+            if name in self.workers and self.workers[name].state == WorkerState.READY:
                 self.fail(name, why)
 
     # ---- main loop --------------------------------------------------------------------------
@@ -443,7 +454,7 @@ class Orchestrator:
         self.version, self.epoch, self.ready_announced = s.table_version + 8, s.epoch, True
         self.next_index.update(s.next_index)
         for r in s.adopt:
-            if r.state in ("failed", "stopped"):
+            if r.state in OUT_OF_SERVICE:
                 continue
             if isinstance(self.launcher, ManualLauncher):  # on another host: no pid to watch, heartbeats tell
                 if not r.probe_endpoint:
@@ -453,7 +464,7 @@ class Orchestrator:
                 proc = AdoptedProcess(r.pid)
             self.workers[r.name] = Worker(r.name, r.role, proc, None, r.replaces or r.name,
                                           replacement=bool(r.replaces), state=r.state, info=dict(r.info))
-            if r.state == "draining":  # its drain was under way: finish it (its replacement was started)
+            if r.state == WorkerState.DRAINING:  # its drain was under way: finish it (its replacement was started)
                 w = self.workers[r.name]
                 w.drain_t0 = w.stop_at = time.monotonic()
             m = re.search(r"(\d+)$", r.name)
@@ -461,8 +472,8 @@ class Orchestrator:
                 self.next_index[r.role] = max(self.next_index[r.role], int(m.group(1)) + 1)
         for slot in self.current:
             self.current[slot] = next((w.name for w in self.workers.values()
-                                       if w.role == "expert" and w.slot == slot and w.state == "ready"), None)
-        self.event("orchestrator_replaced", "", f"{s.replaced}; adopted {', '.join(self.workers) or 'no worker'}")
+                                       if w.role == Role.EXPERT and w.slot == slot and w.state == WorkerState.READY), None)
+        self.event(EventKind.ORCHESTRATOR_REPLACED, "", f"{s.replaced}; adopted {', '.join(self.workers) or 'no worker'}")
         self.push_table()
         self.fill_empty_slots()
         self.publish()
@@ -474,15 +485,13 @@ class Orchestrator:
         if not self.spec.replace_failed:
             return
         suffix = f"-r{self.epoch}" if self.epoch else ""
-        slots = [("store", slot) for slot in self.store_slots()] + [("expert", slot) for slot in self.current]
-        slots += [("attention", f"aw{i}{suffix}") for i in range(self.spec.attention_workers)]
-        start = {"expert": self.start_expert, "attention": self.start_attention, "store": self.start_store}
+        slots = [(Role.STORE, slot) for slot in self.store_slots()] + [(Role.EXPERT, slot) for slot in self.current]
+        slots += [(Role.ATTENTION, f"aw{i}{suffix}") for i in range(self.spec.attention_workers)]
         for role, slot in slots:
-            if not any(w.slot == slot and w.state in ("starting", "ready") for w in self.workers.values()):
-                name = f"{'ew' if role == 'expert' else 'aw' if role == 'attention' else 'store'}{self.next_index[role]}"
-                self.next_index[role] += 1
-                start[role](name, slot, True)
-                self.event("replacement_started", name, f"for slot {slot}, empty after the predecessor's death")
+            if not any(w.slot == slot and w.state in IN_SERVICE for w in self.workers.values()):
+                name = self.new_name(role)
+                self.start(role, name, slot, replacement=True)
+                self.event(EventKind.REPLACEMENT_STARTED, name, f"for slot {slot}, empty after the predecessor's death")
 
     def run(self) -> None:
         self.adopt() if self.spec.adopt else self.start_all()
@@ -535,7 +544,7 @@ class Orchestrator:
             if isinstance(msg, (P.Ready, P.Heartbeat)):  # not ours: fenced and forgotten, or started by a predecessor
                 self.tell_to_stop(sender.removesuffix("#hb"))
             return drops.note("orchestrator", sender, f"{type(msg).__name__} from a worker that is not ours")
-        if w.state in ("failed", "stopped"):  # fenced: heard again once a cut link heals; told to go
+        if w.state in OUT_OF_SERVICE:  # fenced: heard again once a cut link heals; told to go
             self.tell_to_stop(w.name)
             return drops.note("orchestrator", sender, f"{type(msg).__name__} from a worker that is not in service")
         # The heartbeat channel carries beats, and the worker's Ready again when it reconnects (to a successor).
@@ -546,21 +555,21 @@ class Orchestrator:
         now = time.monotonic()
         if w.name in self.suspicions:  # the longest silence of a suspect, as seen here
             self.silent_gap[w.name] = max(self.silent_gap.get(w.name, 0.0), now - w.last_beat)
-        if isinstance(msg, P.Heartbeat) and w.state == "ready":
+        if isinstance(msg, P.Heartbeat) and w.state == WorkerState.READY:
             self.heartbeat_timeout.observe(now - w.last_beat, now)
             self.gray.observe(w.name, max(0.0, now - w.last_beat - self.spec.heartbeat_s), now)
         w.last_beat = now  # any message is a sign of life (Ready may beat the first heartbeat)
         if isinstance(msg, P.Ready) and msg.role == w.role:
             self.on_ready(w, msg)
-        elif isinstance(msg, P.WorkerFailed) and w.role == "attention" and msg.reporter == w.name:
+        elif isinstance(msg, P.WorkerFailed) and w.role == Role.ATTENTION and msg.reporter == w.name:
             target = self.workers.get(msg.worker)
-            if target is not None and target.role == "expert" and msg.slow:  # its replies came, slowly: no partition
+            if target is not None and target.role == Role.EXPERT and msg.slow:  # its replies came, slowly: no partition
                 self.fail(target.name, msg.reason, reporter=msg.reporter, detect_ms=msg.detect_ms)
-            elif target is not None and target.role == "expert":  # an AW's evidence is about expert workers
+            elif target is not None and target.role == Role.EXPERT:  # an AW's evidence is about expert workers
                 self.suspect(target, msg)
         elif isinstance(msg, P.Report) and msg.worker == w.name:
             self.event(msg.kind, msg.worker, msg.detail, msg.ms, report=msg)
-        elif isinstance(msg, P.Drain) and w.state == "ready":  # it got SIGTERM: a preemption notice
+        elif isinstance(msg, P.Drain) and w.state == WorkerState.READY:  # it got SIGTERM: a preemption notice
             self.drain(w.name, "SIGTERM")
 
     def on_driver(self, msg: P.Msg) -> bool:
@@ -570,17 +579,17 @@ class Orchestrator:
             self.event(msg.kind, msg.worker, msg.detail, msg.ms, report=msg)
         elif isinstance(msg, P.Handover):  # the driver moved requests: the store must let their new owner in
             for w in self.workers.values():
-                if w.role == "store" and w.state in ("starting", "ready"):
+                if w.role == Role.STORE and w.state in IN_SERVICE:
                     self.send(w.name, msg)
         elif isinstance(msg, P.Drain):
             self.drain(msg.name, "asked by the driver")
         elif isinstance(msg, P.Drained):  # the driver has moved the attention worker's requests
             w = self.workers.get(msg.name)
-            if w is not None and w.state == "draining":
+            if w is not None and w.state == WorkerState.DRAINING:
                 w.stop_at = time.monotonic()
         elif isinstance(msg, P.WorkerFailed):  # the driver's evidence is about attention workers (see llm.AttentionProbes)
             target = self.workers.get(msg.worker)
-            if target is not None and target.role == "attention":
+            if target is not None and target.role == Role.ATTENTION:
                 self.fail(msg.worker, msg.reason, reporter="driver", detect_ms=msg.detect_ms)
         elif isinstance(msg, P.Shutdown):
             return False
@@ -588,7 +597,7 @@ class Orchestrator:
 
     def shutdown(self) -> None:
         for w in self.workers.values():
-            if w.state not in ("failed", "stopped"):
+            if w.state not in OUT_OF_SERVICE:
                 self.send(w.name, P.Shutdown())
         deadline = time.monotonic() + 3.0
         for w in self.workers.values():
@@ -597,7 +606,7 @@ class Orchestrator:
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait()
-            w.state = "stopped"
+            w.state = WorkerState.STOPPED
 
 
 def main(argv: list[str]) -> None:

@@ -165,7 +165,7 @@ class ClusterState(Msg):
     ready: bool
     epoch: int = 0  # bumped by a full restart: every in-flight request must be rerun
     unavailable_experts: int = 0  # (layer, expert) pairs with no live copy right now
-    next_index: dict[str, int] = {}  # by role: the number the next new worker's name takes (for a successor)
+    next_index: dict[Role, int] = {}  # by role: the number the next new worker's name takes (for a successor)
 
 
 class Handover(Msg):

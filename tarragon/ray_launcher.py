@@ -24,6 +24,7 @@ import msgspec
 import ray
 
 from .sockets import ClusterKey
+from .vocabulary import Role
 from .worker import WorkerSpec, reserve_endpoints
 from .worker_main import serve
 
@@ -126,7 +127,7 @@ class RayLauncher:
         ip = spec.endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
         if spec.endpoint and ip != LOOPBACK:  # it takes over an address: only the node that has it can
             resources[f"node:{ip}"] = 0.001
-        gpus = 1 if spec.device.startswith("cuda") and spec.role != "store" else 0
+        gpus = 1 if spec.device.startswith("cuda") and spec.role != Role.STORE else 0
         actor = WorkerActor.options(name=spec.name, namespace=self.namespace, num_cpus=spec.threads, num_gpus=gpus,
                                     resources=resources).remote(self.host, spec.endpoint)
         self.workers[spec.name] = handle = RayWorker(actor, spec, self.key)
