@@ -106,11 +106,13 @@ class Worker:
 
 
 class Orchestrator:
-    def __init__(self, spec: ClusterSpec):
+    def __init__(self, spec: ClusterSpec, launcher: Launcher | None = None):
+        """`launcher`: how workers are started (None: the one `spec.launcher` names; tests give
+        one that starts nothing). The orchestrator binds where it says "orchestrator" is."""
         self.spec = spec
         self.key = None if spec.insecure_transport else ClusterKey.load(spec.key_file)
         self.ctx = Context(self.key)
-        self.launcher, address = self.make_launcher()
+        self.launcher, address = (launcher, launcher.endpoint("orchestrator")) if launcher else self.make_launcher()
         self.sock = make_socket(self.ctx, zmq.ROUTER, bind=address)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.driver = make_socket(self.ctx, zmq.DEALER, connect=spec.driver_endpoint, identity="orchestrator",
@@ -239,7 +241,8 @@ class Orchestrator:
         records = [P.WorkerRecord(w.name, w.role, w.proc.pid, w.state, w.info, w.slot if w.replacement else "",
                                   self.launcher.probe_endpoint(w.name) or "", self.launcher.endpoint(w.name) or "")
                    for w in self.workers.values()]
-        initial_ready = not self.waiting and all(w.state == WorkerState.READY for w in self.workers.values() if not w.replacement)
+        planned = [w for w in self.workers.values() if not w.replacement]  # none: a restart has stopped them all
+        initial_ready = bool(planned) and not self.waiting and all(w.state == WorkerState.READY for w in planned)
         if initial_ready and not self.ready_announced and self.epoch:
             self.event(EventKind.RESTART_READY, "", f"epoch {self.epoch}: every worker up again", (time.monotonic() - self.restart_t0) * 1000)
         self.ready_announced |= initial_ready
