@@ -132,7 +132,7 @@ class AttentionWorker:
         # Aborted while this step was in flight: its KV goes out with the step, then is dropped at once.
         self.checkpoint(chunks, out.slots, [s.req_id for s in got if s.finish_reason] + [c.seq.req_id for c in chunks if c.seq.aborted])
         self.driver.send_multipart(P.encode(P.Tokens(
-            req_ids=[s.req_id for s in got], tokens=[s.output[-1] for s in got], finish=[s.finish_reason or "" for s in got],
+            req_ids=[s.req_id for s in got], tokens=[s.output[-1] for s in got], finish=[s.finish_reason for s in got],
             kv_used=self.kv.used, running=len(self.sched.running), waiting=len(self.sched.waiting), replayed=self.engine.replayed,
             logprobs=out.logprobs if any(lp is not None for lp in out.logprobs) else [],
         )))

@@ -17,7 +17,7 @@ import msgspec
 
 from .routing_table import RoutingTable
 from .sampling import SamplingParams, TokenLogprobs
-from .vocabulary import EventKind, Role, WorkerState
+from .vocabulary import EventKind, FinishReason, Role, WorkerState
 
 if TYPE_CHECKING:
     import torch
@@ -220,11 +220,11 @@ class TableUpdate(Msg):
 
 
 class Tokens(Msg):
-    """One attention-worker step's new tokens; finish[i] is "" while request i goes on."""
+    """One attention-worker step's new tokens; finish[i] is None while request i goes on."""
 
     req_ids: list[str]
     tokens: list[int]
-    finish: list[str]
+    finish: list[FinishReason | None]
     kv_used: int
     running: int
     waiting: int

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .kv_cache import KVCache
 from .sampling import SamplingParams
+from .vocabulary import FinishReason
 
 
 @dataclass(eq=False)  # identity, not field-by-field comparison
@@ -31,7 +32,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
     blocks: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     max_chunk: int | None = None  # 1: recompute token by token (the `replay` baseline)
     group: int = 0  # the micro-batch group it runs in, once admitted
     aborted: bool = False  # aborted while its step was in flight: dropped when that step ends
@@ -159,9 +160,9 @@ class Scheduler:
             seq.output.append(tok)
             p = seq.params
             if (tok in self.eos and not p.ignore_eos) or tok in seq.stop_ids:
-                seq.finish_reason = "stop"
+                seq.finish_reason = FinishReason.STOP
             elif len(seq.output) >= p.max_tokens or seq.length >= self.max_model_len:
-                seq.finish_reason = "length"
+                seq.finish_reason = FinishReason.LENGTH
             got.append(seq)
             if seq.finish_reason:
                 self.kv.release(seq.blocks)

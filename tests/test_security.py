@@ -213,7 +213,7 @@ def samples(llm) -> list[list]:
         (P.Ready("fuzz", "attention", 1),), (P.Heartbeat("fuzz"),), (P.Probe(1),), (P.Pong(1),),
         (P.Join("expert", 1, "tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),), (P.AddRequest("fz", [1, 2], SamplingParams()),),
         (P.AbortRequest(["req-0"]),), (P.Shutdown(),), (P.GetEvents(),), (P.Report("k", "fuzz", "d", 1.0),),
-        (P.WorkerFailed("ew0", "fuzz", "r", 1.0),), (P.ClusterState([], 1, True),), (P.Tokens(["req-0"], [1], [""], 0, 0, 0),),
+        (P.WorkerFailed("ew0", "fuzz", "r", 1.0),), (P.ClusterState([], 1, True),), (P.Tokens(["req-0"], [1], [None], 0, 0, 0),),
         (P.ExpertRequest(1, 0, [0, 1], [1, 2], P.tensor_meta(x)), x), (P.ExpertReply(1, P.tensor_meta(x)), x),
         (P.KVWrite(0, ["fz"], [0], [2], P.tensor_meta(k), P.tensor_meta(k), []), k, k), (P.RestoreRequest("req-0"),),
         (P.TableUpdate(table, {}, {}),), (P.Handover(["req-0"], "fuzz"),), (P.PromptLogits("fz", P.tensor_meta(x)), x),
