@@ -73,7 +73,7 @@ class AttentionWorker:
         self.drained = False
         self.stopping = False  # the orchestrator's Shutdown: the loop ends
 
-    def _socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    def _socket(self, ctx: Context, endpoint: str) -> zmq.Socket:
         return make_socket(ctx, zmq.DEALER, connect=endpoint, identity=self.spec.name, max_bytes=DATA_MAX_BYTES)
 
     def run(self) -> None:

@@ -16,6 +16,7 @@ that answered less then get the installed KV, so they hold the request in full a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import protocol as P
 from .kv_cache import KVCache
 from .scheduler import Scheduler, Sequence
-from .sockets import DATA_MAX_BYTES, make_socket, recv
+from .sockets import DATA_MAX_BYTES, Context, make_socket, recv
 from .vocabulary import EventKind
 
 WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
@@ -35,7 +36,7 @@ MAX_FINISHED = 4096  # finished requests remembered for a store that is not taki
 class StoreLink:
     """One checkpoint store as this worker writes to it."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, name: str, queue: int):
+    def __init__(self, ctx: Context, endpoint: str, name: str, queue: int):
         self.sock = make_socket(ctx, zmq.DEALER, connect=endpoint, identity=name, max_bytes=DATA_MAX_BYTES, monitor=WATCHED,
                                 send_queue=queue)
         self.events = self.sock.get_monitor_socket(WATCHED)
@@ -74,7 +75,8 @@ class Restore:
 
 
 class Checkpointer:
-    def __init__(self, ctx: zmq.Context, name: str, endpoints: list[str], queue: int, kv: KVCache, sched: Scheduler, report):
+    def __init__(self, ctx: Context, name: str, endpoints: list[str], queue: int, kv: KVCache, sched: Scheduler,
+                 report: Callable[[EventKind, str, float], None]):
         self.name, self.kv, self.sched, self.report = name, kv, sched, report
         self.links = [StoreLink(ctx, e, name, queue) for e in endpoints]
         self.restoring: dict[str, Restore] = {}

@@ -38,7 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import protocol as P
 from .model import MoECall
 from .routing_table import RoutingTable
-from .sockets import DATA_MAX_BYTES, Received, make_socket, recv
+from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv
 from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class ExpertFuture:
 
 
 class ForwardingEngine:
-    def __init__(self, name: str, table: RoutingTable, endpoints: dict[str, str], ctx: zmq.Context,
+    def __init__(self, name: str, table: RoutingTable, endpoints: dict[str, str], ctx: Context,
                  probe_endpoints: dict[str, str], report: Callable[[P.Msg], None], probe_interval_s: float = 0.01,
                  probe_timeout_s: float = 0.1, give_up_s: float = 300.0):
         self.name, self.ctx, self.report = name, ctx, report  # report: the worker's evidence, to the orchestrator
