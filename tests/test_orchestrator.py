@@ -185,3 +185,28 @@ def test_the_restart_policy_replaces_every_worker(orch):
         assert not events(o, EventKind.RESTART_READY)  # (it was logged at once, before anything started)
         say(o, name, P.Ready(name, o.workers[name].role, 0))
     assert len(events(o, EventKind.RESTART_READY)) == 1
+
+
+def test_a_drained_expert_worker_leaves_the_table_first_and_exits_when_told(orch):
+    o = orch
+    say(o, "ew0", P.Drain("ew0"))  # it got SIGTERM
+    ew0 = o.workers["ew0"]
+    assert ew0.state == WorkerState.DRAINING and owners(o) == ["ew1", "ew1", "ew1", "ew1"]  # its shadows serve at once
+    assert o.launcher.started[-1].name == "ew2" and o.workers["ew2"].slot == "ew0"
+    o.check_drain(ew0, ew0.stop_at)  # after its grace period, it is told to go
+    assert ("ew0", P.Shutdown()) in o.sent and ew0.proc.returncode is None
+    ew0.proc.returncode = 0  # it exits
+    o.check_drain(ew0, ew0.stop_at + 0.1)
+    assert ew0.state == WorkerState.STOPPED and not events(o, EventKind.WORKER_FAILED)
+    assert [e.worker for e in events(o, EventKind.WORKER_DRAINED)] == ["ew0"]
+
+
+def test_a_drained_attention_worker_is_asked_to_hand_its_requests_back_and_a_store_is_not_drained(orch):
+    o = orch
+    o.on_driver(P.Drain("aw1"))
+    assert ("aw1", P.Drain("aw1")) in o.sent and o.workers["aw1"].state == WorkerState.DRAINING
+    assert not o.workers["aw1"].stop_at  # until the driver has moved its requests
+    o.on_driver(P.Drained("aw1"))
+    assert o.workers["aw1"].stop_at
+    o.on_driver(P.Drain("store"))
+    assert o.workers["store"].state == WorkerState.READY and events(o, EventKind.DRAIN_REFUSED)
