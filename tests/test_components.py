@@ -1,5 +1,5 @@
 """Components in-process, without a cluster: the KV cache, the sampler, the routing table, shadow
-placement and the checkpoint store. Each test states a property the running system relies on."""
+placement, the checkpoint store, receiving and the worker entry point. Each test states a property the running system relies on."""
 
 from __future__ import annotations
 
@@ -182,3 +182,47 @@ def test_store_ties_each_checkpoint_to_its_owner_until_a_handover():
     m, k, _ = kv_write(1, [("a", 2, 1)])
     store.write("aw1", m, k, -k)
     assert store.restore("a")[0] == 3
+
+
+# ---- receiving, and the worker entry point ----------------------------------------------------
+
+
+def test_recv_checks_tensor_frames_and_the_receivers_own_rule(tmp_path):
+    """What every process receives goes through one helper: tensors are decoded against their
+    header, the receiver's check applied; whatever fails is dropped (None), counted, never raised."""
+    import zmq
+
+    from tarragon.sockets import Context, drops, make_socket, recv
+
+    ctx = Context(None)
+    a = make_socket(ctx, zmq.ROUTER, bind=f"ipc://{tmp_path}/a.sock")
+    b = make_socket(ctx, zmq.DEALER, connect=f"ipc://{tmp_path}/a.sock", identity="b")
+    x = torch.arange(6, dtype=torch.float32).view(2, 3)
+
+    def positive(got) -> None:
+        if got.msg.call_id < 0:
+            raise P.BadMessage("negative call id")
+
+    try:
+        before = drops.total
+        b.send_multipart(P.encode(P.ExpertReply(1, P.TensorMeta("float32", [3, 3])), x))  # frame too short for its header
+        b.send_multipart(P.encode(P.ExpertReply(-1, P.tensor_meta(x)), x))  # fails the receiver's rule
+        b.send_multipart(P.encode(P.Pong(3)))  # not accepted on this socket
+        b.send_multipart(P.encode(P.ExpertReply(2, P.tensor_meta(x)), x))
+        got = [recv(a, (P.ExpertReply,), "test", check=positive) for _ in range(4)]
+        assert got[:3] == [None, None, None] and drops.total == before + 3
+        assert got[3].sender == "b" and got[3].msg.call_id == 2 and torch.equal(got[3].tensors[0], x)
+    finally:
+        a.close(0), b.close(0)
+        ctx.term()
+
+
+def test_every_worker_role_has_a_main():
+    import inspect
+
+    from tarragon.vocabulary import Role
+    from tarragon.worker_main import ROLES, role_main
+
+    assert set(ROLES) == set(Role) - {Role.ORCHESTRATOR}
+    for role in ROLES:
+        assert list(inspect.signature(role_main(role)).parameters) == ["spec", "ctx", "orch"]
