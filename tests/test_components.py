@@ -1,5 +1,6 @@
 """Components in-process, without a cluster: the KV cache, the sampler, the routing table, shadow
-placement, the checkpoint store, receiving and the worker entry point. Each test states a property the running system relies on."""
+placement, the checkpoint store, receiving and the worker entry point. Each test states a
+property the running system relies on."""
 
 from __future__ import annotations
 
