@@ -34,7 +34,7 @@ from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
-FROM_ORCHESTRATOR = (P.Shutdown, P.Handover)
+FROM_ORCHESTRATOR = (P.Shutdown, P.Handover, P.Fence)
 COMPACT_AFTER = 64  # segments per request before they are joined into one tensor
 
 
@@ -63,6 +63,7 @@ class CheckpointStore:
         self.gaps = 0  # writes an attention worker dropped under back-pressure
         self.foreign = 0  # writes to, or drops of, a request another worker owns: refused
         self.parked: list[tuple[bytes, str, float]] = []  # (requester's identity, req_id, since): awaiting a handover
+        self.fenced: set[str] = set()  # attention workers declared failed: they write, drop and restore nothing
 
     def write(self, owner: str, msg: P.KVWrite, k: torch.Tensor, v: torch.Tensor) -> None:
         last = self.last_seq.get(owner)
@@ -159,7 +160,9 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
             got = recv(orch.sock, FROM_ORCHESTRATOR, spec.name)
             if got is not None and isinstance(got.msg, P.Shutdown):
                 return
-            if got is not None:
+            if got is not None and isinstance(got.msg, P.Fence):
+                store.fenced = set(got.msg.workers)
+            elif got is not None:
                 store.hand_over(got.msg)
         for _ in range(1000 if sock in events else 0):  # every write already here goes in before any restore is answered
             if not sock.poll(0):
@@ -188,7 +191,11 @@ def check_write(got: Received) -> None:
 
 def serve(store: CheckpointStore, got: Received) -> None:
     """A write goes in at once; a restore is answered once the writes that arrived with it are in
-    (`due_restores`)."""
+    (`due_restores`). A fenced worker's messages are dropped: cut off and declared failed, it may
+    still reach this store, and its requests are someone else's now."""
+    if got.sender in store.fenced:
+        store.foreign += 1
+        return
     if isinstance(got.msg, P.RestoreRequest):
         if len(store.parked) < 4096:
             store.parked.append((got.identity, got.msg.req_id, time.monotonic()))

@@ -8,6 +8,7 @@ answers every request.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .weights import WeightFiles, torch_dtype
 from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 
 MAX_DRAIN = 256  # requests batched per pass at most
+log = logging.getLogger(__name__)
 
 
 def serve_batch(bank: ExpertBank, requests: list[tuple[bytes, P.ExpertRequest, torch.Tensor]]):
@@ -89,6 +91,14 @@ def receive(sock: zmq.Socket, check: Callable[[Received], None], name: str) -> l
     return requests
 
 
+def unfenced(requests: list[tuple[bytes, P.ExpertRequest, torch.Tensor]], fenced: set[bytes], refused: set[bytes]) -> list:
+    """The requests not sent by a fenced attention worker (it computes nothing more here)."""
+    for ident in {r[0] for r in requests if r[0] in fenced} - refused:
+        refused.add(ident)
+        log.warning("dropping calls from %s: fenced (declared failed)", ident.decode(errors="replace"))
+    return [r for r in requests if r[0] not in fenced]
+
+
 def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     """The main loop: drain requests, batch, compute (replays first), reply; obey the orchestrator."""
     cfg = ModelConfig.from_dir(spec.model_dir)
@@ -103,11 +113,16 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     poller.register(sock, zmq.POLLIN)
     poller.register(orch.sock, zmq.POLLIN)
     check = partial(check_request, bank, cfg.hidden_size)
+    fenced: set[bytes] = set()  # attention workers declared failed: a partitioned one may still ask
+    refused: set[bytes] = set()  # ... and asked: logged once each
     while True:
         events = dict(poller.poll())
-        if orch.sock in events and recv(orch.sock, (P.Shutdown,), spec.name) is not None:
+        got = recv(orch.sock, (P.Shutdown, P.Fence), spec.name) if orch.sock in events else None
+        if got is not None and isinstance(got.msg, P.Shutdown):
             return
-        requests = receive(sock, check, spec.name) if sock in events else []
+        if got is not None:
+            fenced = {w.encode() for w in got.msg.workers}
+        requests = unfenced(receive(sock, check, spec.name), fenced, refused) if sock in events else []
         replays = [r for r in requests if r[1].replay]
         for batch in (replays, [r for r in requests if not r[1].replay]):
             if batch:

@@ -680,7 +680,7 @@ class LLM:
         self.failures["orchestrator"] = self.failures.get("orchestrator", 0) + 1
         st = self._state
         spec = msgspec.structs.replace(self._cluster, adopt=list(st.workers), table_version=st.table_version, epoch=st.epoch,
-                                       next_index=dict(st.next_index), replaced=why)
+                                       next_index=dict(st.next_index), fenced=list(st.fenced), replaced=why)
         self._orch = _spawn(self._launcher.start, "tarragon.orchestrator", "orchestrator", spec)
         self._orch_started = self._orch_seen = time.monotonic()
         self._orch_heard = False

@@ -39,6 +39,7 @@ from .worker import WorkerSpec, die_with_parent
 
 log = logging.getLogger("tarragon.orchestrator")
 
+FENCED_KEPT = 1024  # names of fenced attention workers remembered (and told to expert workers and stores)
 FAILED_RETENTION_S = 10.0  # a failed worker stays in the registry (and ClusterState) this long, then goes
 
 
@@ -73,6 +74,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     table_version: int = 0
     epoch: int = 0
     next_index: dict[Role, int] = {}
+    fenced: list[str] = []
     replaced: str = ""  # why the predecessor was replaced
 
 
@@ -136,6 +138,7 @@ class Orchestrator:
         # A worker whose heartbeats come late (its process runs in fits: a slow AW) while its peers' do not.
         self.gray = GrayDetector("heartbeats late by", GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S)
         self.told_to_stop: dict[str, float] = {}  # worker -> the last Shutdown sent to it unasked
+        self.fenced: collections.deque[str] = collections.deque(maxlen=FENCED_KEPT)  # attention workers declared failed
         self.suspicions: dict[str, tuple[float, dict[str, P.WorkerFailed]]] = {}  # EW -> (first report, reports by AW)
         self.silent_gap: dict[str, float] = {}  # suspect EW -> its longest gap between two messages here since the report
 
@@ -248,7 +251,7 @@ class Orchestrator:
         self.ready_announced |= initial_ready
         self.published = time.monotonic()
         state = P.ClusterState(records, self.version, self.ready_announced, self.epoch, len(self.table().unavailable()),
-                               dict(self.next_index))
+                               dict(self.next_index), list(self.fenced))
         try:
             self.driver.send_multipart(P.encode(state), zmq.NOBLOCK)
         except zmq.Again:  # the driver is not reading: it will have the next one
@@ -267,6 +270,9 @@ class Orchestrator:
         if w.proc.poll() is None:  # fence it: a hung worker must never come back
             w.proc.kill()
         self.event(EventKind.WORKER_FAILED, name, f"{w.role}: {reason}" + (f" (reported by {reporter})" if reporter else ""), detect_ms)
+        if w.role == Role.ATTENTION:
+            self.fenced.append(name)
+            self.send_fence()
         if self.spec.recovery == RecoveryPolicy.RESTART:
             return self.restart_all(t0)
         if w.role == Role.EXPERT and self.current.get(w.slot) == w.name:  # only its holder clears a slot
@@ -354,6 +360,16 @@ class Orchestrator:
             self.start_attention(f"aw{i}{suffix}", f"aw{i}{suffix}")
         self.publish()
 
+    def send_fence(self, only: str = "") -> None:
+        """Tell the expert workers and stores (or `only` that one, just up) which attention
+        workers are fenced: a partitioned one may still reach them, and must compute nothing more
+        and touch no checkpoint."""
+        if not self.fenced:
+            return
+        for w in self.workers.values():
+            if w.role in (Role.EXPERT, Role.STORE) and w.state in (WorkerState.STARTING, WorkerState.READY) and only in ("", w.name):
+                self.send(w.name, P.Fence(list(self.fenced)))
+
     def on_ready(self, w: Worker, msg: P.Ready) -> None:
         if w.state in (*OUT_OF_SERVICE, WorkerState.DRAINING):  # sent before it was fenced (or drained): it must not come back
             return
@@ -361,6 +377,8 @@ class Orchestrator:
         w.state, w.info = WorkerState.READY, dict(msg.info)
         if not first:  # a periodic update (the store's byte accounting)
             return self.publish()
+        if w.role in (Role.EXPERT, Role.STORE):
+            self.send_fence(only=w.name)
         if w.replacement:
             self.event(EventKind.REPLACEMENT_READY, w.name, f"in place of {w.slot}", (time.monotonic() - w.started) * 1000)
         if w.replacement and w.role == Role.EXPERT:
@@ -456,6 +474,7 @@ class Orchestrator:
         # Newer than any table the predecessor may have pushed but not yet published.
         self.version, self.epoch, self.ready_announced = s.table_version + 8, s.epoch, True
         self.next_index.update(s.next_index)
+        self.fenced.extend(s.fenced)  # told to each expert worker and store as it re-registers
         for r in s.adopt:
             if r.state in OUT_OF_SERVICE:
                 continue

@@ -166,6 +166,7 @@ class ClusterState(Msg):
     epoch: int = 0  # bumped by a full restart: every in-flight request must be rerun
     unavailable_experts: int = 0  # (layer, expert) pairs with no live copy right now
     next_index: dict[Role, int] = {}  # by role: the number the next new worker's name takes (for a successor)
+    fenced: list[str] = []  # attention workers declared failed (a successor keeps them fenced)
 
 
 class Handover(Msg):
@@ -174,6 +175,14 @@ class Handover(Msg):
 
     req_ids: list[str]
     owner: str
+
+
+class Fence(Msg):
+    """Orchestrator -> expert workers and checkpoint stores: these attention workers were declared
+    failed; drop whatever they send from now on. A worker's name is never reused, so it names one
+    incarnation: one cut off and fenced is stale once its link heals, whatever it still believes."""
+
+    workers: list[str]
 
 
 class GetEvents(Msg):
@@ -290,7 +299,7 @@ class RestoreData(Msg):
 Message = Union[
     Ready, AddRequest, AbortRequest, Shutdown, Heartbeat, Probe, Pong, ClusterState, GetEvents, EventLog,
     WorkerFailed, TableUpdate, Tokens, PromptLogits, ExpertRequest, ExpertReply, ResumeRequest, Report, RestartAll,
-    KVWrite, RestoreRequest, RestoreData, Join, Assign, Handover, Drain, Drained,
+    KVWrite, RestoreRequest, RestoreData, Join, Assign, Handover, Fence, Drain, Drained,
 ]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -185,6 +185,25 @@ def test_store_ties_each_checkpoint_to_its_owner_until_a_handover():
     assert store.restore("a")[0] == 3
 
 
+def test_a_fenced_attention_worker_touches_no_checkpoint():
+    """Declared failed but still reaching the store (a partition): its writes, drops and restores
+    are dropped, even for requests it still owns here (the handover may come later)."""
+    from tarragon.checkpoint_store import serve
+    from tarragon.sockets import Received
+
+    store = CheckpointStore(1 << 20)
+    m, k, _ = kv_write(0, [("a", 0, 2)])
+    serve(store, Received("aw0", m, [], tensors=[k, -k]))
+    store.fenced = {"aw0"}
+    m, k, _ = kv_write(1, [("a", 2, 1)], finished=["a"])
+    serve(store, Received("aw0", m, [], tensors=[k, -k]))
+    serve(store, Received("aw0", P.RestoreRequest("a"), [], b"aw0"))
+    assert store.restore("a")[0] == 2 and not store.parked  # neither extended nor dropped; no restore parked
+    store.hand_over(P.Handover(["a"], "aw1"))
+    serve(store, Received("aw1", P.RestoreRequest("a"), [], b"aw1"))
+    assert store.parked and store.may_restore("aw1", "a")
+
+
 # ---- receiving, and the worker entry point ----------------------------------------------------
 
 

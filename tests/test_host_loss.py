@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import netns
-from failover import LOAD_PARAMS, LOAD_PROMPTS, wait_replaced, wait_until
+from failover import LOAD_PARAMS, LOAD_PROMPTS, LONG, wait_replaced, wait_until
 from tarragon import LLM
 from tarragon.sockets import ClusterKey
 
@@ -177,18 +177,20 @@ def test_an_attention_worker_cut_off_from_the_experts_is_fenced_not_them(cluster
 def test_an_attention_worker_cut_off_from_the_driver_is_fenced_and_stays_so(cluster):
     """The reverse partition: one attention worker loses the driver and the orchestrator (one host)
     but still reaches the experts (and the store, if one is up). Its requests move to the other
-    attention worker (recomputed, or restored where the store still has their KV: the isolated one
-    may have finished some meanwhile and dropped their checkpoints), the experts keep serving, and when the link heals it is told
-    to shut down: no token is delivered twice."""
+    attention worker; the experts, told it is fenced, drop its calls, so it computes nothing more
+    (a long request it holds shows it); when the link heals it is told to shut down: no token is
+    delivered twice."""
     hosts, llm, baseline = cluster
     hosts.start("attention")
     wait_until(lambda: sum(w.role == "attention" and w.state == "ready" for w in llm.workers()) >= 2, 60,
                "two attention workers (a spare may still be joining)")
     moved = sum(llm.reassigned.values())
+    long = llm.submit(PROMPTS[0], LONG)  # still decoding on the isolated worker when it is fenced
     reqs = [llm.submit(p, PARAMS) for p in PROMPTS]
     wait_until(lambda: min(len(r.tokens) for r in reqs) >= 40, 60, "tokens before the partition")
-    name = reqs[0].worker
+    name = long.worker
     host = hosts.host_of(name)
+    experts = [hosts.host_of(w.name) for w in llm.workers() if w.role == "expert" and w.state == "ready"]
     proc = next(p for p in hosts.net.procs if p.args[3] == hosts.net.ns(host))
     t0 = time.monotonic()
     hosts.net.partition(host, "driver")
@@ -198,7 +200,10 @@ def test_an_attention_worker_cut_off_from_the_driver_is_fenced_and_stays_so(clus
     RESULTS["attention cut off from the driver"] = {"worker": name, "detected_s": round(failed[0].t - t0, 3) if failed else None,
                                                      "how": failed[0].detail if failed else "", "stall_s": round(gap, 3)}
     print(RESULTS["attention cut off from the driver"])
+    refused = f"dropping calls from {name}: fenced"
+    wait_until(lambda: all(refused in hosts.logs[h].read_text() for h in experts), 10, "the experts refusing the fenced worker")
     hosts.net.heal(host)
+    llm.abort(long)
     assert [o.token_ids for o in outs] == baseline  # a token delivered twice would show here
     assert [e.worker for e in failed] == [name], failed  # the experts and the store were not fenced
     assert sum(llm.reassigned.values()) > moved

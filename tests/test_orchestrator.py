@@ -6,6 +6,7 @@ and SIGSTOPped: test_expert_failover, test_attention_failover, test_gray, test_h
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -137,6 +138,14 @@ def test_a_partition_fences_the_attention_worker_cut_off(orch):
     assert "cut off from ew0, which is alive" in events(o, EventKind.WORKER_FAILED)[0].detail
     new = o.launcher.started[-1]
     assert new.role == Role.ATTENTION and o.workers[new.name].slot == "aw0"
+    # Cut off from the experts, it may still reach the store (and, partitioned the other way, the
+    # experts): both are told to drop whatever it sends; an expert worker that comes up later too.
+    assert {name for name, m in o.sent if m == P.Fence(["aw0"])} == {"ew0", "ew1", "store"}
+    o.sent.clear()
+    o.workers["ew1"].state = WorkerState.STARTING  # as if it were just starting: its first Ready
+    say(o, "ew1", P.Ready("ew1", Role.EXPERT, 0))
+    assert o.sent == [("ew1", P.Fence(["aw0"]))]
+    assert o.spec.fenced == [] and o.fenced == collections.deque(["aw0"])  # published, for a successor
 
 
 def test_an_expert_worker_every_attention_worker_lost_is_failed_though_it_beats(orch):
