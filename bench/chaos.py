@@ -220,7 +220,7 @@ def run(args) -> dict:
     prompts = [torch.randint(3, 500, (int(n),), generator=g).tolist() for n in torch.randint(4, 40, (16,), generator=g)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm = LLM(model, attention_workers=2, expert_workers=2, shadows=1, max_model_len=512, stall_timeout_s=args.request_timeout)
-    shape = {"attention": 2, "expert": 2, "store": max(1, getattr(llm.config, "stores", 1)), "orchestrator": 1}
+    shape = {"attention": 2, "expert": 2, "store": max(1, llm.config.resilience.stores), "orchestrator": 1}
     faults: list[Fault] = []
     try:
         t0 = time.monotonic()

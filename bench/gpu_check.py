@@ -88,8 +88,8 @@ def main() -> None:
         report["model_build_s"] = time.monotonic() - t0
         with LLM(model, attention_workers=2, expert_workers=3, device=args.device, kv_cache_bytes=4 << 30 if dev.type == "cuda" else 1 << 28) as llm:
             params = sum(p.stat().st_size for p in Path(model).glob("*.safetensors")) // 4
-            report.update(params=params, dtype=llm.config.dtype, workers="2 AW x 3 EW")
-            print(f"model: {args.size}, {params / 1e9:.2f}B parameters, {llm.config.dtype} [built in {report['model_build_s']:.0f} s]", flush=True)
+            report.update(params=params, dtype=llm.config.model.dtype, workers="2 AW x 3 EW")
+            print(f"model: {args.size}, {params / 1e9:.2f}B parameters, {llm.config.model.dtype} [built in {report['model_build_s']:.0f} s]", flush=True)
             report["throughput_tok_s"] = throughput(llm, args.tokens)
             print(f"throughput: {report['throughput_tok_s']}", flush=True)
             report["expert_failover"] = failover(llm, "expert", args.tokens)

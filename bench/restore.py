@@ -52,7 +52,7 @@ def resume_gap(llm: LLM, context: int, seed: int, store_first: bool = False) -> 
 def wait_attention(llm: LLM, n: int, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while sum(w.role == Role.ATTENTION and w.state == WorkerState.READY for w in llm.workers()) < n or any(w.state == WorkerState.STARTING for w in llm.workers()) \
-            or sum(w.role == Role.STORE and w.state == WorkerState.READY for w in llm.workers()) < llm.config.stores:
+            or sum(w.role == Role.STORE and w.state == WorkerState.READY for w in llm.workers()) < llm.config.resilience.stores:
         if time.monotonic() > deadline:
             raise TimeoutError("the attention worker was not replaced")
         time.sleep(0.05)

@@ -54,16 +54,17 @@ class AttentionWorker:
         dtype = torch_dtype(spec.dtype)
         with WeightFiles(spec.model_dir) as files:
             model = AttentionModel(cfg, files, dtype, spec.device)
-        e = self.engine_cfg = spec.engine
-        self.kv = KVCache(cfg, e.kv_cache_blocks, e.block_size, dtype, spec.device)
-        self.sched = Scheduler(self.kv, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len, cfg.eos_token_ids, e.micro_batches)
+        cache, sched, self.resilience = spec.config.cache, spec.config.scheduler, spec.config.resilience
+        self.kv = KVCache(cfg, cache.kv_cache_blocks, cache.block_size, dtype, spec.device)
+        self.sched = Scheduler(self.kv, sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_model_len, cfg.eos_token_ids,
+                               sched.micro_batches)
         self.engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, spec.probe_endpoints_of_experts,
                                        orch.send, spec.probe_interval_s, spec.probe_timeout_s)
         self.engine.wake_on(orch.sock, self.on_control)
         self.runner = ModelRunner(model, self.kv, self.engine)
         self.flights: dict[int, Flight] = {}  # micro-batch group -> its step in the air
         self.driver = self._socket(ctx, spec.driver_endpoint)
-        self.ckpt = Checkpointer(ctx, spec.name, spec.store_endpoints, e.checkpoint_queue, self.kv, self.sched, self.report) \
+        self.ckpt = Checkpointer(ctx, spec.name, spec.store_endpoints, self.resilience.checkpoint_queue, self.kv, self.sched, self.report) \
             if spec.store_endpoints else None
         self.poller = zmq.Poller()
         for s in (self.driver, orch.sock, *(self.ckpt.sockets() if self.ckpt else [])):
@@ -182,7 +183,7 @@ class AttentionWorker:
         """Install restored KV (the longest prefix the stores have); none: recompute."""
         if self.ckpt is None:
             return
-        for r in self.ckpt.receive(self.engine_cfg.restore_timeout_s):
+        for r in self.ckpt.receive(self.resilience.restore_timeout_s):
             if r.best is None:
                 self.sched.add(r.seq, front=True)
                 self.report(EventKind.RESTORED, f"{r.seq.req_id}: 0 of {r.seq.length} tokens from the store", (time.monotonic() - r.t0) * 1000,

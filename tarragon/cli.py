@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from .config import SUPPORTED_FAMILIES
+from .config import DTYPES, SUPPORTED_FAMILIES
 from .faults import kill_under_load
-from .vocabulary import EventKind, Role
+from .vocabulary import EventKind, RecoveryPolicy, Role
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -16,14 +16,15 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                                     "Hugging Face cache (default: a random-weight demo model)")
     p.add_argument("--attention-workers", type=int, default=2, help="attention worker processes (they hold the KV cache)")
     p.add_argument("--expert-workers", type=int, default=2, help="expert worker processes (they hold the experts)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cpu", help="cpu or cuda (each GPU worker gets a GPU of its own while they last)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context limit in tokens (prompt + output)")
     p.add_argument("--log-dir", default=None, help="keep every worker's log here after shutdown (default: deleted with the run)")
     p.add_argument("--shadows", type=int, default=1, help="inactive copies of each expert on other expert workers")
-    p.add_argument("--recovery", default="tarragon", choices=["tarragon", "recompute", "restart"],
-                   help="what an attention worker's failure costs: restore KV, re-prefill, or restart everything")
+    p.add_argument("--recovery", default="tarragon", choices=list(RecoveryPolicy),
+                   help="what an attention worker's failure costs: restore KV, re-prefill (at once, or token by token: replay), "
+                        "or restart everything")
     p.add_argument("--no-checkpoint", action="store_true", help="no KV checkpointing (an attention worker's failure re-prefills)")
     p.add_argument("--stores", type=int, default=None,
                    help="KV checkpoint stores, each holding every checkpoint (default: 2 local, 1 with ray or manual)")
@@ -67,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "the point is how it is served")
     with start_llm(args) as llm:
         print(f"cluster: {args.attention_workers} attention workers, {args.expert_workers} expert workers, "
-              f"{llm.shadows} shadow cop{'y' if llm.shadows == 1 else 'ies'} of each expert, {llm.config.stores} KV checkpoint store{'s' if llm.config.stores > 1 else ''}, an orchestrator")
+              f"{llm.shadows} shadow cop{'y' if llm.shadows == 1 else 'ies'} of each expert, {llm.config.resilience.stores} KV checkpoint store{'s' if llm.config.resilience.stores > 1 else ''}, an orchestrator")
         t0 = time.monotonic()
         outs = llm.generate(prompts, params)
         elapsed = time.monotonic() - t0

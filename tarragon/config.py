@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .vocabulary import RecoveryPolicy
+
+# The one registry of each: the CLI's choices, the checks and the demo models read these.
+DTYPES = ("float32", "bfloat16", "float16")  # weights and activations ("auto" resolves to one of them)
 SUPPORTED_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "gpt_oss")
 # Families routed by sigmoid scores, a selection-only correction bias and group-limited top-k.
 SIGMOID_GROUP_FAMILIES = ("glm4_moe", "deepseek_v3")
@@ -137,17 +141,7 @@ class ModelConfig:
         hidden = c["hidden_size"]
         layers = c["num_hidden_layers"]
         num_experts = c.get("num_experts", c.get("num_local_experts", c.get("n_routed_experts")))
-        if family in SIGMOID_GROUP_FAMILIES:
-            sparse = tuple(range(c.get("first_k_dense_replace", 0), layers))
-            expert_inter = c["moe_intermediate_size"]
-        elif family in ("qwen3_moe", "qwen2_moe"):
-            step = c.get("decoder_sparse_step", 1)
-            dense_only = set(c.get("mlp_only_layers") or [])
-            sparse = tuple(i for i in range(layers) if i not in dense_only and num_experts > 0 and (i + 1) % step == 0)
-            expert_inter = c["moe_intermediate_size"]
-        else:
-            sparse = tuple(range(layers))
-            expert_inter = c["intermediate_size"]
+        sparse, expert_inter = cls._sparse_layout(family, c, layers, num_experts)
         eos = c.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         window = c.get("sliding_window") if c.get("use_sliding_window", family == "mixtral") else None
@@ -170,18 +164,37 @@ class ModelConfig:
             dense_intermediate_size=c.get("intermediate_size", expert_inter),
             shared_expert_intermediate_size=cls._shared_size(family, c, expert_inter),
             sparse_layers=sparse,
-            qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "head" if c.get("use_qk_norm") else "none"),
-            qkv_bias=bool(c.get("qkv_bias", True)) if family == "qwen2_moe" else bool(c.get("attention_bias", False)),
-            o_bias=family in ("qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss") and bool(c.get("attention_bias", False)),
-            clip_qkv=c.get("clip_qkv") if family == "olmoe" else None,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
             bos_token_id=c.get("bos_token_id"),
             sliding_window=window or None,
+            **cls._attention(family, c),
             **cls._routing(family, c),
             **cls._rope(family, c, rope, rope_type),
             **cls._mla(c),
             **cls._gpt_oss(family, c, layers),
+        )
+
+    @staticmethod
+    def _sparse_layout(family: str, c: dict, layers: int, num_experts: int) -> tuple[tuple[int, ...], int]:
+        """Which layers are MoE, and the width of one expert's FFN."""
+        if family in SIGMOID_GROUP_FAMILIES:
+            return tuple(range(c.get("first_k_dense_replace", 0), layers)), c["moe_intermediate_size"]
+        if family in ("qwen3_moe", "qwen2_moe"):
+            step = c.get("decoder_sparse_step", 1)
+            dense_only = set(c.get("mlp_only_layers") or [])
+            sparse = tuple(i for i in range(layers) if i not in dense_only and num_experts > 0 and (i + 1) % step == 0)
+            return sparse, c["moe_intermediate_size"]
+        return tuple(range(layers)), c["intermediate_size"]
+
+    @staticmethod
+    def _attention(family: str, c: dict) -> dict:
+        """Per-family attention details: q/k norms, biases, clipping."""
+        return dict(
+            qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "head" if c.get("use_qk_norm") else "none"),
+            qkv_bias=bool(c.get("qkv_bias", True)) if family == "qwen2_moe" else bool(c.get("attention_bias", False)),
+            o_bias=family in ("qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss") and bool(c.get("attention_bias", False)),
+            clip_qkv=c.get("clip_qkv") if family == "olmoe" else None,
         )
 
     @staticmethod
@@ -227,26 +240,84 @@ class ModelConfig:
                     qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"])
 
 
-@dataclass
-class EngineConfig:
-    """Settings of one serving cluster (what `LLM(...)` and the CLI flags set)."""
+# ---- the serving configuration: one tree, resolved once by the driver (engine_args.py) ----------
+# It travels to the orchestrator inside its ClusterSpec and to each worker inside its WorkerSpec,
+# which reads its settings from it (no copies to keep in step).
 
-    model_dir: str
-    attention_workers: int = 2
-    expert_workers: int = 3
+
+@dataclass
+class ModelSource:
+    """Which checkpoint, loaded how."""
+
+    path: str  # a local folder (a Hub id is resolved to one before)
+    dtype: str = "float32"  # resolved: "auto" becomes bfloat16 on CUDA, float32 elsewhere
     device: str = "cpu"
-    dtype: str = "float32"
-    max_model_len: int = 2048
+
+
+@dataclass
+class CacheConfig:
+    """The attention workers' paged KV cache."""
+
+    block_size: int = 16
+    kv_cache_blocks: int = 0  # KV pool size per AW, in blocks (resolved from LLM(kv_cache_bytes=) when not given)
+
+
+@dataclass
+class SchedulerConfig:
+    """What one attention worker batches."""
+
+    max_model_len: int = 2048  # resolved: also bounded by the model's positions, its window and the KV pool
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_blocks: int | None = None  # KV pool size per AW, in blocks ...
-    kv_cache_bytes: int = 256 << 20  # ... or in bytes when blocks are not given
     micro_batches: int = 2  # ping-pong halves of a decode step (overlap attention with experts)
-    threads_per_worker: int = 1
-    checkpoint: bool = True  # stream KV to the checkpoint store (needed by recovery="tarragon")
+
+
+@dataclass
+class ResilienceConfig:
+    """What failures cost: copies kept, checkpoints written, how failures are detected and undone."""
+
+    recovery: RecoveryPolicy = RecoveryPolicy.TARRAGON
+    shadows: int = 1  # inactive copies of each expert on other expert workers (at most expert_workers - 1)
+    shadow_budget_bytes: int | None = None
+    replace_failed: bool = True
+    checkpoint: bool = True  # stream KV to the checkpoint stores (needed by recovery="tarragon")
     stores: int = 2  # checkpoint stores, each holding every checkpoint: one may die and restores still find the KV
     store_max_bytes: int = 1 << 30  # per store
     checkpoint_queue: int = 1024  # KV writes in flight per attention worker before writes are dropped
     restore_timeout_s: float = 1.0  # then a restoring request falls back to recompute
-    extra: dict = field(default_factory=dict)
+    heartbeat_s: float = 0.05
+    heartbeat_timeout_s: float = 1.0  # a floor: it grows with the latency the cluster shows (timeouts.py)
+    probe_interval_s: float = 0.01
+    probe_timeout_s: float = 0.1  # a floor, as heartbeat_timeout_s
+    stall_timeout_s: float = 60.0  # requests end with an error after this long without a token
+    progress_timeout_s: float = 10.0  # health() fails after this long without a token while requests wait
+    orchestrator_timeout_s: float = 3.0  # a silent orchestrator is replaced (local) or reported unhealthy
+
+
+@dataclass
+class ClusterConfig:
+    """The processes and where they run."""
+
+    attention_workers: int = 2
+    expert_workers: int = 2
+    threads_per_worker: int = 1
+    placement: str = "pack"  # resolved: "auto" becomes spread when every process can have a core, else pack
+    launcher: str = "local"  # "local" | "ray" | "manual" (workers join by hand)
+    ray_address: str = ""
+    join_address: str = ""
+    nodes: dict[str, str] = field(default_factory=dict)  # planned worker -> its node
+    key_file: str = ""  # resolved: the file the cluster's CURVE key is read from ("" with insecure_transport)
+    insecure_transport: bool = False
+    startup_timeout: float = 120.0
+    log_dir: str = ""  # where the workers' logs are kept at shutdown ("": deleted with the run)
+
+
+@dataclass
+class TarragonConfig:
+    """Everything `LLM(...)` and the CLI flags set, resolved once."""
+
+    model: ModelSource
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

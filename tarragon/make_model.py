@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe", "deepseek_v3", "gpt_oss")
+from .config import SUPPORTED_FAMILIES
+
+FAMILIES = SUPPORTED_FAMILIES  # a demo checkpoint of every family served
 SIZES = {
     # tiny: fast tests; bench: the performance reference point (Mixtral layout).
     "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -29,7 +29,7 @@ import msgspec
 import zmq
 
 from . import protocol as P
-from .config import EngineConfig
+from .config import TarragonConfig
 from .launcher import AdoptedProcess, Launcher, LocalLauncher, ManualLauncher, WorkerHandle
 from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
@@ -44,30 +44,15 @@ FAILED_RETENTION_S = 10.0  # a failed worker stays in the registry (and ClusterS
 
 
 class ClusterSpec(msgspec.Struct, kw_only=True):
-    model_dir: str
-    dtype: str
-    device: str
-    engine: EngineConfig
+    """What the orchestrator is started with: the cluster's configuration and the driver's side."""
+
+    config: TarragonConfig
     plan: RoutingTable  # version 0: expert placement over the planned expert workers
-    attention_workers: int
     run_dir: str
     driver_endpoint: str
     parent_pid: int
-    threads: int = 1
-    heartbeat_s: float = 0.05
-    heartbeat_timeout_s: float = 1.0
-    probe_interval_s: float = 0.01
-    probe_timeout_s: float = 0.1
-    replace_failed: bool = True
-    recovery: RecoveryPolicy = RecoveryPolicy.TARRAGON
-    launcher: str = "local"  # "local" | "ray" | "manual" (workers join by hand)
     host: str = ""  # ray, manual: the address the orchestrator binds (tcp)
-    ray_address: str = ""  # ray: the cluster's GCS address
-    join_address: str = ""  # manual: where workers join (tcp://HOST:PORT)
-    nodes: dict[str, str] = {}  # planned worker -> its node (ray: a resource only that node has)
     gpus: list[str] = []  # local launcher, device "cuda": the GPUs (CUDA_VISIBLE_DEVICES ids) workers take in turn
-    key_file: str = ""  # the cluster's CURVE key (0600 file written by the driver)
-    insecure_transport: bool = False  # no CURVE (isolated networks only, asked for explicitly)
     publish_s: float = 0.2  # ClusterState to the driver at least this often: the orchestrator's heartbeat
     # A successor's inheritance (from the driver's last ClusterState): the workers to adopt, etc.
     adopt: list[P.WorkerRecord] = []
@@ -109,10 +94,10 @@ class Worker:
 
 class Orchestrator:
     def __init__(self, spec: ClusterSpec, launcher: Launcher | None = None):
-        """`launcher`: how workers are started (None: the one `spec.launcher` names; tests give
+        """`launcher`: how workers are started (None: the one `spec.config.cluster.launcher` names; tests give
         one that starts nothing). The orchestrator binds where it says "orchestrator" is."""
         self.spec = spec
-        self.key = None if spec.insecure_transport else ClusterKey.load(spec.key_file)
+        self.key = None if spec.config.cluster.insecure_transport else ClusterKey.load(spec.config.cluster.key_file)
         self.ctx = Context(self.key)
         self.launcher, address = (launcher, launcher.endpoint("orchestrator")) if launcher else self.make_launcher()
         self.sock = make_socket(self.ctx, zmq.ROUTER, bind=address)
@@ -126,14 +111,14 @@ class Orchestrator:
         self.version = 0
         self.events: collections.deque[P.Event] = collections.deque(maxlen=2000)
         self.ready_announced = False
-        self.next_index = {Role.EXPERT: len(ew_slots), Role.ATTENTION: spec.attention_workers,
-                           Role.STORE: max(1, spec.engine.stores)}
+        self.next_index = {Role.EXPERT: len(ew_slots), Role.ATTENTION: spec.config.cluster.attention_workers,
+                           Role.STORE: max(1, spec.config.resilience.stores)}
         self.epoch = 0
         self.restart_t0 = 0.0
         self.waiting: dict[str, tuple[str, bool]] = {}  # attention workers waiting for peers' addresses
         self.published = 0.0
         # Adapts to the heartbeat gaps seen from every worker: a busy machine fails nobody.
-        self.heartbeat_timeout = AdaptiveTimeout(spec.heartbeat_timeout_s, HEARTBEAT_CAP_S)
+        self.heartbeat_timeout = AdaptiveTimeout(spec.config.resilience.heartbeat_timeout_s, HEARTBEAT_CAP_S)
         self.last_loop = time.monotonic()
         # A worker whose heartbeats come late (its process runs in fits: a slow AW) while its peers' do not.
         self.gray = GrayDetector("heartbeats late by", GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S)
@@ -146,28 +131,26 @@ class Orchestrator:
 
     def make_launcher(self) -> tuple[Launcher, str]:
         """The launcher, and where the orchestrator binds so that its workers can reach it."""
-        s = self.spec
-        if s.launcher == "local":
+        s, c = self.spec, self.spec.config.cluster
+        if c.launcher == "local":
             local = LocalLauncher(s.run_dir, s.gpus)
             return local, local.endpoint("orchestrator")
-        if s.launcher == "manual":
-            return ManualLauncher(self.send), s.join_address
+        if c.launcher == "manual":
+            return ManualLauncher(self.send), c.join_address
         import ray
 
         from .ray_launcher import RayLauncher
 
-        ray.init(address=s.ray_address, namespace=Path(s.run_dir).name, logging_level="WARNING")
+        ray.init(address=c.ray_address, namespace=Path(s.run_dir).name, logging_level="WARNING")
         return RayLauncher(s.host, Path(s.run_dir).name, self.key), f"tcp://{s.host}:*"
 
     def common(self, name: str) -> dict:
         s = self.spec
-        return dict(name=name, model_dir=s.model_dir, dtype=s.dtype, device=s.device, orch_endpoint=self.endpoint,
-                    parent_pid=os.getpid(), driver_pid=s.parent_pid if s.launcher == "local" else 0, threads=s.threads,
-                    key_file=s.key_file, insecure_transport=s.insecure_transport,
-                    heartbeat_s=s.heartbeat_s, probe_interval_s=s.probe_interval_s, probe_timeout_s=s.probe_timeout_s)
+        return dict(name=name, config=s.config, orch_endpoint=self.endpoint, parent_pid=os.getpid(),
+                    driver_pid=s.parent_pid if s.config.cluster.launcher == "local" else 0)
 
     def launch(self, spec: WorkerSpec, slot: str, replacement: bool) -> None:
-        proc = self.launcher.start_worker(spec, self.spec.nodes.get(slot, ""))  # a replacement goes where its slot was
+        proc = self.launcher.start_worker(spec, self.spec.config.cluster.nodes.get(slot, ""))  # a replacement goes where its slot was
         self.workers[spec.name] = Worker(spec.name, spec.role, proc, spec, slot, replacement=replacement)
 
     def start_expert(self, name: str, slot: str, replacement: bool = False) -> None:
@@ -179,19 +162,18 @@ class Orchestrator:
         """The checkpoint stores' places: "store", "store1", ... (each AW writes to all of them).
         The first store of a slot is named after it; every later one takes over its address."""
         suffix = f"-r{self.epoch}" if self.epoch else ""
-        return [f"store{i or ''}{suffix}" for i in range(self.spec.engine.stores)]
+        return [f"store{i or ''}{suffix}" for i in range(self.spec.config.resilience.stores)]
 
     def start_store(self, name: str, slot: str, replacement: bool = False) -> None:
         endpoint = self.launcher.endpoint(slot) if name != slot else ""
-        spec = WorkerSpec(role=Role.STORE, endpoint=endpoint or "", store_max_bytes=self.spec.engine.store_max_bytes,
-                          nice=10 if replacement else 0, **self.common(name))
+        spec = WorkerSpec(role=Role.STORE, endpoint=endpoint or "", nice=10 if replacement else 0, **self.common(name))
         self.launch(spec, slot, replacement)
 
     def start_attention(self, name: str, slot: str, replacement: bool = False) -> None:
         """It connects to the store and to every live expert worker: it starts once their
         addresses are known (at once locally; once placed by Ray or joined by hand otherwise)."""
         live = self.live_experts()
-        stores = [self.launcher.endpoint(s) for s in self.store_slots()] if self.spec.engine.checkpoint else []
+        stores = [self.launcher.endpoint(s) for s in self.store_slots()] if self.spec.config.resilience.checkpoint else []
         experts = {w: self.launcher.endpoint(w) for w in live}
         if None in stores or None in experts.values():
             self.waiting[name] = (slot, replacement)
@@ -200,7 +182,7 @@ class Orchestrator:
         spec = WorkerSpec(role=Role.ATTENTION, driver_endpoint=self.spec.driver_endpoint, table=self.table(), store_endpoints=stores,
                           nice=10 if replacement else 0, expert_endpoints=experts,
                           probe_endpoints_of_experts={w: self.launcher.probe_endpoint(w) for w in live},
-                          engine=self.spec.engine, **self.common(name))
+                          **self.common(name))
         self.launch(spec, slot, replacement)
 
     def start(self, role: Role, name: str, slot: str, replacement: bool = False) -> None:
@@ -273,7 +255,7 @@ class Orchestrator:
         if w.role == Role.ATTENTION:
             self.fenced.append(name)
             self.send_fence()
-        if self.spec.recovery == RecoveryPolicy.RESTART:
+        if self.spec.config.resilience.recovery == RecoveryPolicy.RESTART:
             return self.restart_all(t0)
         if w.role == Role.EXPERT and self.current.get(w.slot) == w.name:  # only its holder clears a slot
             self.current[w.slot] = None
@@ -283,7 +265,7 @@ class Orchestrator:
         self.publish()
 
     def start_replacement(self, w: Worker, t0: float) -> None:
-        if not self.spec.replace_failed:
+        if not self.spec.config.resilience.replace_failed:
             return
         new = self.new_name(w.role)
         self.start(w.role, new, w.slot, replacement=True)
@@ -356,7 +338,7 @@ class Orchestrator:
         for slot in self.current:
             self.current[slot] = slot + suffix
             self.start_expert(slot + suffix, slot)
-        for i in range(self.spec.attention_workers):
+        for i in range(self.spec.config.cluster.attention_workers):
             self.start_attention(f"aw{i}{suffix}", f"aw{i}{suffix}")
         self.publish()
 
@@ -420,7 +402,7 @@ class Orchestrator:
         stays silent `heartbeat_s * 6` after the report is failed, as reported; so is one whose
         beats stopped here too around the report (`heartbeat_s * 2` or more between two): it was
         stopped or starved for a while (a pause, not a partition), its reporters were right."""
-        hb = self.spec.heartbeat_s
+        hb = self.spec.config.resilience.heartbeat_s
         for name, (t, reports) in list(self.suspicions.items()):
             ew = self.workers.get(name)
             first = next(iter(reports.values()))
@@ -504,11 +486,11 @@ class Orchestrator:
         """Replace workers that failed with no replacement known: the predecessor may have died
         before it started one, or before it published one it had started (then unknown, and shut
         down when it says Ready)."""
-        if not self.spec.replace_failed:
+        if not self.spec.config.resilience.replace_failed:
             return
         suffix = f"-r{self.epoch}" if self.epoch else ""
         slots = [(Role.STORE, slot) for slot in self.store_slots()] + [(Role.EXPERT, slot) for slot in self.current]
-        slots += [(Role.ATTENTION, f"aw{i}{suffix}") for i in range(self.spec.attention_workers)]
+        slots += [(Role.ATTENTION, f"aw{i}{suffix}") for i in range(self.spec.config.cluster.attention_workers)]
         for role, slot in slots:
             if not any(w.slot == slot and w.state in IN_SERVICE for w in self.workers.values()):
                 name = self.new_name(role)
@@ -541,7 +523,7 @@ class Orchestrator:
 
     def starved(self, w: Worker, now: float) -> bool:
         """A local worker silent because it waits for a CPU (runnable), not hung: given up to the cap."""
-        return self.spec.launcher == "local" and now - w.last_beat < HEARTBEAT_CAP_S and runnable(w.proc.pid)
+        return self.spec.config.cluster.launcher == "local" and now - w.last_beat < HEARTBEAT_CAP_S and runnable(w.proc.pid)
 
     def _discount_own_lag(self) -> None:
         """A loop that came round late (this process was not running: a busy machine) did not
@@ -579,7 +561,7 @@ class Orchestrator:
             self.silent_gap[w.name] = max(self.silent_gap.get(w.name, 0.0), now - w.last_beat)
         if isinstance(msg, P.Heartbeat) and w.state == WorkerState.READY:
             self.heartbeat_timeout.observe(now - w.last_beat, now)
-            self.gray.observe(w.name, max(0.0, now - w.last_beat - self.spec.heartbeat_s), now)
+            self.gray.observe(w.name, max(0.0, now - w.last_beat - self.spec.config.resilience.heartbeat_s), now)
         w.last_beat = now  # any message is a sign of life (Ready may beat the first heartbeat)
         if isinstance(msg, P.Ready) and msg.role == w.role:
             self.on_ready(w, msg)
@@ -640,7 +622,7 @@ def main(argv: list[str]) -> None:
         orch.run()
     finally:
         # Workers that joined by hand learn of the shutdown only by message: let it leave first.
-        orch.ctx.destroy(linger=1000 if spec.launcher == "manual" else 0)
+        orch.ctx.destroy(linger=1000 if spec.config.cluster.launcher == "manual" else 0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import secrets
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .faults import inject
 from .llm import LLM, Request
+from .vocabulary import FinishReason, Role, WorkerState
 from .sampling import MAX_LOGPROBS, SamplingParams
 from .tokenizer import PromptTooLong
 
@@ -224,7 +226,7 @@ class Metrics:
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.").labels(*self.labels)
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.").labels(*self.labels)
         self.success = counter("vllm:request_success", "Count of successfully processed requests.", ("finished_reason",))
-        for reason in ("stop", "length", "abort"):
+        for reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT):
             self.success.labels(*self.labels, reason)
         counts = buckets_1_2_5(llm.max_model_len)
         self.req_prompt = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", counts)
@@ -273,7 +275,7 @@ class Metrics:
         self.req_prompt.observe(len(req.prompt_ids))
         self.req_generation.observe(len(req.tokens))
         self.req_max_tokens.observe(req.params.max_tokens)
-        self.success.labels(*self.labels, req.finish_reason or "abort").inc()
+        self.success.labels(*self.labels, req.finish_reason or FinishReason.ABORT).inc()
 
     def _add_new(self, counter, total: float) -> None:
         """Counters only go up: add what the running total gained since the last scrape."""
@@ -284,8 +286,7 @@ class Metrics:
 
     def render(self) -> bytes:
         llm = self.llm
-        with llm._lock:
-            reqs = list(llm._requests.values())
+        reqs = llm.in_flight()
         self.running.labels(*self.labels).set(sum(1 for r in reqs if r.worker))
         self.waiting.labels(*self.labels).set(sum(1 for r in reqs if not r.worker))
         for role, n in list(llm.failures.items()):
@@ -296,12 +297,12 @@ class Metrics:
         for counter, total in self.cumulative.items():
             self._add_new(counter, total())
         workers = llm.workers()
-        aws = [w for w in workers if w.role == "attention" and w.state == "ready" and w.kv_blocks_total]
+        aws = [w for w in workers if w.role == Role.ATTENTION and w.state == WorkerState.READY and w.kv_blocks_total]
         self.kv_usage.labels(*self.labels).set(sum(w.kv_blocks_used for w in aws) / max(1, sum(w.kv_blocks_total for w in aws)))
-        store = [w for w in workers if w.role == "store" and w.state == "ready"]
+        store = [w for w in workers if w.role == Role.STORE and w.state == WorkerState.READY]
         self.ckpt_bytes.labels(*self.labels).set(sum(w.info.get("bytes", 0) for w in store))
         self._add_new(self.ckpt_dropped.labels(*self.labels), sum(w.info.get("gaps", 0) for w in store))
-        self.table_version.labels(*self.labels).set(llm._state.table_version if llm._state else 0)
+        self.table_version.labels(*self.labels).set(llm.table_version)
         self.workers_up.clear()
         for w in workers:
             self.workers_up.labels(*self.labels, w.role, w.state).inc()
@@ -414,9 +415,8 @@ class Serving:
         ok, why = self.llm.accepting()
         if not ok:
             raise APIError(503, f"the cluster cannot serve now: {why}", "service_unavailable")
-        with self.llm._lock:
-            if len(self.llm._requests) >= self.max_queue:
-                raise APIError(429, f"too many requests in flight (limit {self.max_queue}); retry later", "rate_limit_error")
+        if self.llm.queue_depth >= self.max_queue:
+            raise APIError(429, f"too many requests in flight (limit {self.max_queue}); retry later", "rate_limit_error")
         try:
             req = self.llm.submit(ids, params)
         except ValueError as e:
@@ -452,7 +452,7 @@ class Serving:
             if not req.done.is_set():
                 self.llm.abort(req)  # the client went away
             self.metrics.finished(req)
-        if req.finish_reason == "error":
+        if req.finish_reason == FinishReason.ERROR:
             raise APIError(503, f"the cluster could not serve this request: {req.error}", "service_unavailable")
         text, lps = req.detok.text, self.logprobs(req, 0, n, chat)
         if chat:
@@ -487,13 +487,13 @@ class Serving:
                 yield chunk("", None, first=True)
             async for done, n in self._updates(req):
                 upto = req.detok.releasable(done)
-                failed = done and req.finish_reason == "error"
+                failed = done and req.finish_reason == FinishReason.ERROR
                 if upto > sent or (done and not failed):  # the last token's chunk carries the finish reason
                     lps = self.logprobs(req, tok_sent, n, chat, sent)
                     yield chunk(req.detok.text[sent:upto], lps, req.finish_reason if done and not failed else None)
                     sent, tok_sent = upto, n
             finished = True
-            if req.finish_reason == "error":  # the cluster could not serve it: say so, then end
+            if req.finish_reason == FinishReason.ERROR:  # the cluster could not serve it: say so, then end
                 err = {"message": f"the cluster could not serve this request: {req.error}", "type": "service_unavailable",
                        "param": None, "code": 503}
                 yield f"data: {json.dumps({'error': err})}\n\n"
@@ -583,141 +583,170 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+@dataclass
+class AppState:
+    """What the handlers serve from (kept on `app.state.tarragon`)."""
+
+    llm: LLM
+    model_name: str
+    metrics: Metrics
+    serving: Serving
+    api_key: str | None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def app_state(request: HTTPRequest) -> AppState:
+    return request.app.state.tarragon
+
+
+# ---- errors and authentication --------------------------------------------------------------------
+
+async def on_api_error(_, e: APIError):
+    return error_response(e.status, e.message, e.type, e.param)
+
+
+async def on_validation_error(_, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    return error_response(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None)
+
+
+async def on_http_error(_, e: StarletteHTTPException):
+    return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "invalid_request_error")
+
+
+async def on_internal_error(_, e: Exception):
+    return error_response(500, f"internal error: {type(e).__name__}", "internal_error")
+
+
+EXCEPTION_HANDLERS = ((APIError, on_api_error), (RequestValidationError, on_validation_error),
+                      (StarletteHTTPException, on_http_error), (Exception, on_internal_error))
+
+
+async def check_api_key(request: HTTPRequest, call_next):
+    api_key = app_state(request).api_key
+    if api_key and request.url.path.startswith(("/v1/", "/tarragon/", "/tokenize", "/detokenize")):
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            return error_response(401, "invalid or missing API key", "authentication_error")
+    return await call_next(request)
+
+
+# ---- the cluster ------------------------------------------------------------------------------------
+
+async def get_health(request: HTTPRequest):
+    ok, reason = health(app_state(request).llm)
+    return JSONResponse({"status": "ok" if ok else "unavailable", "reason": reason}, status_code=200 if ok else 503)
+
+
+async def get_metrics(request: HTTPRequest):
+    return PlainTextResponse(app_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def get_models(request: HTTPRequest):
+    st = app_state(request)
+    return {"object": "list", "data": [{"id": st.model_name, "object": "model", "created": st.created, "owned_by": "tarragon",
+                                         "max_model_len": st.llm.max_model_len}]}
+
+
+async def get_cluster(request: HTTPRequest):
+    llm = app_state(request).llm
+    return {
+        "workers": [{"name": w.name, "role": w.role, "pid": w.pid, "state": w.state, "alive": w.alive, "rss_bytes": w.rss_bytes,
+                     "replaces": w.replaces} for w in llm.workers()],
+        "routing_table_version": llm.table_version,
+        "shadows": llm.shadows,
+        "recovery": llm.recovery,
+        "vocab_size": llm.model_config.vocab_size,
+        "events": [msgspec.structs.asdict(e) for e in await cluster_events(llm)],
+    }
+
+
+async def cluster_events(llm: LLM) -> list:
+    try:  # off the event loop, and briefly: a hung orchestrator must not stall the streams
+        return (await asyncio.to_thread(llm.events, 1.0))[-100:]
+    except TimeoutError:
+        return []
+
+
+# ---- the OpenAI API and vLLM's additions (/version, /tokenize, /detokenize) ---------------------------
+
+async def get_version():
+    return {"version": __version__}
+
+
+async def post_tokenize(body: TokenizeBody, request: HTTPRequest):
+    return await asyncio.to_thread(app_state(request).serving.tokenize, body)
+
+
+async def post_detokenize(body: DetokenizeBody, request: HTTPRequest):
+    return await asyncio.to_thread(app_state(request).serving.detokenize, body)
+
+
+async def post_completions(body: CompletionBody, request: HTTPRequest):
+    return await app_state(request).serving.handle(body, False, request)
+
+
+async def post_chat(body: ChatBody, request: HTTPRequest):
+    return await app_state(request).serving.handle(body, True, request)
+
+
+# ---- opt-in: operators (/tarragon/drain) and `tarragon bench` (/tarragon/fault, /tarragon/events) ------
+
+async def post_drain(body: DrainBody, request: HTTPRequest):
+    """Take a worker out of service without a stall."""
+    try:
+        app_state(request).llm.drain(body.worker)
+    except ValueError as e:
+        raise APIError(409, str(e), param="worker") from None
+    return {"worker": body.worker, "draining": True}
+
+
+async def post_fault(body: FaultBody, request: HTTPRequest):
+    """A real SIGKILL / SIGSTOP of a worker. Times are this host's time.monotonic()."""
+    try:
+        victim, t = inject(app_state(request).llm, body.role, body.index, body.action)
+    except IndexError as e:
+        raise APIError(409, str(e), param="index") from None
+    return {"victim": victim.name, "pid": victim.pid, "role": body.role, "action": body.action, "t": t}
+
+
+async def get_events(request: HTTPRequest):
+    """The event log with the driver's per-failure figures."""
+    llm = app_state(request).llm
+    events = await asyncio.to_thread(llm.events)  # waits on the orchestrator: keep the streams flowing meanwhile
+    return {
+        "now": time.monotonic(),
+        "recovery": llm.recovery,
+        "events": [msgspec.structs.asdict(e) for e in events],
+        "stalls_s": list(llm.stalls),
+        "failures": dict(llm.failures),
+        "reassigned": dict(llm.reassigned),
+        "recomputed": list(llm.recomputed),
+    }
+
+
+ROUTES = [("GET", "/health", get_health), ("GET", "/metrics", get_metrics), ("GET", "/v1/models", get_models),
+          ("GET", "/v1/cluster", get_cluster), ("GET", "/version", get_version), ("POST", "/tokenize", post_tokenize),
+          ("POST", "/detokenize", post_detokenize), ("POST", "/v1/completions", post_completions),
+          ("POST", "/v1/chat/completions", post_chat)]
+ADMIN_ROUTES = [("POST", "/tarragon/drain", post_drain)]  # behind the API key, like every /tarragon/ path
+FAULT_ROUTES = [("POST", "/tarragon/fault", post_fault), ("GET", "/tarragon/events", get_events)]
+
+
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
                fault_injection: bool = False, max_body_bytes: int | None = None, admin: bool = False) -> FastAPI:
     # No /docs, /redoc, /openapi.json: nothing is served that the API key does not cover.
     app = FastAPI(title="Tarragon", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes or body_limit(llm.max_model_len))
     metrics = Metrics(llm, model_name)
-    created = int(time.time())
-
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error_response(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _internal(_, e: Exception):
-        return error_response(500, f"internal error: {type(e).__name__}", "internal_error")
-
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith(("/v1/", "/tarragon/", "/tokenize", "/detokenize")):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "invalid or missing API key", "authentication_error")
-        return await call_next(request)
-
-    @app.get("/health")
-    async def _health():
-        ok, reason = health(llm)
-        return JSONResponse({"status": "ok" if ok else "unavailable", "reason": reason}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def _metrics():
-        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def _models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "tarragon",
-                                             "max_model_len": llm.max_model_len}]}
-
-    @app.get("/v1/cluster")
-    async def _cluster():
-        state = llm._state
-        return {
-            "workers": [{"name": w.name, "role": w.role, "pid": w.pid, "state": w.state, "alive": w.alive, "rss_bytes": w.rss_bytes,
-                         "replaces": w.replaces} for w in llm.workers()],
-            "routing_table_version": state.table_version if state else 0,
-            "shadows": llm.shadows,
-            "recovery": llm.recovery,
-            "vocab_size": llm.model_config.vocab_size,
-            "events": [msgspec.structs.asdict(e) for e in await cluster_events()],
-        }
-
-    async def cluster_events() -> list:
-        try:  # off the event loop, and briefly: a hung orchestrator must not stall the streams
-            return (await asyncio.to_thread(llm.events, 1.0))[-100:]
-        except TimeoutError:
-            return []
-
-    add_openai_routes(app, Serving(llm, model_name, metrics, max_queue))
-    if fault_injection:
-        add_fault_injection(app, llm)
-    if admin:
-        add_admin(app, llm)
+    app.state.tarragon = AppState(llm, model_name, metrics, Serving(llm, model_name, metrics, max_queue), api_key)
+    for exc, handler in EXCEPTION_HANDLERS:
+        app.add_exception_handler(exc, handler)
+    app.middleware("http")(check_api_key)
+    for method, path, endpoint in ROUTES + (FAULT_ROUTES if fault_injection else []) + (ADMIN_ROUTES if admin else []):
+        app.add_api_route(path, endpoint, methods=[method])
     return app
-
-
-def add_admin(app: FastAPI, llm: LLM) -> None:
-    """Opt-in operator endpoints (behind the API key, like every /tarragon/ path)."""
-
-    @app.post("/tarragon/drain")
-    async def _drain(body: DrainBody):
-        try:
-            llm.drain(body.worker)
-        except ValueError as e:
-            raise APIError(409, str(e), param="worker") from None
-        return {"worker": body.worker, "draining": True}
-
-
-def add_openai_routes(app: FastAPI, serving: Serving) -> None:
-    """The OpenAI API and vLLM's additions (/version, /tokenize, /detokenize)."""
-
-    @app.get("/version")
-    async def _version():
-        return {"version": __version__}
-
-    @app.post("/tokenize")
-    async def _tokenize(body: TokenizeBody):
-        return await asyncio.to_thread(serving.tokenize, body)
-
-    @app.post("/detokenize")
-    async def _detokenize(body: DetokenizeBody):
-        return await asyncio.to_thread(serving.detokenize, body)
-
-    @app.post("/v1/completions")
-    async def _completions(body: CompletionBody, request: HTTPRequest):
-        return await serving.handle(body, False, request)
-
-    @app.post("/v1/chat/completions")
-    async def _chat(body: ChatBody, request: HTTPRequest):
-        return await serving.handle(body, True, request)
-
-
-def add_fault_injection(app: FastAPI, llm: LLM) -> None:
-    """Opt-in endpoints for `tarragon bench`: a real SIGKILL / SIGSTOP of a worker, and the event
-    log with the driver's per-failure figures. Times are this host's time.monotonic()."""
-
-    @app.post("/tarragon/fault")
-    async def _fault(body: FaultBody):
-        try:
-            victim, t = inject(llm, body.role, body.index, body.action)
-        except IndexError as e:
-            raise APIError(409, str(e), param="index") from None
-        return {"victim": victim.name, "pid": victim.pid, "role": body.role, "action": body.action, "t": t}
-
-    @app.get("/tarragon/events")
-    async def _events():
-        events = await asyncio.to_thread(llm.events)  # waits on the orchestrator: keep the streams flowing meanwhile
-        return {
-            "now": time.monotonic(),
-            "recovery": llm.recovery,
-            "events": [msgspec.structs.asdict(e) for e in events],
-            "stalls_s": list(llm.stalls),
-            "failures": dict(llm.failures),
-            "reassigned": dict(llm.reassigned),
-            "recomputed": list(llm.recomputed),
-        }
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -739,7 +768,7 @@ def watch_cluster(llm: LLM, server, failed: threading.Event, stop: threading.Eve
     events = logging.getLogger("tarragon.events")
     seen = 0.0  # the time of the last event logged
     while not stop.wait(interval_s):
-        if not llm._io.is_alive():
+        if not llm.alive:
             logging.getLogger("tarragon.server").error("the cluster cannot serve any more (the driver's I/O thread died); stopping")
             failed.set()
             server.should_exit = True

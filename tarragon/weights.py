@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelLoadError
+from .config import DTYPES, ModelLoadError
 
 
 class WeightFiles:
@@ -75,10 +75,9 @@ class WeightFiles:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, not {name!r}")
-    return table[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {name!r}")
+    return getattr(torch, name)
 
 
 # MXFP4 (OCP microscaling FP4, how gpt-oss is released): E2M1 values, two per byte (low nibble

@@ -38,40 +38,75 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
-from .config import EngineConfig
+from .config import TarragonConfig
 from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, make_socket, recv
+from .vocabulary import Role
 
 log = logging.getLogger(__name__)
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
+    """One worker's start-up: the cluster's configuration (a view of it: the settings are read from
+    `config`, never copied) and what is this worker's own (name, role, endpoints, experts, table)."""
+
     name: str
-    role: str  # "attention" | "expert" | "store"
-    model_dir: str
-    dtype: str
-    device: str
+    role: Role
+    config: TarragonConfig
     orch_endpoint: str
     probe_endpoint: str = ""  # where it answers probes (filled in by the launcher)
     parent_pid: int
     driver_pid: int = 0  # local workers: die with this process (the driver), not with their parent
-    threads: int = 1
-    heartbeat_s: float = 0.05
     endpoint: str = ""  # expert worker, store: where it binds ("": the launcher picks)
     experts: list[tuple[int, int]] = []  # expert worker: (layer, expert) pairs it loads
     shadow_experts: list[tuple[int, int]] = []  # expert worker: which of them are shadows
     store_endpoints: list[str] = []  # attention worker: the checkpoint stores, each written in full (none: no checkpointing)
-    store_max_bytes: int = 1 << 30  # checkpoint store: its memory budget
     driver_endpoint: str = ""  # attention worker: where requests come from
     expert_endpoints: dict[str, str] = {}  # attention worker: expert worker name -> endpoint
     probe_endpoints_of_experts: dict[str, str] = {}  # attention worker: where to probe each one
     table: RoutingTable | None = None  # attention worker: its routing table
-    engine: EngineConfig | None = None
-    probe_interval_s: float = 0.01
-    probe_timeout_s: float = 0.1
     nice: int = 0  # replacements start at idle CPU priority, so serving workers keep their cores
-    key_file: str = ""  # local launcher: the cluster's CURVE key (0600, in the 0700 run folder)
-    insecure_transport: bool = False  # no CURVE at all (isolated networks only, asked for explicitly)
+
+    @property
+    def model_dir(self) -> str:
+        return self.config.model.path
+
+    @property
+    def dtype(self) -> str:
+        return self.config.model.dtype
+
+    @property
+    def device(self) -> str:
+        return self.config.model.device
+
+    @property
+    def threads(self) -> int:
+        return self.config.cluster.threads_per_worker
+
+    @property
+    def heartbeat_s(self) -> float:
+        return self.config.resilience.heartbeat_s
+
+    @property
+    def probe_interval_s(self) -> float:
+        return self.config.resilience.probe_interval_s
+
+    @property
+    def probe_timeout_s(self) -> float:
+        return self.config.resilience.probe_timeout_s
+
+    @property
+    def store_max_bytes(self) -> int:
+        return self.config.resilience.store_max_bytes
+
+    @property
+    def insecure_transport(self) -> bool:
+        return self.config.cluster.insecure_transport
+
+    @property
+    def key_file(self) -> str:
+        """Local launcher: the cluster's CURVE key (0600, in the 0700 run folder)."""
+        return self.config.cluster.key_file
 
 
 def cluster_key(spec: WorkerSpec) -> ClusterKey | None:

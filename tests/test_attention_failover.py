@@ -21,8 +21,7 @@ def token_ids(outs):
 
 def busy_attention_worker(llm) -> str:
     """A ready attention worker that holds unfinished requests."""
-    with llm._lock:
-        held = {r.worker for r in llm._requests.values()}
+    held = {r.worker for r in llm.in_flight()}
     return next(w.name for w in llm.workers() if w.role == "attention" and w.state == "ready" and w.name in held)
 
 
@@ -31,8 +30,7 @@ def fault_and_report(llm, baseline, after_tokens: int, sig=signal.SIGKILL) -> di
 
     def inject():
         victim["name"] = busy_attention_worker(llm)
-        with llm._lock:
-            victim["reqs"] = {r.req_id for r in llm._requests.values() if r.worker == victim["name"]}
+        victim["reqs"] = {r.req_id for r in llm.in_flight() if r.worker == victim["name"]}
         llm.kill(victim["name"], sig)
 
     outs = run_with_fault(llm, inject, after_tokens=after_tokens)

@@ -50,7 +50,7 @@ def test_a_paused_orchestrator_fails_no_worker(tiny_models):
         expected = llm.generate([[5, 6, 7]], params)[0].token_ids
         req = llm.submit([5, 6, 7], params)
         time.sleep(0.3)
-        t, pid = time.monotonic(), llm._orch.pid
+        t, pid = time.monotonic(), llm.orchestrator_pid
         os.kill(pid, signal.SIGSTOP)
         time.sleep(1.5)
         os.kill(pid, signal.SIGCONT)
@@ -58,7 +58,7 @@ def test_a_paused_orchestrator_fails_no_worker(tiny_models):
         time.sleep(1.5)  # past the heartbeat timeout after the resume
         failed = [(e.worker, e.detail) for e in llm.events() if e.kind == "worker_failed" and e.t > t]
         assert not [f for f in failed if "heartbeat" in f[1]], failed
-        assert llm._orch.pid == pid  # 1.5 s < orchestrator_timeout_s: not replaced either
+        assert llm.orchestrator_pid == pid  # 1.5 s < orchestrator_timeout_s: not replaced either
 
 
 def test_a_paused_expert_worker_is_not_taken_for_a_partition(tiny_models):

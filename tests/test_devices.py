@@ -7,11 +7,12 @@ import pytest
 
 from tarragon import LLM
 from tarragon.launcher import LocalLauncher
+from tarragon.config import ModelSource, TarragonConfig
 from tarragon.worker import WorkerSpec
 
 
 def spec(name: str, role: str, device: str = "cuda") -> WorkerSpec:
-    return WorkerSpec(name=name, role=role, model_dir="", dtype="bfloat16", device=device, orch_endpoint="", parent_pid=0)
+    return WorkerSpec(name=name, role=role, config=TarragonConfig(ModelSource("", "bfloat16", device)), orch_endpoint="", parent_pid=0)
 
 
 def test_gpu_workers_take_the_visible_gpus_in_turn(tmp_path):

@@ -191,8 +191,7 @@ def test_deepseek_failover_expert_and_attention_worker(tiny_models):
         wait_replaced(llm, victim["name"])
 
         def kill_busy_aw():
-            with llm._lock:
-                held = {r.worker for r in llm._requests.values() if not r.done.is_set()}
+            held = {r.worker for r in llm.in_flight() if not r.done.is_set()}
             victim["name"] = next(w.name for w in llm.workers() if w.role == "attention" and w.state == "ready" and w.name in held)
             llm.kill(victim["name"], signal.SIGKILL)
 

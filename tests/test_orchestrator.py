@@ -12,7 +12,7 @@ import os
 import pytest
 
 from tarragon import protocol as P
-from tarragon.config import EngineConfig
+from tarragon.config import ClusterConfig, ModelSource, ResilienceConfig, TarragonConfig
 from tarragon.launcher import LocalLauncher
 from tarragon.orchestrator import ClusterSpec, Orchestrator
 from tarragon.shadow_placement import place
@@ -57,10 +57,10 @@ class RecordingLauncher(LocalLauncher):
 def orch(tmp_path, request):
     """2 attention workers, 2 expert workers (4 experts, one shadow each), 1 store, all ready."""
     recovery = getattr(request, "param", RecoveryPolicy.TARRAGON)
-    spec = ClusterSpec(model_dir="", dtype="float32", device="cpu", engine=EngineConfig(model_dir="", stores=1),
-                       plan=place(4, [0], ["ew0", "ew1"], shadows=1), attention_workers=2, run_dir=str(tmp_path),
-                       driver_endpoint=f"ipc://{tmp_path}/driver.sock", parent_pid=os.getpid(), insecure_transport=True,
-                       heartbeat_s=HB, heartbeat_timeout_s=0.5, recovery=recovery)
+    config = TarragonConfig(ModelSource(""), resilience=ResilienceConfig(stores=1, heartbeat_s=HB, heartbeat_timeout_s=0.5, recovery=recovery),
+                            cluster=ClusterConfig(attention_workers=2, insecure_transport=True))
+    spec = ClusterSpec(config=config, plan=place(4, [0], ["ew0", "ew1"], shadows=1), run_dir=str(tmp_path),
+                       driver_endpoint=f"ipc://{tmp_path}/driver.sock", parent_pid=os.getpid())
     o = Orchestrator(spec, RecordingLauncher(str(tmp_path)))
     o.sent = []
     o.send = lambda name, msg: o.sent.append((name, msg))

@@ -36,7 +36,7 @@ def test_workers_die_with_a_killed_driver(tiny_models):
         llm = LLM({tiny_models['mixtral']!r}, attention_workers=2, expert_workers=3)
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))
         print(" ".join(str(w.pid) for w in llm.workers()), flush=True)
-        print(llm._run_dir, flush=True)
+        print(llm.run_dir, flush=True)
         time.sleep(600)
     """)
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -51,9 +51,9 @@ def test_workers_die_with_a_killed_driver(tiny_models):
             time.sleep(0.05)
         assert not [p for p in pids if pid_alive(p)], "workers outlived their driver"
         assert run_dir.is_dir()  # SIGKILL leaves the run folder; the next driver's start removes it
-        from tarragon.llm import _remove_orphaned_run_dirs
+        from tarragon.procfs import remove_orphaned_run_dirs
 
-        _remove_orphaned_run_dirs()
+        remove_orphaned_run_dirs()
         assert not run_dir.exists()
     finally:
         driver.kill()
@@ -79,7 +79,7 @@ def test_malformed_datapath_messages_are_dropped(tiny_models):
         ctx = zmq.Context()
         s = ctx.socket(zmq.DEALER)  # ipc in the 0700 run folder: open to this user's processes
         s.setsockopt(zmq.LINGER, 0)
-        s.connect(llm._launcher.endpoint("ew0"))
+        s.connect(llm.launcher.endpoint("ew0"))
         garbage = [
             [b"\x00\xff not msgpack"],
             [b"\x81\xa4type\xadExpertRequest"],  # tag, no fields
@@ -104,7 +104,7 @@ def test_malformed_datapath_messages_are_dropped(tiny_models):
         ctx.term()
         assert all(w.alive for w in llm.workers())
         after = [o.token_ids for o in llm.generate(prompts, params)]
-        log = (llm._launcher.log_path("ew0")).read_text()
+        log = (llm.launcher.log_path("ew0")).read_text()
     assert before == after
     dropped = [int(n) for n in re.findall(r"dropped (\d+) message\(s\) from", log)]
     assert dropped and dropped[0] == 1  # the first is logged at once; the rest within a second are counted

@@ -42,7 +42,7 @@ def token_ids(outs):
 
 def placed_by_ray(llm, name: str) -> dict:
     """What Ray itself says about a worker's actor: its pid and the resources it holds."""
-    actor = ray.get_actor(name, namespace=llm._run_dir.name)
+    actor = ray.get_actor(name, namespace=llm.run_dir.name)
     return ray.get(actor.info.remote(), timeout=30)
 
 
@@ -73,8 +73,7 @@ def test_attention_actor_sigkill(cluster):
     victim = {}
 
     def kill_a_busy_attention_worker():
-        with llm._lock:
-            victim["name"] = next(iter({r.worker for r in llm._requests.values()}))
+        victim["name"] = next(iter({r.worker for r in llm.in_flight()}))
         llm.kill(victim["name"])
 
     outs = run_with_fault(llm, kill_a_busy_attention_worker, after_tokens=50)
@@ -87,7 +86,7 @@ def test_actors_die_with_their_orchestrator(cluster):
     """Ray's owner fate-sharing: the orchestrator created the actors, they die with it."""
     llm, _ = cluster
     assert sum(w.alive for w in llm.workers()) == 1 + len(NODES)
-    os.kill(llm._orch.pid, signal.SIGKILL)
+    os.kill(llm.orchestrator_pid, signal.SIGKILL)
     wait_until(lambda: not any(w.alive for w in llm.workers()), 30, "the actors' exit")
 
 

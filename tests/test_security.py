@@ -74,8 +74,7 @@ def expert_request() -> tuple[P.ExpertRequest, torch.Tensor]:
 
 
 def live_request_ids(llm) -> list[str]:
-    with llm._lock:
-        return list(llm._requests)
+    return [r.req_id for r in llm.in_flight()]
 
 
 # ---- the local cluster (ipc://) --------------------------------------------------------------
@@ -85,14 +84,14 @@ def test_other_users_cannot_reach_the_ipc_sockets(cluster):
     """The run folder is 0700 and the key 0600; a process of another user reaches no socket,
     while the same client run as this user is answered (so the check can fail)."""
     llm, _ = cluster
-    run_dir = llm._run_dir
+    run_dir = llm.run_dir
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(run_dir / "cluster.key").st_mode) == 0o600
     if os.getuid() != 0:
         pytest.skip("needs root to run a client as another user")
     msg, x = expert_request()
     frames = [bytes(f) for f in P.encode(msg, x)]
-    answers = {who: ask_as(uid, llm._launcher.endpoint("ew0"), frames) for who, uid in (("nobody", 65534), ("owner", 0))}
+    answers = {who: ask_as(uid, llm.launcher.endpoint("ew0"), frames) for who, uid in (("nobody", 65534), ("owner", 0))}
     assert answers == {"nobody": "silent", "owner": "answered"}
 
 
@@ -122,7 +121,7 @@ def test_forged_messages_from_peers_are_ignored(cluster):
     """A process that can connect, but is not the orchestrator nor the request's attention
     worker, cannot change the driver's view, inject tokens, or read or write checkpoints."""
     llm, baseline = cluster
-    launcher = llm._launcher
+    launcher = llm.launcher
     reqs = [llm.submit(p, PARAMS) for p in PROMPTS]
     wait_until(lambda: min(len(r.tokens) for r in reqs) >= 5, 60, "tokens")
     ids = live_request_ids(llm)
@@ -137,7 +136,7 @@ def test_forged_messages_from_peers_are_ignored(cluster):
     outs = [llm.wait(r, 120) for r in reqs]
     assert token_ids(outs) == baseline
     assert isinstance(stolen, P.RestoreData) and stolen.committed == 0  # no KV for a worker that does not own it
-    assert llm._epoch == 0 and "aw9" not in llm._live_attention()
+    assert llm.epoch == 0 and "aw9" not in llm.live_attention()
     wait_until(lambda: store_info(llm).get("foreign", 0) >= len(ids), 10, "the store's count of refused writes")
     driver.close()
     store.close()
@@ -154,8 +153,7 @@ def test_dead_workers_cannot_come_back(cluster):
     victim = {}
 
     def kill_busy_aw():
-        with llm._lock:
-            victim["aw"] = sorted({r.worker for r in llm._requests.values()})[0]
+        victim["aw"] = sorted({r.worker for r in llm.in_flight()})[0]
         llm.kill(victim["aw"])
 
     outs = run_with_fault(llm, kill_busy_aw, after_tokens=20, prompts=PROMPTS, params=PARAMS)
@@ -164,7 +162,7 @@ def test_dead_workers_cannot_come_back(cluster):
     llm.kill("ew1")
     wait_until(lambda: any(w.name == "ew1" and w.state == "failed" for w in llm.workers()), 30, "ew1 failed")
     new_ew = wait_replaced(llm, "ew1")
-    ghosts = [Peer(llm._launcher.endpoint("orchestrator"), name) for name in (victim["aw"], "ew1")]
+    ghosts = [Peer(llm.launcher.endpoint("orchestrator"), name) for name in (victim["aw"], "ew1")]
     for _ in range(2):
         ghosts[0].send(P.Ready(victim["aw"], "attention", os.getpid(), {"kv_blocks": 1}))
         ghosts[1].send(P.Ready("ew1", "expert", os.getpid()))
@@ -185,9 +183,9 @@ def test_dead_workers_cannot_come_back(cluster):
 def test_size_limits_and_rate_limited_drop_logs(cluster):
     llm, baseline = cluster
     orch_rss = next(w.rss_bytes for w in llm.workers() if w.name == "orchestrator")
-    big = Peer(llm._launcher.endpoint("orchestrator"), "big")
+    big = Peer(llm.launcher.endpoint("orchestrator"), "big")
     big.s.send(b"\0" * (4 * CONTROL_MAX_BYTES))  # 64 MiB: over the limit, the peer is cut off unread
-    garbage = Peer(llm._launcher.endpoint("ew0"), "garbage")
+    garbage = Peer(llm.launcher.endpoint("ew0"), "garbage")
     for i in range(300):
         garbage.s.send_multipart([b"\xc1" * (i % 7 + 1)])
     time.sleep(1.2)
@@ -195,7 +193,7 @@ def test_size_limits_and_rate_limited_drop_logs(cluster):
     time.sleep(0.5)
     grown = next(w.rss_bytes for w in llm.workers() if w.name == "orchestrator") - orch_rss
     assert grown < CONTROL_MAX_BYTES, f"the orchestrator grew {grown >> 20} MiB"
-    lines = [line for line in llm._launcher.log_path("ew0").read_text().splitlines() if "from 'garbage'" in line]
+    lines = [line for line in llm.launcher.log_path("ew0").read_text().splitlines() if "from 'garbage'" in line]
     assert len(lines) == 2 and sum(int(re.search(r"dropped (\d+) message", x).group(1)) for x in lines) == 301
     assert all(w.alive for w in llm.workers() if w.state == "ready")
     assert token_ids(llm.generate(PROMPTS, PARAMS)) == baseline
@@ -249,7 +247,7 @@ def test_wire_fuzz_every_socket(cluster):
     """Mutated, truncated and oversized frames to every socket of a running cluster: every
     process stays up, and the next generation has the failure-free tokens."""
     llm, baseline = cluster
-    la = llm._launcher
+    la = llm.launcher
     pids = {w.name: w.pid for w in llm.workers() if w.state == "ready"}
     aw = next(w.name for w in llm.workers() if w.role == "attention" and w.state == "ready")
     ew = next(w.name for w in llm.workers() if w.role == "expert" and w.state == "ready")

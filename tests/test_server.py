@@ -91,10 +91,10 @@ def test_stop_strings_and_client_disconnect(served):
         for i, _ in enumerate(resp.iter_lines()):
             if i > 5:
                 break
-    wait_until(lambda: not llm._requests, 10, "the abandoned request to be cancelled")
+    wait_until(lambda: not llm.queue_depth, 10, "the abandoned request to be cancelled")
     with pytest.raises(httpx.ReadTimeout):  # not streaming: the client gives up after 1 s
         httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1000, "ignore_eos": True}, timeout=1.0)
-    wait_until(lambda: not llm._requests, 30, "the abandoned non-streaming request to be cancelled")
+    wait_until(lambda: not llm.queue_depth, 30, "the abandoned non-streaming request to be cancelled")
 
 
 def test_stream_survives_expert_then_attention_failure(served):
@@ -110,8 +110,7 @@ def test_stream_survives_expert_then_attention_failure(served):
         if len(pieces) == 60:
             llm.kill("ew1")
         if len(pieces) == 150:
-            with llm._lock:
-                aw = next(iter(llm._requests.values())).worker
+            aw = next(iter(llm.in_flight())).worker
             llm.kill(aw)
     assert "".join(pieces) == expected
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -782,7 +781,7 @@ def test_http_fuzz_reaches_the_engine_through_failures(served):
         if kind == "valid" and leave is None and (body.get("temperature") == 0 or "seed" in body):
             assert a[1:] == b[1:], (path, body, a, b)
             compared += 1
-    wait_until(lambda: not llm._requests, 30, "every request (and abandoned one) to end")
+    wait_until(lambda: not llm.queue_depth, 30, "every request (and abandoned one) to end")
     failed = {e.worker for e in llm.events() if e.kind == "worker_failed" and e.t >= t1}
     assert failed == set(killed), (failed, killed)
     print(f"\nfuzz: {len(calls)} bodies x 2, {compared} outputs compared; {t1 - t0:.1f} s without failures, "

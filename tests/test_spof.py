@@ -47,10 +47,10 @@ def test_io_thread_survives_handler_errors_and_bad_frames(cluster):
     req = reqs[0]
     bad = P.encode(P.PromptLogits(req.req_id, P.TensorMeta("float32", [len(req.prompt_ids), llm.model_config.vocab_size])))
     msg, bufs = P.decode([*bad, b"\x00\x01\x02"])
-    llm._on_message(Received(req.worker, msg, bufs, req.worker.encode()))
+    llm.client.on_message(Received(req.worker, msg, bufs, req.worker.encode()))
     assert req.prompt_logits is None
     # A handler that raises (once): the I/O thread logs it and goes on.
-    real, calls = llm._on_cluster_state, []
+    real, calls = llm.client.on_cluster_state, []
 
     def broken(state):
         calls.append(1)
@@ -58,12 +58,12 @@ def test_io_thread_survives_handler_errors_and_bad_frames(cluster):
             raise RuntimeError("injected handler bug")
         return real(state)
 
-    llm._on_cluster_state = broken
+    llm.client.on_cluster_state = broken
     try:
         wait_until(lambda: len(calls) >= 2, 10, "a ClusterState after the failing one")
     finally:
-        del llm._on_cluster_state
-    assert llm._io.is_alive()
+        del llm.client.on_cluster_state
+    assert llm.alive
     assert token_ids([llm.wait(r, 120) for r in reqs]) == token_ids(baseline)
 
 
@@ -76,7 +76,7 @@ def test_abort_racing_final_tokens(cluster):
         for r in reqs:
             r.done.wait(0.002 * len(reqs))
             llm.abort(r)
-    assert llm._io.is_alive()
+    assert llm.alive
     outs = llm.generate(LOAD_PROMPTS[:2], params, timeout=60)
     assert all(len(o.token_ids) == 2 for o in outs)
 
@@ -159,7 +159,7 @@ def test_two_attention_workers_dying_together(tiny_models):
             llm.kill("aw1")
 
         outs = run_with_fault(llm, two, after_tokens=30)
-        assert llm._io.is_alive()
+        assert llm.alive
         assert token_ids(outs) == token_ids(baseline)
         # Failed workers leave the registry (and every ClusterState) once reported.
         wait_until(lambda: not {"aw0", "aw1"} & {w.name for w in llm.workers()}, 30, "failed workers removed")
@@ -280,7 +280,7 @@ def inject_checkpoints(llm, checkpoints: dict[str, torch.Tensor]) -> None:
     from tarragon.sockets import Context, make_socket
 
     ctx = Context(None)  # the store's channel is ipc in the 0700 run folder: no CURVE there
-    s = make_socket(ctx, zmq.DEALER, connect=llm._launcher.endpoint("store"), identity="injector", linger_ms=2000)
+    s = make_socket(ctx, zmq.DEALER, connect=llm.launcher.endpoint("store"), identity="injector", linger_ms=2000)
     for i, (req_id, k) in enumerate(checkpoints.items()):
         s.send_multipart(P.encode(P.KVWrite(i, [req_id], [0], [k.shape[1]], P.tensor_meta(k), P.tensor_meta(k), []), k, k))
     s.close()
@@ -321,7 +321,7 @@ def test_an_aborted_orphan_leaves_no_checkpoint(tiny_models):
         wait_until(lambda: min(len(r.tokens) for r in reqs) >= 20, 60, "tokens")
         llm.kill("aw0")
         wait_until(lambda: any(w.name == "aw0" and w.state == "failed" for w in llm.workers()), 10, "aw0 failed")
-        assert not llm._live_attention()
+        assert not llm.live_attention()
         llm.abort(reqs[0])
         outs = [llm.wait(r, 120) for r in reqs[1:]]
         assert all(len(o.token_ids) == 120 for o in outs)
@@ -337,13 +337,13 @@ def test_only_run_folders_of_dead_drivers_are_removed():
     import tempfile
     from pathlib import Path
 
-    from tarragon.llm import _process_id, _remove_orphaned_run_dirs
+    from tarragon.procfs import process_id, remove_orphaned_run_dirs
 
     live, dead, unmarked = (Path(tempfile.mkdtemp(prefix="tarragon-")) for _ in range(3))
     try:
-        (live / "driver").write_text(_process_id(os.getpid()))
+        (live / "driver").write_text(process_id(os.getpid()))
         (dead / "driver").write_text(f"{os.getpid()} 1")  # this pid, another start time: a reused pid
-        _remove_orphaned_run_dirs()
+        remove_orphaned_run_dirs()
         assert live.is_dir() and unmarked.is_dir() and not dead.exists()
     finally:
         for d in (live, dead, unmarked):

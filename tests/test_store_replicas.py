@@ -25,8 +25,7 @@ def stores(llm) -> list[str]:
 
 
 def busy_attention_worker(llm) -> str:
-    with llm._lock:
-        held = {r.worker for r in llm._requests.values()}
+    held = {r.worker for r in llm.in_flight()}
     return next(w.name for w in llm.workers() if w.role == "attention" and w.state == "ready" and w.name in held)
 
 
