@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from .faults import StallWatch
 from .vocabulary import RecoveryPolicy
 
 
@@ -21,7 +22,7 @@ class DriverStats:
         self.orchestrator_restarts = 0
         self.kv_used: dict[str, int] = {}  # attention worker -> KV blocks in use (its last Tokens)
         self.replayed: dict[str, int] = {}  # attention worker -> expert calls it replayed elsewhere
-        self._watch: list[tuple[dict[str, float], list[float]]] = []  # per failure: last token times, max gap
+        self._watch: list[StallWatch] = []  # per failure under way
 
     def failed(self, role: str) -> None:
         self.failures[role] = self.failures.get(role, 0) + 1
@@ -32,20 +33,18 @@ class DriverStats:
     def watch_failure(self, last_token_times: dict[str, float]) -> None:
         """Measure a failure's (or drain's) stall: each streaming request's gap across it."""
         if last_token_times:
-            self._watch.append((last_token_times, [0.0]))
+            self._watch.append(StallWatch(last_token_times))
 
     def token(self, req_id: str, now: float, counts: bool = True) -> list[float]:
         """A request's next token (counts=False: it ended without one). Returns the stalls of the
         failures whose every stalled request has now moved on."""
         done = []
-        for last, worst in list(self._watch):
-            if req_id in last:
-                gap = now - last.pop(req_id)
-                worst[0] = max(worst[0], gap if counts else 0.0)
-                if not last:
-                    self._watch.remove((last, worst))
-                    self.stalls.append(worst[0])
-                    done.append(worst[0])
+        for watch in list(self._watch):
+            stall = watch.token(req_id, now, counts)
+            if stall is not None:
+                self._watch.remove(watch)
+                self.stalls.append(stall)
+                done.append(stall)
         return done
 
     def expert_calls_replayed(self) -> int:
