@@ -75,7 +75,7 @@ class CheckpointStore:
             kc, vc = k[:, offset : offset + n], v[:, offset : offset + n]
             offset += n
             cp = self.requests.get(req_id)
-            if cp is not None and cp.owner != owner:
+            if cp is not None and not self.owned_by(cp, owner):
                 self.foreign += 1
                 continue
             if cp is None or start == 0:  # new, or recomputed from scratch after a preemption
@@ -97,7 +97,7 @@ class CheckpointStore:
             if len(cp.k) > COMPACT_AFTER:  # one tensor object per token would cost more than the KV
                 cp.k, cp.v = [torch.cat(cp.k, dim=1)], [torch.cat(cp.v, dim=1)]
         for req_id in msg.finished:
-            if self.requests.get(req_id, Checkpoint(owner)).owner == owner:
+            if self.owned_by(self.requests.get(req_id, Checkpoint(owner)), owner):
                 self.drop(req_id)
             else:
                 self.foreign += 1
@@ -108,9 +108,17 @@ class CheckpointStore:
             if cp is not None:
                 cp.owner = msg.owner
 
+    def owned_by(self, cp: Checkpoint, worker: str) -> bool:
+        """Whether `worker` may touch `cp`. A fenced owner's checkpoints go to the first live worker
+        that touches them: the driver moved each request to exactly one, and its handover (relayed
+        by the orchestrator) may arrive after that worker's first write, drop or restore."""
+        if cp.owner in self.fenced and worker not in self.fenced:
+            cp.owner = worker
+        return cp.owner == worker
+
     def may_restore(self, requester: str, req_id: str) -> bool:
         cp = self.requests.get(req_id)
-        return cp is None or cp.owner == requester
+        return cp is None or self.owned_by(cp, requester)
 
     def due_restores(self, now: float) -> list[tuple[bytes, str, bool]]:
         """Parked restores that can be answered: (requester, req_id, with its KV or with nothing)."""

@@ -187,7 +187,8 @@ def test_store_ties_each_checkpoint_to_its_owner_until_a_handover():
 
 def test_a_fenced_attention_worker_touches_no_checkpoint():
     """Declared failed but still reaching the store (a partition): its writes, drops and restores
-    are dropped, even for requests it still owns here (the handover may come later)."""
+    are dropped, even for requests it still owns here; its checkpoints go to the live worker that
+    touches them first (the driver's handover, relayed by the orchestrator, may come later)."""
     from tarragon.checkpoint_store import serve
     from tarragon.sockets import Received
 
@@ -199,9 +200,14 @@ def test_a_fenced_attention_worker_touches_no_checkpoint():
     serve(store, Received("aw0", m, [], tensors=[k, -k]))
     serve(store, Received("aw0", P.RestoreRequest("a"), [], b"aw0"))
     assert store.restore("a")[0] == 2 and not store.parked  # neither extended nor dropped; no restore parked
-    store.hand_over(P.Handover(["a"], "aw1"))
-    serve(store, Received("aw1", P.RestoreRequest("a"), [], b"aw1"))
-    assert store.parked and store.may_restore("aw1", "a")
+    serve(store, Received("aw1", P.RestoreRequest("a"), [], b"aw1"))  # before its handover: the owner is fenced
+    assert store.due_restores(0.0) == [(b"aw1", "a", True)]
+    m, k, _ = kv_write(0, [("b", 0, 1)])
+    serve(store, Received("aw0", m, [], tensors=[k, -k]))  # nor does it start new ones
+    assert "b" not in store.requests
+    m, k, _ = kv_write(0, [], finished=["a"])  # aw1 aborts it, its handover still on the way: dropped
+    serve(store, Received("aw1", m, [], tensors=[k[:, :0], -k[:, :0]]))
+    assert store.requests == {} and store.bytes == 0
 
 
 # ---- receiving, and the worker entry point ----------------------------------------------------
