@@ -114,6 +114,10 @@ class AttentionWorker:
             msg = got.msg if got else None
             if isinstance(msg, P.TableUpdate):
                 self.engine.apply_update(msg)
+                if self.ckpt is not None and msg.store_endpoints:
+                    for old, new in self.ckpt.retarget(msg.store_endpoints):
+                        self.poller.unregister(old)
+                        self.poller.register(new, zmq.POLLIN)
             elif isinstance(msg, P.Drain):
                 self.drain_requested = True
             elif isinstance(msg, P.Shutdown):

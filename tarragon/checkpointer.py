@@ -78,11 +78,28 @@ class Checkpointer:
     def __init__(self, ctx: Context, name: str, endpoints: list[str], queue: int, kv: KVCache, sched: Scheduler,
                  report: Callable[[EventKind, str, float], None]):
         self.name, self.kv, self.sched, self.report = name, kv, sched, report
+        self.ctx, self.queue = ctx, queue
         self.links = [StoreLink(ctx, e, name, queue) for e in endpoints]
         self.restoring: dict[str, Restore] = {}
 
     def sockets(self) -> list[zmq.Socket]:
         return [link.sock for link in self.links]
+
+    def retarget(self, endpoints: list[str]) -> list[tuple[zmq.Socket, zmq.Socket]]:
+        """A store replaced at another address (its host was lost): a new link there, re-filled
+        once it connects like any store that (re)connects. Returns (old, new) sockets."""
+        swapped = []
+        for i, endpoint in enumerate(endpoints[:len(self.links)]):
+            old = self.links[i]
+            if endpoint == old.endpoint:
+                continue
+            self.links[i] = StoreLink(self.ctx, endpoint, self.name, self.queue)
+            for r in self.restoring.values():  # the old one will not answer
+                r.waiting.discard(i)
+            old.events.close(linger=0)
+            old.sock.close(linger=0)
+            swapped.append((old.sock, self.links[i].sock))
+        return swapped
 
     def write(self, req_ids: list[str], starts: list[int], counts: list[int], slots: torch.Tensor, finished: list[str]) -> None:
         """One step's new KV to every store that is up."""

@@ -160,12 +160,14 @@ class Orchestrator:
 
     def store_slots(self) -> list[str]:
         """The checkpoint stores' places: "store", "store1", ... (each AW writes to all of them).
-        The first store of a slot is named after it; every later one takes over its address."""
+        The first store of a slot is named after it; a later one takes over its address locally."""
         suffix = f"-r{self.epoch}" if self.epoch else ""
         return [f"store{i or ''}{suffix}" for i in range(self.spec.config.resilience.stores)]
 
     def start_store(self, name: str, slot: str, replacement: bool = False) -> None:
-        endpoint = self.launcher.endpoint(slot) if name != slot else ""
+        # A local replacement takes over its slot's address; elsewhere it binds where it runs (the
+        # lost store's host may be gone) and attention workers are told (store_endpoints).
+        endpoint = self.launcher.endpoint(slot) if name != slot and isinstance(self.launcher, LocalLauncher) else ""
         spec = WorkerSpec(role=Role.STORE, endpoint=endpoint or "", nice=10 if replacement else 0, **self.common(name))
         self.launch(spec, slot, replacement)
 
@@ -173,7 +175,7 @@ class Orchestrator:
         """It connects to the store and to every live expert worker: it starts once their
         addresses are known (at once locally; once placed by Ray or joined by hand otherwise)."""
         live = self.live_experts()
-        stores = [self.launcher.endpoint(s) for s in self.store_slots()] if self.spec.config.resilience.checkpoint else []
+        stores = self.store_endpoints() if self.spec.config.resilience.checkpoint else []
         experts = {w: self.launcher.endpoint(w) for w in live}
         if None in stores or None in experts.values():
             self.waiting[name] = (slot, replacement)
@@ -193,6 +195,13 @@ class Orchestrator:
         self.next_index[role] += 1
         return f"{NAME_PREFIX[role]}{self.next_index[role] - 1}"
 
+    def store_endpoints(self) -> list[str | None]:
+        """Where each store slot's live store listens (None: not known yet)."""
+        if isinstance(self.launcher, LocalLauncher):
+            return [self.launcher.endpoint(s) for s in self.store_slots()]
+        live = {w.slot: w.name for w in self.workers.values() if w.role == Role.STORE and w.state == WorkerState.READY}
+        return [self.launcher.endpoint(live.get(s, s)) for s in self.store_slots()]
+
     def live_experts(self) -> list[str]:
         return [w for w in self.current.values() if w]
 
@@ -202,8 +211,9 @@ class Orchestrator:
     def push_table(self) -> None:
         self.version += 1
         live = [w for w in self.live_experts() if self.launcher.endpoint(w)]  # not yet placed: not reachable either
+        stores = self.store_endpoints() if self.spec.config.resilience.checkpoint else []
         update = P.TableUpdate(self.table(), {w: self.launcher.endpoint(w) for w in live},
-                               {w: self.launcher.probe_endpoint(w) for w in live})
+                               {w: self.launcher.probe_endpoint(w) for w in live}, [] if None in stores else stores)
         for w in self.workers.values():
             if w.role == Role.ATTENTION and w.state in IN_SERVICE:
                 self.send(w.name, update)
@@ -361,6 +371,8 @@ class Orchestrator:
             return self.publish()
         if w.role in (Role.EXPERT, Role.STORE):
             self.send_fence(only=w.name)
+        if w.replacement and w.role == Role.STORE and not isinstance(self.launcher, LocalLauncher):
+            self.push_table()  # attention workers re-point that slot's link to it
         if w.replacement:
             self.event(EventKind.REPLACEMENT_READY, w.name, f"in place of {w.slot}", (time.monotonic() - w.started) * 1000)
         if w.replacement and w.role == Role.EXPERT:

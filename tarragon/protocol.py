@@ -226,6 +226,7 @@ class TableUpdate(Msg):
     table: RoutingTable
     endpoints: dict[str, str]
     probe_endpoints: dict[str, str]
+    store_endpoints: list[str] = []  # the checkpoint stores, one per slot (a replacement may be elsewhere); []: unchanged
 
 
 class Tokens(Msg):

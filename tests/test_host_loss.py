@@ -69,8 +69,8 @@ def figures():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_models):
     """One cluster for the module (start-up is the slow part): a store, two expert workers, two
-    attention workers, each on its own host, and six free hosts for spares that join later."""
-    with netns.Net(11) as net:
+    attention workers, each on its own host, and eight free hosts for spares that join later."""
+    with netns.Net(13) as net:
         hosts = Hosts(net, tmp_path_factory.mktemp("hosts"))
         for role in ("store", "expert", "expert", "attention", "attention"):
             hosts.start(role)
@@ -141,12 +141,27 @@ def test_a_cut_attention_worker_that_comes_back_stays_fenced(cluster):
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == baseline
 
 
-def test_store_host_cut_does_not_stall(cluster):
+def test_store_host_cut_does_not_stall_and_a_store_joins_elsewhere(cluster):
+    """The store's host is lost: no stall (checkpoints are off the token path); a spare store on
+    another host takes its slot, the attention workers re-point their link to its address, re-fill
+    it with every request's KV and write to it from then on; a later restore reads from it."""
     hosts, llm, baseline = cluster
+    spare = hosts.start("store")
     outs = cut_during_load(hosts, llm, "store", "store host cut")
     assert [o.token_ids for o in outs] == baseline
     assert RESULTS["store host cut"]["detected_s"] is not None
     assert RESULTS["store host cut"]["stall_s"] < 1.0
+    new = wait_replaced(llm, "store")
+    assert hosts.host_of(new) == spare
+    reqs = [llm.submit(p, PARAMS) for p in PROMPTS]
+    wait_until(lambda: min(len(r.tokens) for r in reqs) >= 40, 60, "tokens")
+    held = lambda: next((w.info.get("positions", 0) for w in llm.workers() if w.name == new), 0)  # noqa: E731
+    wait_until(lambda: held() > 0, 30, "checkpoints on the new store")
+    hosts.start("attention")
+    t0 = time.monotonic()
+    hosts.net.cut(hosts.host_of(reqs[0].worker))
+    assert [llm.wait(r, 60).token_ids for r in reqs] == baseline
+    assert any(e.kind == "restored" and e.restored_tokens > 0 for e in llm.events() if e.t > t0)  # KV from the new store
 
 
 def test_an_attention_worker_cut_off_from_the_experts_is_fenced_not_them(cluster):
@@ -156,6 +171,8 @@ def test_an_attention_worker_cut_off_from_the_experts_is_fenced_not_them(cluster
     hosts, llm, baseline = cluster
     experts = [w.name for w in llm.workers() if w.role == "expert" and w.state == "ready"]
     hosts.start("attention")
+    wait_until(lambda: sum(w.role == "attention" and w.state == "ready" for w in llm.workers()) >= 2, 60,
+               "two attention workers (a spare may still be joining)")
     reqs = [llm.submit(p, PARAMS) for p in PROMPTS]
     wait_until(lambda: min(len(r.tokens) for r in reqs) >= 40, 60, "tokens before the partition")
     name = reqs[0].worker
