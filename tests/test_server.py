@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -498,7 +499,8 @@ def test_serve_cli_like_a_server(tiny_models, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = log_path.read_text()
-    assert "workers ready: 1 of" in text and '"POST /v1/completions HTTP/1.1" 200' in text and "Traceback" not in text
+    # Progress lines (there may be no terminal for the bar); a loaded machine may skip a count.
+    assert re.search(r"workers ready: \d+ of \d+", text) and '"POST /v1/completions HTTP/1.1" 200' in text and "Traceback" not in text
     assert {"aw0.log", "ew0.log", "orchestrator.log"} <= {p.name for p in log_dir.iterdir()}
 
 
