@@ -17,7 +17,8 @@ def token_ids(outs):
 
 @pytest.fixture(scope="module")
 def cluster(tiny_models):
-    with LLM(tiny_models["mixtral"], attention_workers=2, expert_workers=3, shadows=1) as llm:
+    # Spread: each expert worker serves primaries (packed, ew1 and ew2 would be idle standbys).
+    with LLM(tiny_models["mixtral"], attention_workers=2, expert_workers=3, shadows=1, placement="spread") as llm:
         baseline = llm.generate(LOAD_PROMPTS, LOAD_PARAMS)
         yield llm, baseline
 
@@ -45,6 +46,19 @@ def test_sigkill_mid_decode_then_mid_prefill(cluster):
     assert llm.stats()["expert_calls_replayed"] > 0
 
 
+def test_packed_experts_fail_over_to_the_standby(tiny_models):
+    """Packed (fewer cores than processes): one expert worker serves every expert, the other holds
+    every shadow and computes nothing until the first dies; then it serves all of them."""
+    with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=2, placement="pack") as llm:
+        assert all(c == ["ew0", "ew1"] for row in llm.plan.candidates for c in row)
+        baseline = llm.generate(LOAD_PROMPTS, LOAD_PARAMS)
+        assert llm.stats()["expert_calls_replayed"] == 0
+        outs = run_with_fault(llm, lambda: llm.kill("ew0"), after_tokens=40)
+        assert token_ids(outs) == token_ids(baseline)
+        assert ("worker_failed", "ew0") in kinds(llm)
+        assert llm.stats()["expert_calls_replayed"] > 0
+
+
 def test_sigstop_is_detected_like_a_death(cluster):
     llm, baseline = cluster
     victim = next(w.name for w in llm.workers() if w.role == "expert" and w.state == "ready")
@@ -61,7 +75,7 @@ def test_sigstop_is_detected_like_a_death(cluster):
 
 
 def test_kill_while_replacement_joins(tiny_models):
-    with LLM(tiny_models["qwen2_moe"], attention_workers=2, expert_workers=3, shadows=1) as llm:
+    with LLM(tiny_models["qwen2_moe"], attention_workers=2, expert_workers=3, shadows=1, placement="spread") as llm:
         baseline = llm.generate(LOAD_PROMPTS, LOAD_PARAMS)
 
         def two_faults():
@@ -77,7 +91,7 @@ def test_kill_while_replacement_joins(tiny_models):
 
 
 def test_no_shadows_waits_for_the_replacement(tiny_models):
-    with LLM(tiny_models["olmoe"], attention_workers=2, expert_workers=3, shadows=0) as llm:
+    with LLM(tiny_models["olmoe"], attention_workers=2, expert_workers=3, shadows=0, placement="spread") as llm:
         assert all(not w.shadow_bytes for w in llm.workers() if w.role == "expert")
         baseline = llm.generate(LOAD_PROMPTS, LOAD_PARAMS)
         outs = run_with_fault(llm, lambda: llm.kill("ew1"), after_tokens=50)

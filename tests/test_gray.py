@@ -33,7 +33,7 @@ def failures(llm) -> list:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_models):
-    with LLM(tiny_models["mixtral"], attention_workers=2, expert_workers=3, shadows=1) as llm:
+    with LLM(tiny_models["mixtral"], attention_workers=2, expert_workers=3, shadows=1, placement="spread") as llm:
         yield llm, llm.generate(LOAD_PROMPTS, LOAD_PARAMS)
 
 
