@@ -14,7 +14,7 @@ from tarragon.checkpoint_store import CheckpointStore
 from tarragon.config import ModelConfig
 from tarragon.kv_cache import KVCache
 from tarragon.routing_table import RoutingTable
-from tarragon.sampling import SamplingParams, sample
+from tarragon.sampling import SamplingParams, argmax_rows, sample
 from tarragon.shadow_placement import place
 
 # ---- KV cache -----------------------------------------------------------------------------
@@ -252,3 +252,18 @@ def test_every_worker_role_has_a_main():
     assert set(ROLES) == set(Role) - {Role.ORCHESTRATOR}
     for role in ROLES:
         assert list(inspect.signature(role_main(role)).parameters) == ["spec", "ctx", "orch"]
+
+
+def test_argmax_rows_is_torch_argmax_ties_included():
+    """The chunked greedy pick returns torch's first index of the maximum: random rows, ties
+    within and across chunks, a row of -inf but one, a vocabulary that is not chunked."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8192, generator=g)
+    x[1, 100] = x[1, 5000] = 99.0  # tie across chunks
+    x[2, 129] = x[2, 130] = 99.0  # tie within a chunk
+    x[3] = float("-inf")
+    x[3, 8191] = 0.0
+    x[4] = 7.0  # every entry ties: index 0
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    odd = torch.randn(5, 1000, generator=g)  # not a multiple of the chunk: torch's own argmax
+    assert torch.equal(argmax_rows(odd), odd.argmax(dim=-1))
