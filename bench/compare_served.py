@@ -37,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tarragon.bench.experiments import Load, bench_load, experiment_header, headline, layout_argv  # noqa: E402
-from tarragon.bench.report import summarize, write_json  # noqa: E402
+from tarragon.bench.experiments import Load, bench_load, experiment_header, headline, layout_argv, write_results  # noqa: E402
+from tarragon.bench.report import summarize  # noqa: E402
 from tarragon.bench.server import Server  # noqa: E402
 
 # `vllm bench serve` from its venv: its console script asks package metadata for "vllm", but the
@@ -278,17 +278,13 @@ def main() -> None:
     runs, shapes = run_all(args, engines)
     med = {e: medians(rs) for e, rs in runs.items()}
     rates = [rate_key(r) for r in args.rates]
-    text = table(med, rates, shapes)
-    print(f"\nmedian of {args.repeats}; ITL/vLLM: ITL p50 over vLLM's with the same client; latencies in ms\n{text}")
+    text = f"median of {args.repeats}; ITL/vLLM: ITL p50 over vLLM's with the same client; latencies in ms\n{table(med, rates, shapes)}"
     record.update(command=" ".join(sys.argv), engines=engines, tarragon_shapes=shapes, rates=rates, median=med,
                   runs=runs, itl_p50_ratio_to_vllm={e: {r: m[r]["itl_p50_ms"] / med[b][r]["itl_p50_ms"] for r in rates}
                                                   for e, m in med.items() if (b := baseline(e, med))},
                   all_finished=all(c["finished"] == c["requests"] for m in med.values() for c in m.values()))
-    out = Path(args.out)
-    write_json(record, out)
-    out.with_suffix(".txt").write_text(f"{record['experiment']}\n{record['load']}\nmachine: {record['machine']}\n\n{text}\n")
-    print(f"wrote {out}")
-    plot(med, rates, shapes, out.with_suffix(".png"))
+    write_results(record, text, args.out)
+    plot(med, rates, shapes, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

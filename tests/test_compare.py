@@ -1,10 +1,12 @@
-"""bench/compare_vllm.py's short form: Tarragon (every resilience mechanism on, the fast paths:
-packed expert and LM-head weights, steps in flight per micro-batch group) against transformers on
-the bench model, batched: the same greedy tokens for every request."""
+"""bench/compare_vllm.py's and bench/compare_served.py's short forms. compare_vllm: Tarragon (every
+resilience mechanism on, the fast paths: packed expert and LM-head weights, steps in flight per
+micro-batch group) against transformers on the bench model, batched: the same greedy tokens for
+every request. compare_served: the served figures of `tarragon serve` in its default shape."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +23,20 @@ def test_compare_short_tokens_agree_with_transformers(tmp_path):
     assert result["token_agreement"] == {"tarragon 1x1": 1.0, "transformers": 1.0}
     assert all(v > 0 for v in result["median_tok_s"]["tarragon 1x1"].values())
     assert "aw0" in result["cpu_ms_per_step"]["tarragon 1x1"]["8"]
+
+
+def test_compare_served_short_every_request_finishes(tmp_path):
+    """bench/compare_served.py's short form: a `tarragon serve` in the shape it chooses, driven by
+    the bench client at two rates; every request gets all its tokens and each cell has real ITLs."""
+    out = tmp_path / "served.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/compare_served.py"), "--short", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["engines"] == ["tarragon"] and result["rates"] == ["inf", "8"]
+    assert re.fullmatch(r"\d+x\d+", result["tarragon_shapes"]["tarragon"])
+    cells = result["median"]["tarragon"]
+    assert set(cells) == {"inf", "8"} and result["all_finished"]
+    for cell in cells.values():
+        assert cell["finished"] == cell["requests"] == 16
+        assert cell["output_tok_s"] > 0 and 0 < cell["itl_p50_ms"] <= cell["itl_p99_ms"] and cell["ttft_p50_ms"] > 0
