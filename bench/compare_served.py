@@ -12,11 +12,13 @@ One server at a time (this machine has 2 cores), each stopped with every process
 repeat starts every engine in turn (tarragon, tarragon 1x1, ..., vllm), so a slow spell of the
 machine hits all of them. Against each: a warm-up, then per rate `--num-prompts` random-token
 requests (`--input-len` in, `--output-len` out, EOS ignored, greedy, streamed, Poisson arrivals; the
-same requests for every engine) sent by `tarragon bench`'s client (`vllm bench serve`'s figures).
+same requests for every engine) sent by `tarragon bench`'s client (`vllm bench serve`'s figures;
+by hand: `tarragon bench --base-url URL --dataset-name random --random-input-len 32
+--random-output-len 64 --num-prompts 64 --request-rate 4 --ignore-eos`).
 Cells are medians over repeats: output tokens/s, TTFT p50, ITL p50 / p99, the ITL p50 ratio to vLLM,
 and how many requests finished. `--vllm-client` also runs vLLM's own `vllm bench serve` from the
 vLLM venv against every server, as a cross-check of the client. Writes
-docs/results/compare_served.json and a PNG.
+docs/results/compare_served.json (and .txt, .png); exits 1 if any request did not finish.
 """
 
 from __future__ import annotations
@@ -234,7 +236,8 @@ def run_all(args, engines: list[str]) -> tuple[dict[str, list], dict[str, str]]:
             t0 = time.monotonic()
             server = start(engine, args)
             try:
-                print(f"  up in {time.monotonic() - t0:.0f} s", flush=True)
+                print(f"  up in {time.monotonic() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} (a busy machine skews the figures)",
+                      flush=True)
                 if engine.startswith("tarragon"):
                     shapes[engine] = shape(server)
                 runs.setdefault(engine, []).append(measure(server, args, seed=r))
@@ -285,6 +288,8 @@ def main() -> None:
                   all_finished=all(c["finished"] == c["requests"] for m in med.values() for c in m.values()))
     write_results(record, text, args.out)
     plot(med, rates, shapes, Path(args.out).with_suffix(".png"))
+    if not record["all_finished"]:
+        sys.exit("not every request finished: see the table")
 
 
 if __name__ == "__main__":
