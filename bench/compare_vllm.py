@@ -58,7 +58,7 @@ def run_tarragon(args, layout: str) -> dict:
     aws, ews = (int(x) for x in layout.split("x"))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     out: dict = {"tok_s": {}, "tokens": {}, "cpu_ms_per_step": {}}
-    with LLM(args.model, attention_workers=aws, expert_workers=ews, dtype="float32", shadows=1, checkpoint=True) as llm:
+    with LLM(args.model, attention_workers=aws, expert_workers=ews, dtype=args.dtype, shadows=1, checkpoint=True) as llm:
         vocab = llm.model_config.vocab_size
         llm.generate(prompts(2, args.prompt_len, vocab), params)  # warm-up
         pids = {w.name: w.pid for w in llm.workers()} | {"driver": os.getpid()}
@@ -79,7 +79,7 @@ def run_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()  # its default fast paths
+    m = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()  # its default fast paths
     m.generation_config.eos_token_id = None
     out: dict = {"tok_s": {}, "tokens": {}}
     with torch.inference_mode():
@@ -97,7 +97,7 @@ def run_transformers(args) -> dict:
 def run_vllm(args) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3, seed=0)
+    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, gpu_memory_utilization=0.3, seed=0)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     llm.generate([{"prompt_token_ids": p} for p in prompts(2, args.prompt_len, vocab)], sp, use_tqdm=False)  # warm-up
@@ -147,7 +147,7 @@ def report(args, runs: dict[str, list[dict]]) -> dict:
     ref = runs["transformers"][0]["tokens"] if "transformers" in runs else None
     base = "vllm" if "vllm" in runs else "transformers" if "transformers" in runs else None
     print(f"\nthroughput, output tokens/s (median of {args.repeats}; {args.prompt_len}-token prompts, {args.max_tokens} new tokens, "
-          f"greedy, fp32, {os.cpu_count()} CPUs; ratios to {base})")
+          f"greedy, {args.dtype}, {os.cpu_count()} CPUs; ratios to {base})")
     print(f"{'requests':>8} | " + " | ".join(f"{e:>20}" for e in engines))
     for n in args.concurrency:
         cells = [f"{med[e][n]:>9.0f}" + (f" ({med[e][n] / med[base][n]:.2f}x)" if base and e != base else "").rjust(11) for e in engines]
@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="*", default=["1x1", "2x3"], help="Tarragon shapes, AWxEW")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every engine's (bfloat16: where the CPU has native bf16)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true")

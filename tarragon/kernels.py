@@ -25,14 +25,15 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.out_features, self.in_features = weight.shape
-        self.bias = bias
-        self.packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn()
+        self.bias, self.itemsize = bias, weight.element_size()
+        self.packed = weight.device.type == "cpu" and _onednn() and (
+            weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         # The packed copy replaces the weight: it is the only one kept.
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if self.packed else weight
 
     @property
     def nbytes(self) -> int:
-        return self.out_features * self.in_features * (4 if self.packed else self.weight.element_size())
+        return self.out_features * self.in_features * self.itemsize
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:

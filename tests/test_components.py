@@ -267,3 +267,25 @@ def test_argmax_rows_is_torch_argmax_ties_included():
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
     odd = torch.randn(5, 1000, generator=g)  # not a multiple of the chunk: torch's own argmax
     assert torch.equal(argmax_rows(odd), odd.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_torch_and_does_not_depend_on_the_batch(dtype):
+    """The packed weights (oneDNN, packed once at load) give torch's F.linear where torch runs the
+    same kernel (bf16: bit for bit), and a row's result does not depend on what it is batched
+    with (a replayed row is bit-identical): fp32 to within rounding of F.linear's MKL path."""
+    from tarragon.kernels import Linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = (torch.randn(96, 64, generator=g) * 0.1).to(dtype), (torch.randn(96, generator=g) * 0.1).to(dtype)
+    x = torch.randn(16, 64, generator=g).to(dtype)
+    lin = Linear(w, b)
+    y = lin(x)
+    assert y.dtype == dtype
+    assert torch.equal(lin(x[3:4]), y[3:4]) and torch.equal(lin(x[:5]), y[:5])
+    ref = torch.nn.functional.linear(x, w, b)
+    if dtype == torch.bfloat16 and lin.packed:
+        assert torch.equal(y, ref)
+    else:
+        torch.testing.assert_close(y, ref)
+    assert lin.nbytes == 96 * 64 * w.element_size()
