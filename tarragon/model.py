@@ -137,6 +137,15 @@ def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torc
     return torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
 
+def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor, block_size: int, context: int) -> torch.Tensor:
+    """The first `context` cached entries [B, context, *entry] of each sequence, from its block
+    table [B, n]: one contiguous copy per whole block (B * n copies of block_size entries) rather
+    than one per token; the result is a view, padding the last block would only cost compute."""
+    B, n = blocks.shape
+    by_block = pool.view(-1, block_size, *pool.shape[1:])
+    return by_block.index_select(0, blocks.reshape(-1)).view(B, n * block_size, *pool.shape[1:])[:, :context]
+
+
 @dataclass
 class MoECall:
     """Routed work of one sparse layer: each token goes to `top_k` experts with these weights."""
@@ -159,7 +168,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat KV slot each new token is written to
     decode_tokens: torch.Tensor | None  # [B] token indices of decode sequences (None: all tokens)
     num_decode: int
-    decode_slots: torch.Tensor  # [B, C] context slots of each decode sequence (padded)
+    decode_blocks: torch.Tensor  # [B, ceil(C / block_size)] KV blocks of each decode sequence (padded)
     decode_mask: torch.Tensor  # [B, 1, 1, C] additive: 0 where attended, -inf on padding
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (start, len, slots, mask|None=causal)
     logits_index: torch.Tensor  # [N] tokens whose next-token logits are needed
@@ -170,7 +179,7 @@ class AttentionMetadata:
             return self
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
         return AttentionMetadata(
-            move(self.positions), move(self.slot_mapping), move(self.decode_tokens), self.num_decode, move(self.decode_slots),
+            move(self.positions), move(self.slot_mapping), move(self.decode_tokens), self.num_decode, move(self.decode_blocks),
             move(self.decode_mask), [(s, n, move(slots), move(mask)) for s, n, slots, mask in self.prefills], move(self.logits_index))
 
 
@@ -366,9 +375,11 @@ class AttentionModel:
         decode_mask, prefill_masks = masks
 
         def decode(qd: torch.Tensor) -> torch.Tensor:
+            context = decode_mask.shape[-1]
+            a, b = (gather_blocks(pool, meta.decode_blocks, kv_cache.block_size, context) for pool in (pool_a, pool_b))
             if L.mla:
-                return self.latent_decode_attention(L.mla, qd, *cached(meta.decode_slots), decode_mask)
-            return self.decode_attention(qd, kv, meta, decode_mask, L.sinks)
+                return self.latent_decode_attention(L.mla, qd, a, b, decode_mask)
+            return self.decode_attention(qd, a, b, decode_mask, L.sinks)
 
         T = x.shape[0]
         if meta.decode_tokens is None:  # a pure decode step: no scatter needed
@@ -411,22 +422,26 @@ class AttentionModel:
         o = torch.matmul(probs, v.transpose(0, 1).unsqueeze(1))  # [kvh, g, n, dv]
         return o.permute(2, 0, 1, 3).reshape(n, -1, v.shape[-1])
 
-    def decode_attention(self, q: torch.Tensor, kv, meta: AttentionMetadata, mask: torch.Tensor, sinks) -> torch.Tensor:
-        """One new token per sequence against its padded context, grouped-query heads batched:
-        the eager computation (fp32 softmax), without materialising repeated K/V heads."""
-        B = meta.decode_slots.shape[0]
-        k, v = kv(meta.decode_slots)  # [B, C, kvh, dk], [B, C, kvh, dv]
-        kvh = k.shape[2]
-        scores = torch.matmul(q.view(B, kvh, -1, q.shape[-1]), k.permute(0, 2, 3, 1)) * self.scale + mask
-        probs = softmax_with_sinks(scores, None if sinks is None else sinks.view(1, kvh, -1, 1))  # [B, kvh, g, C]
-        return torch.matmul(probs, v.transpose(1, 2)).view(B, -1, v.shape[-1])
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks) -> torch.Tensor:
+        """One new token per sequence q [B, nh, d] against its padded context k, v [B, C, kvh, d]
+        (strided views of the gathered blocks), grouped-query heads batched: the g query heads of
+        a group are g rows against their one KV head, so no KV head is repeated and no context is
+        copied again. SDPA (CPU: a flash kernel, no score tensor); with sinks, the eager
+        computation transformers does (fp32 softmax)."""
+        B, kvh = q.shape[0], k.shape[2]
+        qg, kt, vt = q.view(B, kvh, -1, q.shape[-1]), k.transpose(1, 2), v.transpose(1, 2)  # [B, kvh, g|C, d]
+        if sinks is None:
+            return F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask, scale=self.scale).view(B, -1, v.shape[-1])
+        scores = torch.matmul(qg, kt.transpose(2, 3)) * self.scale + mask
+        probs = softmax_with_sinks(scores, sinks.view(1, kvh, -1, 1))  # [B, kvh, g, C]
+        return torch.matmul(probs, vt).view(B, -1, v.shape[-1])
 
     def window_masks(self, meta: AttentionMetadata, window: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Masks of a sliding-window layer: keys `window` or more positions behind the query hidden."""
         decode_mask, device = meta.decode_mask, meta.positions.device
         if meta.num_decode:
             q_pos = meta.positions if meta.decode_tokens is None else meta.positions[meta.decode_tokens]
-            k_pos = torch.arange(meta.decode_slots.shape[1], device=device)
+            k_pos = torch.arange(decode_mask.shape[-1], device=device)
             old = k_pos[None, :] <= q_pos[:, None] - window
             decode_mask = decode_mask.masked_fill(old[:, None, None, :], float("-inf"))
         prefill_masks = []

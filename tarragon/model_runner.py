@@ -76,13 +76,11 @@ class ModelRunner:
         if decode_tok:
             C = max(decode_len)
             nblk = -(-C // bs)
-            table = torch.tensor([t[:nblk] + [0] * (nblk - len(t[:nblk])) for t in decode_tables], dtype=torch.long)
-            pos = torch.arange(C)
-            d_slots = table[:, pos // bs] * bs + pos % bs
-            valid = pos[None, :] < torch.tensor(decode_len)[:, None]
+            d_blocks = torch.tensor([t[:nblk] + [0] * (nblk - len(t)) for t in decode_tables], dtype=torch.long)
+            valid = torch.arange(C)[None, :] < torch.tensor(decode_len)[:, None]
             d_mask = torch.zeros(valid.shape, dtype=self.model.dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
         else:
-            d_slots = torch.empty(0, 0, dtype=torch.long)
+            d_blocks = torch.empty(0, 0, dtype=torch.long)
             d_mask = torch.empty(0, 1, 1, 0)
         all_decode = len(decode_tok) == len(tokens)
         meta = AttentionMetadata(
@@ -90,7 +88,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             decode_tokens=None if all_decode else torch.tensor(decode_tok, dtype=torch.long),
             num_decode=len(decode_tok),
-            decode_slots=d_slots,
+            decode_blocks=d_blocks,
             decode_mask=d_mask,
             prefills=prefills,
             logits_index=torch.tensor(logits_index, dtype=torch.long),
