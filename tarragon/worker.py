@@ -140,6 +140,26 @@ def die_with_driver(driver_pid: int) -> None:
     threading.Thread(target=watch, name="driver-watch", daemon=True).start()
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+    A step allocates and frees the same few-MB tensors (gathered KV context, activations) again
+    and again; by default blocks that large are mmapped, or trimmed off the heap top, on every
+    free, so every step page-faults them back in zeroed (measured: ~1,200 faults and about half
+    the decode attention time at 64 sequences x 80 tokens). Memory stays bounded by the peak."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling; larger blocks are still mmapped
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def may_raise_priority(nice: int) -> bool:
     """Whether this process could come back from `nice` (and SCHED_IDLE) to normal priority: root,
     or RLIMIT_NICE allowing nice 0. Otherwise a replacement starts at normal priority, since one

@@ -24,7 +24,7 @@ from . import protocol as P
 from .sockets import ClusterKey, Context, make_socket, recv
 from .vocabulary import Role
 from .worker import (OrchestratorChannel, WorkerSpec, cluster_key, die_with_driver, die_with_parent, host_towards,
-                     may_raise_priority, reserve_endpoints, start_liveness)
+                     keep_freed_memory, may_raise_priority, reserve_endpoints, start_liveness)
 
 
 class RoleMain(Protocol):
@@ -60,6 +60,7 @@ def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
     import torch
 
     torch.set_num_threads(spec.threads)
+    keep_freed_memory()
     ctx = Context(key)
     orch = OrchestratorChannel(ctx, spec.name, spec.orch_endpoint)
     drain = threading.Event()
