@@ -204,6 +204,7 @@ class MLAWeights:
 
 
 MLA_NORM_EPS = 1e-6  # DeepSeek's q_a/kv_a norms keep RMSNorm's default eps, not rms_norm_eps
+DECODE_CHUNK_BYTES = 2 << 20  # gathered context attended at once on a CPU: about one core's L2 cache
 
 
 @dataclass
@@ -383,11 +384,7 @@ class AttentionModel:
         decode_mask, prefill_masks = masks
 
         def decode(qd: torch.Tensor) -> torch.Tensor:
-            context = decode_mask.shape[-1]
-            a, b = (gather_blocks(pool, meta.decode_blocks, kv_cache.block_size, context) for pool in (pool_a, pool_b))
-            if L.mla:
-                return self.latent_decode_attention(L.mla, qd, a, b, decode_mask)
-            return self.decode_attention(qd, a, b, decode_mask, L.sinks)
+            return self.decode_in_chunks(L, qd, (pool_a, pool_b), meta.decode_blocks, decode_mask, kv_cache.block_size)
 
         T = x.shape[0]
         if meta.decode_tokens is None:  # a pure decode step: no scatter needed
@@ -398,6 +395,26 @@ class AttentionModel:
         for (start, n, slots, _), mask in zip(meta.prefills, prefill_masks):
             out[start : start + n] = self.prefill_attention(q[start : start + n], *kv(slots), mask, L.sinks)
         return F.linear(out.view(T, -1), L.o, L.o_bias)
+
+    def decode_in_chunks(self, L: AttentionLayer, q: torch.Tensor, pools: tuple[torch.Tensor, torch.Tensor],
+                         blocks: torch.Tensor, mask: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Decode attention of B sequences q [B, nh, d] over their cached contexts, a few sequences
+        at a time on a CPU: each chunk's context is gathered and attended while it is still in the
+        core's cache (DECODE_CHUNK_BYTES); gathering every context first and attending after runs
+        1.5-2x slower once they outgrow it (64 sequences x 200 tokens, 32 x 400)."""
+        B, context = q.shape[0], mask.shape[-1]
+        per_sequence = context * (pools[0].stride(0) + pools[1].stride(0)) * pools[0].element_size()
+        rows = max(1, DECODE_CHUNK_BYTES // per_sequence) if q.device.type == "cpu" else B
+
+        def attend(q: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            a, b = (gather_blocks(pool, blocks, block_size, context) for pool in pools)
+            if L.mla:
+                return self.latent_decode_attention(L.mla, q, a, b, mask)
+            return self.decode_attention(q, a, b, mask, L.sinks)
+
+        if rows >= B:
+            return attend(q, blocks, mask)
+        return torch.cat([attend(q[r : r + rows], blocks[r : r + rows], mask[r : r + rows]) for r in range(0, B, rows)])
 
     def latent_decode_attention(self, M: MLAWeights, q, latent, k_rot, mask: torch.Tensor) -> torch.Tensor:
         """MLA decode in the latent space (weights absorbed): the query's no-rope part is moved

@@ -38,6 +38,49 @@ def test_kv_cache_pool_is_bounded_and_slots_follow_the_block_table(tiny_models, 
         KVCache(cfg, 0, 4, torch.float32)
 
 
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3", "glm4_moe"])
+def test_decode_attention_over_scattered_blocks_equals_prefill(tiny_models, family, monkeypatch):
+    """A decode step (context gathered block by block from a scattered pool, padded, masked;
+    gpt-oss: sinks and sliding windows; DeepSeek: the latent path), attended all at once or one
+    sequence at a time (decode_in_chunks), gives each sequence's last token the hidden state a
+    prefill of the whole sequence gives it (routed experts stubbed to zero on both sides)."""
+    from tarragon import model as M
+    from tarragon.model_runner import ModelRunner
+    from tarragon.scheduler import ScheduledChunk, Sequence
+    from tarragon.weights import WeightFiles
+
+    cfg = ModelConfig.from_dir(tiny_models[family])
+    with WeightFiles(tiny_models[family]) as files:
+        model = M.AttentionModel(cfg, files, torch.float32)
+
+    def run(runner: ModelRunner, chunks: list) -> torch.Tensor:
+        gen = model.forward(*runner.prepare(chunks), runner.kv)
+        try:
+            call = next(gen)
+            while True:
+                call = gen.send(torch.zeros_like(call.hidden))
+        except StopIteration as stop:
+            return stop.value
+
+    def step(lengths: list[int], decode: bool) -> torch.Tensor:
+        kv = KVCache(cfg, num_blocks=64, block_size=4, dtype=torch.float32)
+        kv.free = kv.free[::-1][7::3] + kv.free[::-1][:7:2]  # scattered, out of order
+        runner, g = ModelRunner(model, kv, None), torch.Generator().manual_seed(0)
+        seqs = [Sequence(f"r{i}", torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist(), SamplingParams()) for i, n in enumerate(lengths)]
+        for s in seqs:
+            assert kv.grow(s.blocks, len(s.prompt))
+        if not decode:
+            return run(runner, [ScheduledChunk(s, 0, len(s.prompt)) for s in seqs])
+        run(runner, [ScheduledChunk(s, 0, len(s.prompt) - 1) for s in seqs])
+        return run(runner, [ScheduledChunk(s, len(s.prompt) - 1, 1) for s in seqs])
+
+    lengths = [3, 13, 6, 17, 9]  # past the tiny gpt-oss window (8), across blocks of 4
+    want = step(lengths, decode=False)
+    torch.testing.assert_close(step(lengths, decode=True), want, atol=1e-4, rtol=0)
+    monkeypatch.setattr(M, "DECODE_CHUNK_BYTES", 1)  # one sequence per chunk
+    torch.testing.assert_close(step(lengths, decode=True), want, atol=1e-4, rtol=0)
+
 # ---- sampler ------------------------------------------------------------------------------
 
 
