@@ -145,8 +145,9 @@ def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor, block_size: int, con
     table [B, n]: one contiguous copy per whole block (B * n copies of block_size entries) rather
     than one per token; the result is a view, padding the last block would only cost compute."""
     B, n = blocks.shape
-    by_block = pool.view(-1, block_size, *pool.shape[1:])
-    return by_block.index_select(0, blocks.reshape(-1)).view(B, n * block_size, *pool.shape[1:])[:, :context]
+    entry = pool.shape[1:]
+    gathered = pool.view(-1, block_size, *entry).index_select(0, blocks.reshape(-1)).view(B, n * block_size, *entry)
+    return gathered if context == n * block_size else gathered[:, :context]
 
 
 @dataclass
@@ -403,11 +404,12 @@ class AttentionModel:
         core's cache (DECODE_CHUNK_BYTES); gathering every context first and attending after runs
         1.5-2x slower once they outgrow it (64 sequences x 200 tokens, 32 x 400)."""
         B, context = q.shape[0], mask.shape[-1]
-        per_sequence = context * (pools[0].stride(0) + pools[1].stride(0)) * pools[0].element_size()
-        rows = max(1, DECODE_CHUNK_BYTES // per_sequence) if q.device.type == "cpu" else B
+        (pool_a, pool_b), rows = pools, B
+        if q.is_cpu:
+            rows = max(1, DECODE_CHUNK_BYTES // (context * (pool_a.stride(0) + pool_b.stride(0)) * pool_a.element_size()))
 
         def attend(q: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            a, b = (gather_blocks(pool, blocks, block_size, context) for pool in pools)
+            a, b = gather_blocks(pool_a, blocks, block_size, context), gather_blocks(pool_b, blocks, block_size, context)
             if L.mla:
                 return self.latent_decode_attention(L.mla, q, a, b, mask)
             return self.decode_attention(q, a, b, mask, L.sinks)
