@@ -138,6 +138,13 @@ def kv_write(seq: int, items: list[tuple[str, int, int]], finished: list[str] | 
     return msg, k, v
 
 
+def held_bytes(store: CheckpointStore) -> int:
+    """Bytes of the memory the store's checkpoints keep alive, each storage once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for cp in store.requests.values() for t in (cp.k, cp.v) if t is not None}
+    return sum(storages.values())
+
+
 def test_store_commits_contiguous_prefixes_and_freezes_at_a_hole():
     store = CheckpointStore(1 << 20)
     m, k0, _ = kv_write(0, [("a", 0, 3), ("b", 0, 2)])
@@ -161,13 +168,63 @@ def test_store_memory_is_what_it_holds_and_ended_requests_are_dropped():
     store = CheckpointStore(max_bytes=2 * 5 * 2 * 3 * 4 * 2)  # room for 5 positions of k and v
     m, k, _ = kv_write(0, [("a", 0, 3), ("b", 0, 3)])
     store.write("aw0", m, k, -k)
-    held = sum(t.nbytes for cp in store.requests.values() for t in cp.k + cp.v)
-    assert store.bytes == held == 2 * 3 * 2 * 3 * 4 * 2  # a: 3 positions; b (over budget) frozen empty
+    assert store.bytes == held_bytes(store) == 2 * 3 * 2 * 3 * 4 * 2  # a: 3 positions; b (over budget) frozen empty
     assert store.restore("b")[0] == 0 and store.refused == 1
-    assert all(t.untyped_storage().data_ptr() != k.untyped_storage().data_ptr() for t in store.requests["a"].k)  # a copy
+    assert store.requests["a"].k.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()  # a copy
     m, k, _ = kv_write(1, [], finished=["a", "b"])
     store.write("aw0", m, k, -k)
     assert store.bytes == 0 and store.requests == {}
+
+
+def test_store_buffers_grow_within_the_budget_and_keep_positions_exact():
+    """Each request's KV sits in one buffer that doubles when full; near the budget it grows just
+    enough, and what does not fit freezes the request (its spare room given back). Restores are
+    exactly the positions written, through growth and a truncation (a recompute from position 2)."""
+    per_position = 2 * (2 * 2 * 3 * 4)  # k and v, 2 layers, 2 heads, dim 3, fp32
+    store = CheckpointStore(max_bytes=10 * per_position)
+    want: dict[str, torch.Tensor] = {}
+
+    def write(seq: int, req: str, start: int, n: int) -> None:
+        m, k, _ = kv_write(seq, [(req, start, n)])
+        store.write("aw0", m, k, -k)
+        if start <= want.get(req, k[:, :0]).shape[1] and req not in frozen:
+            want[req] = torch.cat([want.get(req, k[:, :0])[:, :start], k], 1)
+
+    def check(capacities: dict[str, int]) -> None:
+        assert {r: cp.capacity for r, cp in store.requests.items()} == capacities
+        assert store.bytes == held_bytes(store) == sum(capacities.values()) * per_position <= store.max_bytes
+        for r, kv in want.items():
+            n, k, v = store.restore(r)
+            assert n == kv.shape[1] and torch.equal(k, kv) and torch.equal(v, -kv)
+
+    frozen: set[str] = set()
+    write(0, "a", 0, 3)
+    for seq in range(1, 4):  # past a doubling
+        write(seq, "a", 2 + seq, 1)
+    check({"a": 6})
+    write(4, "b", 0, 3)  # fits (9 of 10); a's next doubling would not, it grows to 7
+    write(5, "a", 6, 1)
+    check({"a": 7, "b": 3})
+    write(6, "b", 2, 1)  # recomputed from position 2: truncated, then extended in place
+    check({"a": 7, "b": 3})
+    frozen.add("a")
+    write(7, "a", 7, 2)  # over budget: refused, a keeps its 7 positions
+    assert store.refused == 1
+    check({"a": 7, "b": 3})
+    del want["a"]
+    m, k, _ = kv_write(8, [("c", 0, 0)], finished=["a"])
+    store.write("aw0", m, k, -k)
+    frozen.clear()
+    for seq in range(9, 11):
+        write(seq, "b", seq - 6, 1)  # b: 3 -> 5 positions, in a buffer of 6
+    check({"b": 6, "c": 0})
+    frozen.add("b")
+    write(11, "b", 6, 1)  # a hole: frozen at 5 positions, its spare room given back
+    check({"b": 5, "c": 0})
+    frozen.clear()
+    write(12, "b", 0, 2)  # recomputed from scratch: a fresh checkpoint
+    write(13, "b", 2, 1)
+    check({"b": 4, "c": 0})
 
 
 def test_store_ties_each_checkpoint_to_its_owner_until_a_handover():
