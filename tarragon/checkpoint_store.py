@@ -10,9 +10,10 @@ hole (an earlier write was dropped under back-pressure, or this store replaced a
 that does not fit the byte budget freezes the request at its committed prefix: it stays
 restorable up to there, the rest is recomputed. Finished requests are dropped. Memory never
 grows past `store_max_bytes`: each request's KV is copied out of the write that carried it (a view
-would keep the whole write alive) into one buffer of its own, which doubles when full (or grows
-just enough, near the budget; a frozen request gives its spare room back); the bytes accounted
-are those buffers' whole capacity, so they are the bytes held.
+would keep the whole write alive) into chunks of its own: its first write exactly, then CHUNK
+positions at a time (just what a write needs, near the budget; a frozen request gives its spare
+room back), so a decode step costs one copy per request and growing copies nothing. The bytes
+accounted are the chunks' whole size, so they are the bytes held.
 
 Each checkpoint belongs to the attention worker that wrote it first; only that owner may extend,
 drop or restore it, until the driver moves the request (`Handover`, relayed by the orchestrator).
@@ -25,7 +26,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +41,16 @@ from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
 FROM_ORCHESTRATOR = (P.Shutdown, P.Handover, P.Fence)
-GROWTH = 2  # a checkpoint's buffer grows by this factor: an append is a copy into a slice, amortized O(1)
+CHUNK = 32  # positions a checkpoint grows by (more if one write needs more), in a chunk of its own: nothing is copied
+
+
+class Chunk(NamedTuple):
+    """KV of positions [base, base + size) as bytes [layers, size, row]: numpy allocates and
+    copies a 2 KiB slice for a tenth of torch's cost per call; restores view them as tensors."""
+
+    base: int
+    kb: np.ndarray
+    vb: np.ndarray
 
 
 @dataclass(slots=True)
@@ -48,20 +59,34 @@ class Checkpoint:
     # The KV layout its writes share: (dtype, layers, dims past the position axis) of k, then of v.
     # (MLA: k holds the latent, v the rotated key: shapes differ past the position axis.)
     layout: tuple = ()
-    # Buffers [layers, capacity, *dims]; positions [0, committed) are the checkpoint, the rest is
-    # room to grow (held, so accounted). kb and vb: the same memory as bytes [layers, capacity, row],
-    # for copies at numpy's cost per call rather than torch's (~10x less for a 2 KiB slice).
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    kb: np.ndarray | None = None
+    # In position order; positions [0, committed) are the checkpoint, the rest of the last chunk
+    # is room to grow (held, so accounted).
+    chunks: list[Chunk] = field(default_factory=list)
+    kb: np.ndarray | None = None  # the last chunk's, and its first position
     vb: np.ndarray | None = None
-    capacity: int = 0  # positions the buffers hold
+    base: int = 0
+    capacity: int = 0  # positions the chunks hold
     committed: int = 0
     frozen: bool = False
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes if self.k is not None else 0
+        return sum(c.kb.nbytes + c.vb.nbytes for c in self.chunks)
+
+    def pop(self) -> Chunk:
+        chunk = self.chunks.pop()
+        self._last()
+        return chunk
+
+    def push(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self._last()
+
+    def _last(self) -> None:
+        last = self.chunks[-1] if self.chunks else None
+        self.kb, self.vb = (last.kb, last.vb) if last else (None, None)
+        self.base = last.base if last else 0
+        self.capacity = last.base + last.kb.shape[1] if last else 0
 
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -70,6 +95,18 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
     if not t.numel():
         return np.empty((t.shape[0], t.shape[1], row), np.uint8)
     return t.contiguous().view(torch.uint8).numpy().reshape(t.shape[0], t.shape[1], row)
+
+
+def new_chunk(layout: tuple, base: int, size: int) -> Chunk:
+    dtype_k, layers_k, dims_k, dtype_v, layers_v, dims_v = layout
+    return Chunk(base, np.empty((layers_k, size, math.prod(dims_k) * dtype_k.itemsize), np.uint8),
+                 np.empty((layers_v, size, math.prod(dims_v) * dtype_v.itemsize), np.uint8))
+
+
+def as_tensor(parts: list[np.ndarray], dtype: torch.dtype, dims: tuple) -> torch.Tensor:
+    """Byte arrays [layers, n_i, row], in position order, as one new tensor [layers, sum n_i, *dims]."""
+    b = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0].copy()
+    return torch.from_numpy(b).view(dtype).reshape(b.shape[0], b.shape[1], *dims)
 
 
 class CheckpointStore:
@@ -86,7 +123,8 @@ class CheckpointStore:
 
     def write(self, owner: str, msg: P.KVWrite, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append each request's positions to its checkpoint. The layout is read once per write
-        (every request in it shares it); per request, one copy of k and one of v into its buffer."""
+        (every request in it shares it); per request, one copy of k and one of v, into its last
+        chunk unless it must grow."""
         last = self.last_seq.get(owner)
         if last is not None and msg.seq > last + 1:
             self.gaps += msg.seq - last - 1
@@ -105,47 +143,71 @@ class CheckpointStore:
                     self.drop(req_id)
                 cp = self.requests[req_id] = Checkpoint(owner, layout)
             if start < cp.committed:  # recomputed from `start` (a preemption): the rest is stale
-                cp.committed = start
+                self._truncate(cp, start)
             end = start + n
-            if cp.frozen or cp.layout != layout or start > cp.committed or (end > cp.capacity and not self._grow(cp, end)):
-                self._freeze(cp)  # a hole, a misfit, or over budget: restorable up to its committed prefix
-                continue
-            if n:
-                cp.kb[:, start:end] = kb[:, offset - n:offset]  # out of the network buffer
-                cp.vb[:, start:end] = vb[:, offset - n:offset]
+            if cp.frozen or cp.layout != layout or start > cp.committed:
+                self._freeze(cp)  # a hole or a misfit: restorable up to its committed prefix
+            elif cp.base <= start and end <= cp.capacity and n:  # the common case: into the last chunk
+                cp.kb[:, start - cp.base:end - cp.base] = kb[:, offset - n:offset]  # out of the network buffer
+                cp.vb[:, start - cp.base:end - cp.base] = vb[:, offset - n:offset]
                 cp.committed = end
+            elif n and not self._append(cp, start, kb[:, offset - n:offset], vb[:, offset - n:offset]):
+                self._freeze(cp)  # over budget
         for req_id in msg.finished:
             if self.owned_by(self.requests.get(req_id, Checkpoint(owner)), owner):
                 self.drop(req_id)
             else:
                 self.foreign += 1
 
+    def _append(self, cp: Checkpoint, start: int, kb: np.ndarray, vb: np.ndarray) -> bool:
+        """Positions from `start` (as bytes [layers, n, row]) into the chunks that hold them, past
+        the last one into a new chunk; False (nothing written) if that does not fit the budget."""
+        end = start + kb.shape[1]
+        if end > cp.capacity and not self._grow(cp, end - cp.capacity):
+            return False
+        i = len(cp.chunks) - 1
+        while cp.chunks[i].base > start:
+            i -= 1
+        pos = start
+        while pos < end:
+            chunk = cp.chunks[i]
+            m = min(end, chunk.base + chunk.kb.shape[1]) - pos
+            chunk.kb[:, pos - chunk.base:pos - chunk.base + m] = kb[:, pos - start:pos - start + m]
+            chunk.vb[:, pos - chunk.base:pos - chunk.base + m] = vb[:, pos - start:pos - start + m]
+            pos, i = pos + m, i + 1
+        cp.committed = end
+        return True
+
     def _grow(self, cp: Checkpoint, need: int) -> bool:
-        """Room for positions [0, need): GROWTH times the capacity, or just `need` where that
-        would not fit the budget; False (nothing changes) if even that does not."""
+        """A new chunk for `need` more positions: just those for the first (a prompt is written
+        whole), CHUNK at least for the next ones, unless that would not fit the budget; False
+        (nothing changes) if `need` does not."""
         dtype_k, layers_k, dims_k, dtype_v, layers_v, dims_v = cp.layout
         per_position = layers_k * math.prod(dims_k) * dtype_k.itemsize + layers_v * math.prod(dims_v) * dtype_v.itemsize
-        for capacity in (max(need, GROWTH * cp.capacity), need):
-            if self.bytes + (capacity - cp.capacity) * per_position <= self.max_bytes:
-                self._resize(cp, capacity)
+        for size in (max(need, CHUNK) if cp.chunks else need, need):
+            if self.bytes + size * per_position <= self.max_bytes:
+                cp.push(new_chunk(cp.layout, cp.capacity, size))
+                self.bytes += size * per_position
                 return True
         return False
 
-    def _resize(self, cp: Checkpoint, capacity: int) -> None:
-        """New buffers of `capacity` positions holding the committed prefix."""
-        dtype_k, layers_k, dims_k, dtype_v, layers_v, dims_v = cp.layout
-        k = torch.empty((layers_k, capacity, *dims_k), dtype=dtype_k)
-        v = torch.empty((layers_v, capacity, *dims_v), dtype=dtype_v)
-        kb, vb = as_bytes(k), as_bytes(v)
-        if cp.committed:
-            kb[:, :cp.committed], vb[:, :cp.committed] = cp.kb[:, :cp.committed], cp.vb[:, :cp.committed]
-        self.bytes += k.nbytes + v.nbytes - cp.nbytes
-        cp.k, cp.v, cp.kb, cp.vb, cp.capacity = k, v, kb, vb, capacity
+    def _truncate(self, cp: Checkpoint, length: int) -> None:
+        """Positions from `length` on are stale: chunks that hold only those are given back."""
+        while cp.chunks and cp.base >= length:
+            chunk = cp.pop()
+            self.bytes -= chunk.kb.nbytes + chunk.vb.nbytes
+        cp.committed = length
 
     def _freeze(self, cp: Checkpoint) -> None:
         """No more writes until it is recomputed from scratch: its room to grow is given back."""
         if not cp.frozen and cp.capacity > cp.committed:
-            self._resize(cp, cp.committed)
+            last = cp.pop()
+            self.bytes -= last.kb.nbytes + last.vb.nbytes
+            if (used := cp.committed - last.base) > 0:
+                chunk = new_chunk(cp.layout, last.base, used)
+                chunk.kb[:], chunk.vb[:] = last.kb[:, :used], last.vb[:, :used]
+                cp.push(chunk)
+                self.bytes += chunk.kb.nbytes + chunk.vb.nbytes
         cp.frozen = True
         self.refused += 1
 
@@ -183,12 +245,15 @@ class CheckpointStore:
             self.bytes -= cp.nbytes
 
     def restore(self, req_id: str) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
-        """The committed prefix, copied (it is sent without a copy while the buffer may grow)."""
+        """The committed prefix, in one new tensor each (it is sent without a copy)."""
         cp = self.requests.get(req_id)
         if cp is None or cp.committed == 0:
             return 0, None, None
         n = cp.committed
-        return n, cp.k[:, :n].clone(memory_format=torch.contiguous_format), cp.v[:, :n].clone(memory_format=torch.contiguous_format)
+        parts = [c for c in cp.chunks if c.base < n]
+        dtype_k, _, dims_k, dtype_v, _, dims_v = cp.layout
+        return n, as_tensor([c.kb[:, :n - c.base] for c in parts], dtype_k, dims_k), \
+            as_tensor([c.vb[:, :n - c.base] for c in parts], dtype_v, dims_v)
 
     def stats(self) -> dict[str, int]:
         return {"bytes": self.bytes, "max_bytes": self.max_bytes, "requests": len(self.requests),

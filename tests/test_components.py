@@ -139,10 +139,11 @@ def kv_write(seq: int, items: list[tuple[str, int, int]], finished: list[str] | 
 
 
 def held_bytes(store: CheckpointStore) -> int:
-    """Bytes of the memory the store's checkpoints keep alive, each storage once."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for cp in store.requests.values() for t in (cp.k, cp.v) if t is not None}
-    return sum(storages.values())
+    """Bytes of the memory the store's checkpoints keep alive: arrays of their own, not views of
+    the writes that carried them (those would keep whole writes alive)."""
+    arrays = [a for cp in store.requests.values() for c in cp.chunks for a in (c.kb, c.vb)]
+    assert all(a.base is None for a in arrays)
+    return sum(a.nbytes for a in arrays)
 
 
 def test_store_commits_contiguous_prefixes_and_freezes_at_a_hole():
@@ -170,25 +171,29 @@ def test_store_memory_is_what_it_holds_and_ended_requests_are_dropped():
     store.write("aw0", m, k, -k)
     assert store.bytes == held_bytes(store) == 2 * 3 * 2 * 3 * 4 * 2  # a: 3 positions; b (over budget) frozen empty
     assert store.restore("b")[0] == 0 and store.refused == 1
-    assert store.requests["a"].k.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()  # a copy
     m, k, _ = kv_write(1, [], finished=["a", "b"])
     store.write("aw0", m, k, -k)
     assert store.bytes == 0 and store.requests == {}
 
 
-def test_store_buffers_grow_within_the_budget_and_keep_positions_exact():
-    """Each request's KV sits in one buffer that doubles when full; near the budget it grows just
-    enough, and what does not fit freezes the request (its spare room given back). Restores are
-    exactly the positions written, through growth and a truncation (a recompute from position 2)."""
-    per_position = 2 * (2 * 2 * 3 * 4)  # k and v, 2 layers, 2 heads, dim 3, fp32
-    store = CheckpointStore(max_bytes=10 * per_position)
-    want: dict[str, torch.Tensor] = {}
+def test_store_chunks_grow_within_the_budget_and_keep_positions_exact(monkeypatch):
+    """A request's KV: its first write held exactly, then chunks of CHUNK positions (here 4), or
+    just what a write needs near the budget; what does not fit freezes the request (its spare
+    room given back). Restores are exactly the positions written, across chunks, truncations
+    (a recompute from an earlier position) and recomputes from scratch."""
+    from tarragon import checkpoint_store
 
-    def write(seq: int, req: str, start: int, n: int) -> None:
-        m, k, _ = kv_write(seq, [(req, start, n)])
+    monkeypatch.setattr(checkpoint_store, "CHUNK", 4)
+    per_position = 2 * (2 * 2 * 3 * 4)  # k and v, 2 layers, 2 heads, dim 3, fp32
+    store = CheckpointStore(max_bytes=12 * per_position)
+    want: dict[str, torch.Tensor] = {}
+    seq = iter(range(100))
+
+    def write(req: str, start: int, n: int, kept: bool = True) -> None:
+        m, k, _ = kv_write(next(seq), [(req, start, n)])
         store.write("aw0", m, k, -k)
-        if start <= want.get(req, k[:, :0]).shape[1] and req not in frozen:
-            want[req] = torch.cat([want.get(req, k[:, :0])[:, :start], k], 1)
+        if kept:
+            want[req] = torch.cat([want[req][:, :start], k], 1) if start else k
 
     def check(capacities: dict[str, int]) -> None:
         assert {r: cp.capacity for r, cp in store.requests.items()} == capacities
@@ -197,34 +202,31 @@ def test_store_buffers_grow_within_the_budget_and_keep_positions_exact():
             n, k, v = store.restore(r)
             assert n == kv.shape[1] and torch.equal(k, kv) and torch.equal(v, -kv)
 
-    frozen: set[str] = set()
-    write(0, "a", 0, 3)
-    for seq in range(1, 4):  # past a doubling
-        write(seq, "a", 2 + seq, 1)
-    check({"a": 6})
-    write(4, "b", 0, 3)  # fits (9 of 10); a's next doubling would not, it grows to 7
-    write(5, "a", 6, 1)
+    write("a", 0, 3)
+    for pos in (3, 4, 5):
+        write("a", pos, 1)
+    check({"a": 7})  # 3, then a chunk of 4
+    write("b", 0, 3)
+    write("a", 6, 1)
+    write("a", 7, 1)  # a chunk of 4 would not fit: one of 1
+    check({"a": 8, "b": 3})
+    write("b", 2, 1)  # recomputed from position 2: truncated, then extended in place
+    write("a", 6, 1)  # recomputed from position 6: its last chunk (from 7) is given back
     check({"a": 7, "b": 3})
-    write(6, "b", 2, 1)  # recomputed from position 2: truncated, then extended in place
-    check({"a": 7, "b": 3})
-    frozen.add("a")
-    write(7, "a", 7, 2)  # over budget: refused, a keeps its 7 positions
+    write("a", 7, 3, kept=False)  # over budget: refused, a keeps its 7 positions
     assert store.refused == 1
     check({"a": 7, "b": 3})
     del want["a"]
-    m, k, _ = kv_write(8, [("c", 0, 0)], finished=["a"])
+    m, k, _ = kv_write(next(seq), [("c", 0, 0)], finished=["a"])
     store.write("aw0", m, k, -k)
-    frozen.clear()
-    for seq in range(9, 11):
-        write(seq, "b", seq - 6, 1)  # b: 3 -> 5 positions, in a buffer of 6
-    check({"b": 6, "c": 0})
-    frozen.add("b")
-    write(11, "b", 6, 1)  # a hole: frozen at 5 positions, its spare room given back
+    write("b", 3, 1)
+    write("b", 4, 1)
+    check({"b": 7, "c": 0})
+    write("b", 6, 1, kept=False)  # a hole: frozen at 5 positions, its spare room given back
     check({"b": 5, "c": 0})
-    frozen.clear()
-    write(12, "b", 0, 2)  # recomputed from scratch: a fresh checkpoint
-    write(13, "b", 2, 1)
-    check({"b": 4, "c": 0})
+    write("b", 0, 2)  # recomputed from scratch: a fresh checkpoint
+    write("b", 2, 1)
+    check({"b": 6, "c": 0})
 
 
 def test_store_ties_each_checkpoint_to_its_owner_until_a_handover():
