@@ -1,6 +1,9 @@
-"""CPU a checkpoint store spends per decode step, in-process (no cluster): `CheckpointStore.write`
-driven with KVWrites shaped as a real decode step of the bench demo model (4 layers, 4 KV heads,
-head_dim 32, fp32), and the same through the receive path (`P.decode`, tensors, `check_write`).
+"""CPU a checkpoint store spends per decode step, in-process (no cluster): KVWrites shaped as a
+real decode step of the bench demo model (4 layers, 4 KV heads, head_dim 32, fp32), into
+`CheckpointStore.write` directly, and through the store's receive path (an ipc socket, `recv`,
+`check_write`, `serve`), with warm caches and with cold ones (32 MB touched and a 2 ms sleep
+between writes, as when the attention and expert workers share the cores: per-message code then
+costs several times more).
 
 Each run: a prefill write (every request from position 0, `--prompt` tokens), `--steps` decode
 steps of one token per request, then one write that drops them all. Reports, median over
@@ -16,18 +19,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tarragon import protocol as P  # noqa: E402
-from tarragon.checkpoint_store import CheckpointStore, check_write  # noqa: E402
-from tarragon.sockets import Received  # noqa: E402
+from tarragon.checkpoint_store import CheckpointStore, take_messages  # noqa: E402
+from tarragon.sockets import DATA_MAX_BYTES, Context, make_socket  # noqa: E402
 
 LAYERS, HEADS, DIM = 4, 4, 32
+MODES = ("write", "receive", "receive, cold caches")
 
 
 def message(seq: int, ids: list[str], starts: list[int], counts: list[int], fill: float,
@@ -38,30 +45,43 @@ def message(seq: int, ids: list[str], starts: list[int], counts: list[int], fill
     return P.KVWrite(seq, ids, starts, counts, P.tensor_meta(k), P.tensor_meta(v), finished or []), k, v
 
 
-def one_run(requests: int, prompt: int, steps: int, wire: bool) -> list[float]:
-    """Microseconds per decode-step write; asserts the restores are exact."""
+class Link:
+    """An attention worker's socket to the store's, over ipc as in a local cluster."""
+
+    def __init__(self, ctx: Context, folder: str):
+        endpoint = f"ipc://{folder}/store"
+        self.store = make_socket(ctx, zmq.ROUTER, bind=endpoint, max_bytes=DATA_MAX_BYTES)
+        self.aw = make_socket(ctx, zmq.DEALER, connect=endpoint, identity="aw0", max_bytes=DATA_MAX_BYTES)
+
+    def send(self, m: P.KVWrite, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.aw.send_multipart(P.encode(m, k, v), copy=False)
+        assert self.store.poll(5000), "the write did not arrive"
+
+
+def one_run(requests: int, prompt: int, steps: int, mode: str, link: Link, cache: np.ndarray) -> list[float]:
+    """CPU microseconds per decode-step write; asserts the restores are exact."""
     store = CheckpointStore(1 << 32)
     ids = [f"r{i}" for i in range(requests)]
-    steps_msgs = [message(0, ids, [0] * requests, [prompt] * requests, 0.0)]
-    steps_msgs += [message(s, ids, [prompt + s - 1] * requests, [1] * requests, float(s)) for s in range(1, steps + 1)]
-    frames = [P.encode(m, k, v) for m, k, v in steps_msgs] if wire else []
+    writes = [message(0, ids, [0] * requests, [prompt] * requests, 0.0)]
+    writes += [message(s, ids, [prompt + s - 1] * requests, [1] * requests, float(s)) for s in range(1, steps + 1)]
     times = []
-    for i, (m, k, v) in enumerate(steps_msgs):
-        t0 = time.thread_time()  # CPU time: robust to a shared machine
-        if wire:
-            msg, bufs = P.decode(frames[i])
-            got = Received("aw0", msg, bufs, b"aw0", P.tensors(msg, bufs))
-            check_write(got)
-            store.write("aw0", got.msg, *got.tensors)
-        else:
+    for m, k, v in writes:
+        if mode != "write":
+            link.send(m, k, v)
+        if mode.endswith("cold caches"):
+            cache[::64] += 1
+            time.sleep(0.002)
+        t0 = time.thread_time()
+        if mode == "write":
             store.write("aw0", m, k, v)
+        else:
+            take_messages(store, link.store, "store")
         times.append((time.thread_time() - t0) * 1e6)
     for j in (0, requests // 2, requests - 1):
         n, rk, rv = store.restore(ids[j])
-        want = torch.cat([k[:, j * c:(j + 1) * c] for m, k, _ in steps_msgs for c in [m.counts[j]]], dim=1)
+        want = torch.cat([k[:, j * c:(j + 1) * c] for m, k, _ in writes for c in [m.counts[j]]], dim=1)
         assert n == prompt + steps and torch.equal(rk, want) and torch.equal(rv, -want), f"restore of {ids[j]} is wrong"
-    held = sum(cp.nbytes for cp in store.requests.values())
-    assert store.bytes == held, (store.bytes, held)
+    assert store.bytes == sum(cp.nbytes for cp in store.requests.values())
     store.write("aw0", *message(steps + 1, [], [], [], 0.0, ids)[:1], *message(0, [], [], [], 0.0)[1:])
     assert store.bytes == 0 and not store.requests
     return times[1:]
@@ -75,12 +95,18 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    for wire in (False, True):
-        runs = [one_run(args.requests, args.prompt, args.steps, wire) for _ in range(args.runs)]
-        means, meds = [statistics.fmean(r) for r in runs], [statistics.median(r) for r in runs]
-        what = "decode + check + write" if wire else "CheckpointStore.write"
-        print(f"{what:24s} {args.requests} requests x 1 token, CPU us per step: mean {statistics.median(means):5.0f} "
-              f"(runs: {', '.join(f'{m:.0f}' for m in means)}), median {statistics.median(meds):5.0f}; restores exact")
+    ctx = Context(None)
+    cache = np.ones(32 << 20, np.uint8)
+    with tempfile.TemporaryDirectory() as folder:
+        link = Link(ctx, folder)
+        for mode in MODES:
+            runs = [one_run(args.requests, args.prompt, args.steps, mode, link, cache) for _ in range(args.runs)]
+            means, meds = [statistics.fmean(r) for r in runs], [statistics.median(r) for r in runs]
+            print(f"{mode:21s} {args.requests} requests x 1 token, CPU us per write: mean {statistics.median(means):5.0f} "
+                  f"(runs: {', '.join(f'{m:.0f}' for m in means)}), median {statistics.median(meds):5.0f}; restores exact")
+        link.aw.close(linger=0)
+        link.store.close(linger=0)
+    ctx.term()
 
 
 if __name__ == "__main__":

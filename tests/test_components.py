@@ -248,24 +248,30 @@ def test_a_fenced_attention_worker_touches_no_checkpoint():
     """Declared failed but still reaching the store (a partition): its writes, drops and restores
     are dropped, even for requests it still owns here; its checkpoints go to the live worker that
     touches them first (the driver's handover, relayed by the orchestrator, may come later)."""
-    from tarragon.checkpoint_store import serve
+    from tarragon.checkpoint_store import check_write, serve
     from tarragon.sockets import Received
+
+    def received(sender: str, m: P.KVWrite, k: torch.Tensor) -> Received:  # as the store's socket gets it
+        msg, bufs = P.decode(P.encode(m, k, -k))
+        got = Received(sender, msg, bufs, sender.encode())
+        check_write(got)
+        return got
 
     store = CheckpointStore(1 << 20)
     m, k, _ = kv_write(0, [("a", 0, 2)])
-    serve(store, Received("aw0", m, [], tensors=[k, -k]))
+    serve(store, received("aw0", m, k))
     store.fenced = {"aw0"}
     m, k, _ = kv_write(1, [("a", 2, 1)], finished=["a"])
-    serve(store, Received("aw0", m, [], tensors=[k, -k]))
+    serve(store, received("aw0", m, k))
     serve(store, Received("aw0", P.RestoreRequest("a"), [], b"aw0"))
     assert store.restore("a")[0] == 2 and not store.parked  # neither extended nor dropped; no restore parked
     serve(store, Received("aw1", P.RestoreRequest("a"), [], b"aw1"))  # before its handover: the owner is fenced
     assert store.due_restores(0.0) == [(b"aw1", "a", True)]
     m, k, _ = kv_write(0, [("b", 0, 1)])
-    serve(store, Received("aw0", m, [], tensors=[k, -k]))  # nor does it start new ones
+    serve(store, received("aw0", m, k))  # nor does it start new ones
     assert "b" not in store.requests
     m, k, _ = kv_write(0, [], finished=["a"])  # aw1 aborts it, its handover still on the way: dropped
-    serve(store, Received("aw1", m, [], tensors=[k[:, :0], -k[:, :0]]))
+    serve(store, received("aw1", m, k[:, :0]))
     assert store.requests == {} and store.bytes == 0
 
 
