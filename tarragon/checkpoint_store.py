@@ -10,7 +10,10 @@ hole (an earlier write was dropped under back-pressure, or this store replaced a
 that does not fit the byte budget freezes the request at its committed prefix: it stays
 restorable up to there, the rest is recomputed. Finished requests are dropped. Memory never
 grows past `store_max_bytes`: each request's KV is copied out of the write that carried it (a view
-would keep the whole write alive), so the bytes accounted are the bytes held.
+would keep the whole write alive) into chunks of its own: its first write exactly, then CHUNK
+positions at a time (just what a write needs, near the budget; a frozen request gives its spare
+room back), so a decode step costs one copy per request and growing copies nothing. The bytes
+accounted are the chunks' whole size, so they are the bytes held.
 
 Each checkpoint belongs to the attention worker that wrote it first; only that owner may extend,
 drop or restore it, until the driver moves the request (`Handover`, relayed by the orchestrator).
@@ -20,10 +23,15 @@ races the request itself; then it gets nothing (and recomputes).
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import zmq
 
@@ -35,22 +43,91 @@ from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
 FROM_ORCHESTRATOR = (P.Shutdown, P.Handover, P.Fence)
-COMPACT_AFTER = 64  # segments per request before they are joined into one tensor
+CHUNK = 32  # positions a checkpoint grows by (more if one write needs more), in a chunk of its own: nothing is copied
+HEAP_KEEP_BYTES = 64 << 20  # freed memory the store's allocator keeps for the next chunks (see keep_freed_memory)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
-@dataclass
+class Layout(NamedTuple):
+    """What k (or v) holds per position: its dtype (by name), layers, the dims past the position
+    axis, and the bytes of one position in one layer."""
+
+    dtype: str
+    layers: int
+    dims: tuple[int, ...]
+    row: int
+
+    @classmethod
+    def of(cls, dtype: str, shape: Sequence[int], itemsize: int) -> Layout:
+        return cls(dtype, shape[0], tuple(shape[2:]), math.prod(shape[2:]) * itemsize)
+
+    def tensor(self, parts: list[np.ndarray]) -> torch.Tensor:
+        """Byte arrays [layers, n_i, row], in position order, as one new tensor [layers, sum n_i, *dims]."""
+        b = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0].copy()
+        return torch.from_numpy(b).view(getattr(torch, self.dtype)).reshape(b.shape[0], b.shape[1], *self.dims)
+
+
+class Chunk(NamedTuple):
+    """KV of positions [base, base + size) as bytes [layers, size, row]: numpy allocates and
+    copies a 2 KiB slice for a tenth of torch's cost per call; restores view them as tensors."""
+
+    base: int
+    kb: np.ndarray
+    vb: np.ndarray
+
+    @classmethod
+    def new(cls, layout: tuple[Layout, Layout], base: int, size: int) -> Chunk:
+        k, v = layout
+        return cls(base, np.empty((k.layers, size, k.row), np.uint8), np.empty((v.layers, size, v.row), np.uint8))
+
+
+@dataclass(slots=True)
 class Checkpoint:
     owner: str
-    # Segments [layers, n, heads, dim], each its own copy, in position order.
-    # (MLA: k holds the latent, v the rotated key: shapes differ past the position axis.)
-    k: list[torch.Tensor] = field(default_factory=list)
-    v: list[torch.Tensor] = field(default_factory=list)
+    # The layout of k and of v that its writes share. (MLA: k holds the latent, v the rotated key.)
+    layout: tuple[Layout, Layout]
+    # In position order; positions [0, committed) are the checkpoint, the rest of the last chunk
+    # is room to grow (held, so accounted).
+    chunks: list[Chunk] = field(default_factory=list)
+    kb: np.ndarray | None = None  # the last chunk's, and its first position
+    vb: np.ndarray | None = None
+    base: int = 0
+    capacity: int = 0  # positions the chunks hold
     committed: int = 0
     frozen: bool = False
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+        return sum(c.kb.nbytes + c.vb.nbytes for c in self.chunks)
+
+    def pop(self) -> Chunk:
+        chunk = self.chunks.pop()
+        self._last()
+        return chunk
+
+    def push(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self._last()
+
+    def _last(self) -> None:
+        last = self.chunks[-1] if self.chunks else None
+        self.kb, self.vb = (last.kb, last.vb) if last else (None, None)
+        self.base = last.base if last else 0
+        self.capacity = last.base + last.kb.shape[1] if last else 0
+
+
+def tensor_bytes(t: torch.Tensor) -> tuple[Layout, np.ndarray]:
+    """A tensor [layers, n, *dims] (any dtype, bf16 too): its layout and its bytes [layers, n, row]."""
+    layout = Layout.of(str(t.dtype).removeprefix("torch."), t.shape, t.element_size())
+    if not t.numel():
+        return layout, np.empty((t.shape[0], t.shape[1], layout.row), np.uint8)
+    return layout, t.contiguous().view(torch.uint8).numpy().reshape(t.shape[0], t.shape[1], layout.row)
+
+
+def frame_bytes(meta: P.TensorMeta, buf: memoryview) -> tuple[Layout, np.ndarray]:
+    """A received frame (checked by `check_write`): its layout and its bytes [layers, n, row]."""
+    layout = Layout.of(meta.dtype, meta.shape, P.DTYPE_SIZES[meta.dtype])
+    return layout, np.frombuffer(buf, np.uint8).reshape(meta.shape[0], meta.shape[1], layout.row)
 
 
 class CheckpointStore:
@@ -66,41 +143,97 @@ class CheckpointStore:
         self.fenced: set[str] = set()  # attention workers declared failed: they write, drop and restore nothing
 
     def write(self, owner: str, msg: P.KVWrite, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A write whose KV is in tensors (in-process callers; the store's own socket: `serve`)."""
+        (lk, kb), (lv, vb) = tensor_bytes(k), tensor_bytes(v)
+        self.write_bytes(owner, msg, (lk, lv), kb, vb)
+
+    def write_bytes(self, owner: str, msg: P.KVWrite, layout: tuple[Layout, Layout], kb: np.ndarray, vb: np.ndarray) -> None:
+        """Append each request's positions (k and v as bytes [layers, n, row]) to its checkpoint.
+        The layout is read once per write (every request in it shares it); per request, one copy
+        of k and one of v, into its last chunk unless it must grow."""
         last = self.last_seq.get(owner)
         if last is not None and msg.seq > last + 1:
             self.gaps += msg.seq - last - 1
         self.last_seq[owner] = msg.seq
         offset = 0
         for req_id, start, n in zip(msg.req_ids, msg.starts, msg.counts):
-            kc, vc = k[:, offset : offset + n], v[:, offset : offset + n]
             offset += n
             cp = self.requests.get(req_id)
-            if cp is not None and not self.owned_by(cp, owner):
+            if cp is not None and cp.owner != owner and not self.owned_by(cp, owner):
                 self.foreign += 1
                 continue
             if cp is None or start == 0:  # new, or recomputed from scratch after a preemption
                 if cp is not None:
                     self.drop(req_id)
-                cp = self.requests[req_id] = Checkpoint(owner)
-            if start < cp.committed:
+                cp = self.requests[req_id] = Checkpoint(owner, layout)
+            if start < cp.committed:  # recomputed from `start` (a preemption): the rest is stale
                 self._truncate(cp, start)
-            unlike = bool(cp.k) and any(held.dtype != new.dtype or held.shape[0] != new.shape[0] or held.shape[2:] != new.shape[2:]
-                                        for held, new in ((cp.k[0], kc), (cp.v[0], vc)))
-            if cp.frozen or unlike or start > cp.committed or self.bytes + kc.nbytes + vc.nbytes > self.max_bytes:
-                cp.frozen = True  # a hole, a misfit, or over budget: restorable up to its committed prefix
-                self.refused += 1
-                continue
-            cp.k.append(kc.clone())  # out of the network buffer
-            cp.v.append(vc.clone())
-            cp.committed += n
-            self.bytes += kc.nbytes + vc.nbytes
-            if len(cp.k) > COMPACT_AFTER:  # one tensor object per token would cost more than the KV
-                cp.k, cp.v = [torch.cat(cp.k, dim=1)], [torch.cat(cp.v, dim=1)]
+            end = start + n
+            if cp.frozen or cp.layout != layout or start > cp.committed:
+                self._freeze(cp)  # a hole or a misfit: restorable up to its committed prefix
+            elif n == 1 and cp.base <= start < cp.capacity:  # a decode step: into the last chunk
+                cp.kb[:, start - cp.base] = kb[:, offset - 1]  # out of the network buffer
+                cp.vb[:, start - cp.base] = vb[:, offset - 1]
+                cp.committed = end
+            elif n and not self._append(cp, start, kb[:, offset - n:offset], vb[:, offset - n:offset]):
+                self._freeze(cp)  # over budget
         for req_id in msg.finished:
-            if self.owned_by(self.requests.get(req_id, Checkpoint(owner)), owner):
+            if self.owned_by(self.requests.get(req_id, Checkpoint(owner, layout)), owner):
                 self.drop(req_id)
             else:
                 self.foreign += 1
+
+    def _append(self, cp: Checkpoint, start: int, kb: np.ndarray, vb: np.ndarray) -> bool:
+        """Positions from `start` (as bytes [layers, n, row]) into the chunks that hold them, past
+        the last one into a new chunk; False (nothing written) if that does not fit the budget."""
+        end = start + kb.shape[1]
+        if end > cp.capacity and not self._grow(cp, end - cp.capacity):
+            return False
+        i = len(cp.chunks) - 1
+        while cp.chunks[i].base > start:
+            i -= 1
+        pos = start
+        while pos < end:
+            chunk = cp.chunks[i]
+            m = min(end, chunk.base + chunk.kb.shape[1]) - pos
+            chunk.kb[:, pos - chunk.base:pos - chunk.base + m] = kb[:, pos - start:pos - start + m]
+            chunk.vb[:, pos - chunk.base:pos - chunk.base + m] = vb[:, pos - start:pos - start + m]
+            pos, i = pos + m, i + 1
+        cp.committed = end
+        return True
+
+    def _grow(self, cp: Checkpoint, need: int) -> bool:
+        """A new chunk for `need` more positions: just those for the first (a prompt is written
+        whole), CHUNK at least for the next ones, unless that would not fit the budget; False
+        (nothing changes) if `need` does not."""
+        k, v = cp.layout
+        per_position = k.layers * k.row + v.layers * v.row
+        for size in (max(need, CHUNK) if cp.chunks else need, need):
+            if self.bytes + size * per_position <= self.max_bytes:
+                cp.push(Chunk.new(cp.layout, cp.capacity, size))
+                self.bytes += size * per_position
+                return True
+        return False
+
+    def _truncate(self, cp: Checkpoint, length: int) -> None:
+        """Positions from `length` on are stale: chunks that hold only those are given back."""
+        while cp.chunks and cp.base >= length:
+            chunk = cp.pop()
+            self.bytes -= chunk.kb.nbytes + chunk.vb.nbytes
+        cp.committed = length
+
+    def _freeze(self, cp: Checkpoint) -> None:
+        """No more writes until it is recomputed from scratch: its room to grow is given back."""
+        if not cp.frozen and cp.capacity > cp.committed:
+            last = cp.pop()
+            self.bytes -= last.kb.nbytes + last.vb.nbytes
+            if (used := cp.committed - last.base) > 0:
+                chunk = Chunk.new(cp.layout, last.base, used)
+                chunk.kb[:], chunk.vb[:] = last.kb[:, :used], last.vb[:, :used]
+                cp.push(chunk)
+                self.bytes += chunk.kb.nbytes + chunk.vb.nbytes
+        cp.frozen = True
+        self.refused += 1
 
     def hand_over(self, msg: P.Handover) -> None:
         for req_id in msg.req_ids:
@@ -122,6 +255,9 @@ class CheckpointStore:
 
     def due_restores(self, now: float) -> list[tuple[bytes, str, bool]]:
         """Parked restores that can be answered: (requester, req_id, with its KV or with nothing)."""
+        if not self.parked:
+            return []
+
         def allowed(who: bytes, req_id: str) -> bool:
             return self.may_restore(who.decode(errors="replace"), req_id)
 
@@ -130,22 +266,20 @@ class CheckpointStore:
         self.parked = [p for p in self.parked if (p[0], p[1]) not in done]
         return due
 
-    def _truncate(self, cp: Checkpoint, length: int) -> None:
-        self.bytes -= cp.nbytes
-        k, v = torch.cat(cp.k, dim=1)[:, :length], torch.cat(cp.v, dim=1)[:, :length]
-        cp.k, cp.v, cp.committed = [k.clone()], [v.clone()], length
-        self.bytes += cp.nbytes
-
     def drop(self, req_id: str) -> None:
         cp = self.requests.pop(req_id, None)
         if cp is not None:
             self.bytes -= cp.nbytes
 
     def restore(self, req_id: str) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """The committed prefix, in one new tensor each (it is sent without a copy)."""
         cp = self.requests.get(req_id)
         if cp is None or cp.committed == 0:
             return 0, None, None
-        return cp.committed, torch.cat(cp.k, dim=1), torch.cat(cp.v, dim=1)
+        n = cp.committed
+        parts = [c for c in cp.chunks if c.base < n]
+        k, v = cp.layout
+        return n, k.tensor([c.kb[:, :n - c.base] for c in parts]), v.tensor([c.vb[:, :n - c.base] for c in parts])
 
     def stats(self) -> dict[str, int]:
         return {"bytes": self.bytes, "max_bytes": self.max_bytes, "requests": len(self.requests),
@@ -153,7 +287,21 @@ class CheckpointStore:
                 "refused": self.refused, "gaps": self.gaps, "foreign": self.foreign}
 
 
+def keep_freed_memory() -> None:
+    """Chunks come and go with requests; glibc would give freed heap back to the OS at once and
+    page-fault fresh pages in for the next ones (~80 faults per decode step at 64 requests, a
+    fifth of a store's CPU). Keep up to HEAP_KEEP_BYTES of it, and take chunks up to 32 MiB from
+    the heap (not one mmap each). Not glibc: nothing to do."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
+
+
 def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
+    keep_freed_memory()
     store = CheckpointStore(spec.store_max_bytes)
     sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
     orch.send(P.Ready(spec.name, Role.STORE, os.getpid(), store.stats()))
@@ -172,12 +320,8 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
                 store.fenced = set(got.msg.workers)
             elif got is not None:
                 store.hand_over(got.msg)
-        for _ in range(1000 if sock in events else 0):  # every write already here goes in before any restore is answered
-            if not sock.poll(0):
-                break
-            got = recv(sock, FROM_ATTENTION, spec.name, check=check_write)
-            if got is not None:
-                serve(store, got)
+        if sock in events:
+            take_messages(store, sock, spec.name)
         for requester, req_id, allowed in store.due_restores(time.monotonic()):
             answer_restore(store, sock, requester, req_id, allowed)
         if time.monotonic() >= next_stats:  # byte accounting, for /metrics and llm.workers()
@@ -185,16 +329,32 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
             next_stats = time.monotonic() + 0.5
 
 
+def take_messages(store: CheckpointStore, sock: zmq.Socket, name: str) -> None:
+    """The next message; while a restore waits, every one already here (up to 1000), so that each
+    write that arrived before it is in when it is answered. (Otherwise one: the poll that follows
+    finds the next, and finding the queue empty would cost a store as much CPU as a write.)"""
+    for _ in range(1000):
+        try:
+            got = recv(sock, FROM_ATTENTION, name, flags=zmq.NOBLOCK, check=check_write, tensors=False)
+        except zmq.Again:
+            return
+        if got is not None:
+            serve(store, got)
+        if not store.parked:
+            return
+
+
 def check_write(got: Received) -> None:
-    """Raises P.BadMessage unless a KVWrite's tensors hold the positions it lists."""
+    """Raises P.BadMessage unless a KVWrite's frames hold the positions it lists."""
     msg = got.msg
     if not isinstance(msg, P.KVWrite):
         return
-    k, v = got.tensors
-    if k.shape[:2] != v.shape[:2] or k.dim() != 4 or v.dim() != 4 or k.shape[1] != sum(msg.counts) \
-            or min(msg.counts, default=0) < 0 \
+    for meta, buf in zip((msg.k, msg.v), got.bufs):
+        P.check_frame(meta, buf)
+    k, v = msg.k.shape, msg.v.shape
+    if len(k) != 4 or len(v) != 4 or k[:2] != v[:2] or k[1] != sum(msg.counts) or min(msg.counts, default=0) < 0 \
             or not len(msg.req_ids) == len(msg.starts) == len(msg.counts) or min(msg.starts, default=0) < 0:
-        raise P.BadMessage(f"KV of shape {list(k.shape)} for {sum(msg.counts)} positions")
+        raise P.BadMessage(f"KV of shape {k} for {sum(msg.counts)} positions")
 
 
 def serve(store: CheckpointStore, got: Received) -> None:
@@ -208,7 +368,8 @@ def serve(store: CheckpointStore, got: Received) -> None:
         if len(store.parked) < 4096:
             store.parked.append((got.identity, got.msg.req_id, time.monotonic()))
         return
-    store.write(got.sender, got.msg, *got.tensors)
+    (lk, kb), (lv, vb) = frame_bytes(got.msg.k, got.bufs[0]), frame_bytes(got.msg.v, got.bufs[1])
+    store.write_bytes(got.sender, got.msg, (lk, lv), kb, vb)
 
 
 def answer_restore(store: CheckpointStore, sock: zmq.Socket, requester: bytes, req_id: str, allowed: bool) -> None:

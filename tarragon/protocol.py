@@ -22,7 +22,8 @@ from .vocabulary import EventKind, FinishReason, Role, WorkerState
 if TYPE_CHECKING:
     import torch
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16", "int64")
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}  # bytes per element
+DTYPE_NAMES = tuple(DTYPE_SIZES)
 
 
 @cache
@@ -374,14 +375,20 @@ def to_tensor(meta: TensorMeta, buf: memoryview) -> torch.Tensor:
     The result shares the frame's (read-only) memory."""
     import torch
 
-    dtype = _dtypes().get(meta.dtype)
-    if dtype is None:
+    check_frame(meta, buf)
+    dtype = _dtypes()[meta.dtype]
+    if math.prod(meta.shape) == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).view(meta.shape)
+
+
+def check_frame(meta: TensorMeta, buf: memoryview) -> None:
+    """Raises BadMessage unless the frame holds exactly its declared dtype and shape (no torch:
+    a receiver that only copies bytes, the checkpoint store, checks with this alone)."""
+    size = DTYPE_SIZES.get(meta.dtype)
+    if size is None:
         raise BadMessage(f"unknown dtype {meta.dtype!r}")
     if len(meta.shape) > 4 or any(d < 0 for d in meta.shape):
         raise BadMessage(f"bad shape {meta.shape}")
-    n = math.prod(meta.shape)
-    if buf.nbytes != n * dtype.itemsize:
+    if buf.nbytes != math.prod(meta.shape) * size:
         raise BadMessage(f"frame of {buf.nbytes} bytes does not hold {meta.dtype}{meta.shape}")
-    if n == 0:
-        return torch.empty(meta.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).view(meta.shape)

@@ -216,10 +216,11 @@ drops = DropLog()
 
 
 def recv(sock: zmq.Socket, accept: tuple[type, ...], where: str, flags: int = 0,
-         check: Callable[[Received], None] | None = None) -> Received | None:
+         check: Callable[[Received], None] | None = None, tensors: bool = True) -> Received | None:
     """The next message on `sock` if it is valid, of a type this socket accepts, and passes the
     receiver's `check` (which raises P.BadMessage), else None (logged and dropped). Raises
-    zmq.Again with NOBLOCK and nothing queued."""
+    zmq.Again with NOBLOCK and nothing queued. tensors=False: the frames are left as bytes, for
+    `check` to validate (`P.check_frame`); a receiver that only copies them spares torch's cost."""
     frames = sock.recv_multipart(flags, copy=False)
     sender, identity = "", b""
     if sock.type == zmq.ROUTER:
@@ -229,7 +230,7 @@ def recv(sock: zmq.Socket, accept: tuple[type, ...], where: str, flags: int = 0,
         msg, bufs = P.decode(frames)
         if not isinstance(msg, accept):
             raise P.BadMessage(f"{type(msg).__name__} is not accepted here")
-        got = Received(sender, msg, bufs, identity, P.tensors(msg, bufs))
+        got = Received(sender, msg, bufs, identity, P.tensors(msg, bufs) if tensors else [])
         if check is not None:
             check(got)
     except P.BadMessage as e:

@@ -181,6 +181,14 @@ def kv_write(seq: int, items: list[tuple[str, int, int]], finished: list[str] | 
     return msg, k, v
 
 
+def held_bytes(store: CheckpointStore) -> int:
+    """Bytes of the memory the store's checkpoints keep alive: arrays of their own, not views of
+    the writes that carried them (those would keep whole writes alive)."""
+    arrays = [a for cp in store.requests.values() for c in cp.chunks for a in (c.kb, c.vb)]
+    assert all(a.base is None for a in arrays)
+    return sum(a.nbytes for a in arrays)
+
+
 def test_store_commits_contiguous_prefixes_and_freezes_at_a_hole():
     store = CheckpointStore(1 << 20)
     m, k0, _ = kv_write(0, [("a", 0, 3), ("b", 0, 2)])
@@ -204,13 +212,64 @@ def test_store_memory_is_what_it_holds_and_ended_requests_are_dropped():
     store = CheckpointStore(max_bytes=2 * 5 * 2 * 3 * 4 * 2)  # room for 5 positions of k and v
     m, k, _ = kv_write(0, [("a", 0, 3), ("b", 0, 3)])
     store.write("aw0", m, k, -k)
-    held = sum(t.nbytes for cp in store.requests.values() for t in cp.k + cp.v)
-    assert store.bytes == held == 2 * 3 * 2 * 3 * 4 * 2  # a: 3 positions; b (over budget) frozen empty
+    assert store.bytes == held_bytes(store) == 2 * 3 * 2 * 3 * 4 * 2  # a: 3 positions; b (over budget) frozen empty
     assert store.restore("b")[0] == 0 and store.refused == 1
-    assert all(t.untyped_storage().data_ptr() != k.untyped_storage().data_ptr() for t in store.requests["a"].k)  # a copy
     m, k, _ = kv_write(1, [], finished=["a", "b"])
     store.write("aw0", m, k, -k)
     assert store.bytes == 0 and store.requests == {}
+
+
+def test_store_chunks_grow_within_the_budget_and_keep_positions_exact(monkeypatch):
+    """A request's KV: its first write held exactly, then chunks of CHUNK positions (here 4), or
+    just what a write needs near the budget; what does not fit freezes the request (its spare
+    room given back). Restores are exactly the positions written, across chunks, truncations
+    (a recompute from an earlier position) and recomputes from scratch."""
+    from tarragon import checkpoint_store
+
+    monkeypatch.setattr(checkpoint_store, "CHUNK", 4)
+    per_position = 2 * (2 * 2 * 3 * 4)  # k and v, 2 layers, 2 heads, dim 3, fp32
+    store = CheckpointStore(max_bytes=12 * per_position)
+    want: dict[str, torch.Tensor] = {}
+    seq = iter(range(100))
+
+    def write(req: str, start: int, n: int, kept: bool = True) -> None:
+        m, k, _ = kv_write(next(seq), [(req, start, n)])
+        store.write("aw0", m, k, -k)
+        if kept:
+            want[req] = torch.cat([want[req][:, :start], k], 1) if start else k
+
+    def check(capacities: dict[str, int]) -> None:
+        assert {r: cp.capacity for r, cp in store.requests.items()} == capacities
+        assert store.bytes == held_bytes(store) == sum(capacities.values()) * per_position <= store.max_bytes
+        for r, kv in want.items():
+            n, k, v = store.restore(r)
+            assert n == kv.shape[1] and torch.equal(k, kv) and torch.equal(v, -kv)
+
+    write("a", 0, 3)
+    for pos in (3, 4, 5):
+        write("a", pos, 1)
+    check({"a": 7})  # 3, then a chunk of 4
+    write("b", 0, 3)
+    write("a", 6, 1)
+    write("a", 7, 1)  # a chunk of 4 would not fit: one of 1
+    check({"a": 8, "b": 3})
+    write("b", 2, 1)  # recomputed from position 2: truncated, then extended in place
+    write("a", 6, 1)  # recomputed from position 6: its last chunk (from 7) is given back
+    check({"a": 7, "b": 3})
+    write("a", 7, 3, kept=False)  # over budget: refused, a keeps its 7 positions
+    assert store.refused == 1
+    check({"a": 7, "b": 3})
+    del want["a"]
+    m, k, _ = kv_write(next(seq), [("c", 0, 0)], finished=["a"])
+    store.write("aw0", m, k, -k)
+    write("b", 3, 1)
+    write("b", 4, 1)
+    check({"b": 7, "c": 0})
+    write("b", 6, 1, kept=False)  # a hole: frozen at 5 positions, its spare room given back
+    check({"b": 5, "c": 0})
+    write("b", 0, 2)  # recomputed from scratch: a fresh checkpoint
+    write("b", 2, 1)
+    check({"b": 6, "c": 0})
 
 
 def test_store_ties_each_checkpoint_to_its_owner_until_a_handover():
@@ -232,24 +291,30 @@ def test_a_fenced_attention_worker_touches_no_checkpoint():
     """Declared failed but still reaching the store (a partition): its writes, drops and restores
     are dropped, even for requests it still owns here; its checkpoints go to the live worker that
     touches them first (the driver's handover, relayed by the orchestrator, may come later)."""
-    from tarragon.checkpoint_store import serve
+    from tarragon.checkpoint_store import check_write, serve
     from tarragon.sockets import Received
+
+    def received(sender: str, m: P.KVWrite, k: torch.Tensor) -> Received:  # as the store's socket gets it
+        msg, bufs = P.decode(P.encode(m, k, -k))
+        got = Received(sender, msg, bufs, sender.encode())
+        check_write(got)
+        return got
 
     store = CheckpointStore(1 << 20)
     m, k, _ = kv_write(0, [("a", 0, 2)])
-    serve(store, Received("aw0", m, [], tensors=[k, -k]))
+    serve(store, received("aw0", m, k))
     store.fenced = {"aw0"}
     m, k, _ = kv_write(1, [("a", 2, 1)], finished=["a"])
-    serve(store, Received("aw0", m, [], tensors=[k, -k]))
+    serve(store, received("aw0", m, k))
     serve(store, Received("aw0", P.RestoreRequest("a"), [], b"aw0"))
     assert store.restore("a")[0] == 2 and not store.parked  # neither extended nor dropped; no restore parked
     serve(store, Received("aw1", P.RestoreRequest("a"), [], b"aw1"))  # before its handover: the owner is fenced
     assert store.due_restores(0.0) == [(b"aw1", "a", True)]
     m, k, _ = kv_write(0, [("b", 0, 1)])
-    serve(store, Received("aw0", m, [], tensors=[k, -k]))  # nor does it start new ones
+    serve(store, received("aw0", m, k))  # nor does it start new ones
     assert "b" not in store.requests
     m, k, _ = kv_write(0, [], finished=["a"])  # aw1 aborts it, its handover still on the way: dropped
-    serve(store, Received("aw1", m, [], tensors=[k[:, :0], -k[:, :0]]))
+    serve(store, received("aw1", m, k[:, :0]))
     assert store.requests == {} and store.bytes == 0
 
 

@@ -241,24 +241,27 @@ def test_shutdown_returns_with_a_hung_orchestrator(tiny_models):
 def test_store_memory_is_what_it_accounts():
     """Each request's KV is copied out of the write that carried it: finishing the others frees
     their bytes for real (a view kept the whole write alive: 52 MB held for 0.8 MB accounted)."""
-    from tarragon.checkpoint_store import CheckpointStore
+    from tarragon.checkpoint_store import CHUNK, CheckpointStore
 
     store = CheckpointStore(max_bytes=1 << 30)
     n, per = 64, 32
     k = torch.randn(4, n * per, 2, 8)
     ids = [f"r{i}" for i in range(n)]
     store.write("aw0", P.KVWrite(0, ids, [0] * n, [per] * n, P.tensor_meta(k), P.tensor_meta(k), []), k, -k)
-    for step in range(1, 100):  # many decode steps: segments are compacted, not kept one per token
-        t = torch.randn(4, 1, 2, 8)
-        store.write("aw0", P.KVWrite(step, ["r0"], [per + step - 1], [1], P.tensor_meta(t), P.tensor_meta(t), []), t, t)
+    first = k[:, :per].clone()
+    steps = [torch.randn(4, 1, 2, 8) for _ in range(99)]
+    for step, t in enumerate(steps, 1):  # many decode steps: it grows by several chunks
+        store.write("aw0", P.KVWrite(step, ["r0"], [per + step - 1], [1], P.tensor_meta(t), P.tensor_meta(t), []), t, -t)
     store.write("aw0", P.KVWrite(100, [], [], [], P.tensor_meta(k[:, :0]), P.tensor_meta(k[:, :0]), ids[1:]), k[:, :0], k[:, :0])
     del k
     cp = store.requests["r0"]
-    held = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in cp.k + cp.v}
-    assert store.bytes == cp.nbytes == 2 * 4 * (per + 99) * 2 * 8 * 4
-    assert sum(held.values()) == store.bytes and len(cp.k) <= 64
+    arrays = [a for c in cp.chunks for a in (c.kb, c.vb)]
+    assert all(a.base is None for a in arrays)  # memory of its own, not views of the writes
+    assert store.bytes == cp.nbytes == sum(a.nbytes for a in arrays) == 2 * 4 * cp.capacity * 2 * 8 * 4
+    assert per + 99 <= cp.capacity < per + 99 + CHUNK  # room to grow: less than a chunk
     committed, rk, rv = store.restore("r0")
-    assert committed == per + 99 and torch.equal(rk[:, per:], torch.cat([rk[:, per:]], 1))
+    want = torch.cat([first, *steps], 1)
+    assert committed == per + 99 and torch.equal(rk, want) and torch.equal(rv, -want)
 
 
 def test_store_freezes_a_misfit_write():
