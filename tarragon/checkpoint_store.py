@@ -23,7 +23,6 @@ races the request itself; then it gets nothing (and recomputes).
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import time
@@ -38,14 +37,13 @@ import zmq
 from . import protocol as P
 from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv
 from .vocabulary import Role
-from .worker import OrchestratorChannel, WorkerSpec, restore_priority
+from .worker import OrchestratorChannel, WorkerSpec, keep_freed_memory, restore_priority
 
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
 FROM_ORCHESTRATOR = (P.Shutdown, P.Handover, P.Fence)
 CHUNK = 32  # positions a checkpoint grows by (more if one write needs more), in a chunk of its own: nothing is copied
 HEAP_KEEP_BYTES = 64 << 20  # freed memory the store's allocator keeps for the next chunks (see keep_freed_memory)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 class Layout(NamedTuple):
@@ -287,21 +285,8 @@ class CheckpointStore:
                 "refused": self.refused, "gaps": self.gaps, "foreign": self.foreign}
 
 
-def keep_freed_memory() -> None:
-    """Chunks come and go with requests; glibc would give freed heap back to the OS at once and
-    page-fault fresh pages in for the next ones (~80 faults per decode step at 64 requests, a
-    fifth of a store's CPU). Keep up to HEAP_KEEP_BYTES of it, and take chunks up to 32 MiB from
-    the heap (not one mmap each). Not glibc: nothing to do."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
-
-
 def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
-    keep_freed_memory()
+    keep_freed_memory(HEAP_KEEP_BYTES)  # less than a compute worker's: checkpoints come and go by the GB
     store = CheckpointStore(spec.store_max_bytes)
     sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
     orch.send(P.Ready(spec.name, Role.STORE, os.getpid(), store.stats()))

@@ -144,12 +144,13 @@ def die_with_driver(driver_pid: int) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
-    A step allocates and frees the same few-MB tensors (gathered KV context, activations) again
-    and again; by default blocks that large are mmapped, or trimmed off the heap top, on every
-    free, so every step page-faults them back in zeroed (measured: ~1,200 faults and about half
-    the decode attention time at 64 sequences x 80 tokens). Memory stays bounded by the peak."""
+def keep_freed_memory(keep_bytes: int = 1 << 30) -> None:
+    """Let glibc's malloc keep up to `keep_bytes` of freed memory for reuse instead of returning it
+    to the kernel. A step allocates and frees the same few-MB tensors (gathered KV context,
+    activations, a store's chunks) again and again; by default blocks that large are mmapped, or
+    trimmed off the heap top, on every free, so every step page-faults them back in zeroed
+    (measured: ~1,200 faults and about half the decode attention time at 64 sequences x 80 tokens;
+    a fifth of a store's CPU). Memory stays bounded by the peak. Not glibc: nothing to do."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -157,7 +158,7 @@ def keep_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc (musl): nothing to tune
         return
     mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling; larger blocks are still mmapped
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(M_TRIM_THRESHOLD, keep_bytes)
 
 
 def may_raise_priority(nice: int) -> bool:
