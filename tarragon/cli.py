@@ -28,6 +28,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checkpoint", action="store_true", help="no KV checkpointing (an attention worker's failure re-prefills)")
     p.add_argument("--stores", type=int, default=None,
                    help="KV checkpoint stores, each holding every checkpoint (default: 2 local, 1 with ray or manual)")
+    p.add_argument("--placement", default="auto", choices=["auto", "pack", "spread"],
+                   help="pack: requests on the first attention worker with room, every expert's primary on the first expert "
+                        "worker, the others standing by; spread: over all of them; auto: pack when workers share cores")
     p.add_argument("--probe-interval-s", type=float, default=0.01,
                    help="probe a silent expert worker after this long (a large value turns probing off)")
     p.add_argument("--launcher", default="local", choices=["local", "ray", "manual"],
@@ -52,7 +55,8 @@ def start_llm(args: argparse.Namespace):
 
     return LLM(args.model, log_dir=args.log_dir, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
                dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery,
-               checkpoint=not args.no_checkpoint, stores=args.stores, probe_interval_s=args.probe_interval_s, launcher=args.launcher,
+               checkpoint=not args.no_checkpoint, stores=args.stores, placement=args.placement, probe_interval_s=args.probe_interval_s,
+               launcher=args.launcher,
                ray_address=args.ray_address, join_address=args.join_address, nodes=dict(n.split("=", 1) for n in args.node),
                key_file=args.key_file, insecure_transport=args.insecure_transport)
 

@@ -74,7 +74,7 @@ def test_cluster_argv_round_trip():
     """`tarragon bench` starts its server with the cluster flags it was given, and only those."""
     p = argparse.ArgumentParser()
     add_cluster_args(p)
-    argv = ["--model", "m", "--shadows", "2", "--no-checkpoint", "--node", "ew0=a", "--node", "aw1=b", "--probe-interval-s", "0.5",
+    argv = ["--model", "m", "--shadows", "2", "--no-checkpoint", "--node", "ew0=a", "--node", "aw1=b", "--probe-interval-s", "0.5", "--placement", "pack",
             "--insecure-transport", "--recovery", "restart"]
     assert cluster_argv(p.parse_args([])) == []
     assert vars(p.parse_args(cluster_argv(p.parse_args(argv)))) == vars(p.parse_args(argv))
@@ -107,8 +107,10 @@ def test_datasets_and_arrivals(tiny_models, tmp_path):
 def test_bench_cli_with_every_fault_kind(tiny_models, tmp_path):
     result, png = tmp_path / "r.json", tmp_path / "r.png"
     # shadows=2: every expert has a copy on each of the 3 expert workers, so a second expert
-    # failure before the first one's replacement has joined still leaves a live copy.
+    # failure before the first one's replacement has joined still leaves a live copy. Spread: the
+    # hung one serves primaries (packed, it could be an idle standby, found by heartbeats only).
     r = run([sys.executable, "-m", "tarragon", "bench", "--model", tiny_models["mixtral"], "--max-model-len", "512", "--shadows", "2",
+             "--placement", "spread",
              "--num-prompts", "30", "--request-rate", "6", "--random-output-len", "48",
              "--fault", "expert:0@1.5s", "--fault", "attention:0@3s", "--fault", "hang:expert:0@4.5s",
              "--save-result", "--save-detailed", "--result-dir", str(tmp_path), "--result-filename", "r.json",
