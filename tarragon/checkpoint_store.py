@@ -73,6 +73,10 @@ class Chunk(NamedTuple):
     kb: np.ndarray
     vb: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        return self.kb.nbytes + self.vb.nbytes
+
     @classmethod
     def new(cls, layout: tuple[Layout, Layout], base: int, size: int) -> Chunk:
         k, v = layout
@@ -96,7 +100,7 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.kb.nbytes + c.vb.nbytes for c in self.chunks)
+        return sum(c.nbytes for c in self.chunks)
 
     def pop(self) -> Chunk:
         chunk = self.chunks.pop()
@@ -217,19 +221,19 @@ class CheckpointStore:
         """Positions from `length` on are stale: chunks that hold only those are given back."""
         while cp.chunks and cp.base >= length:
             chunk = cp.pop()
-            self.bytes -= chunk.kb.nbytes + chunk.vb.nbytes
+            self.bytes -= chunk.nbytes
         cp.committed = length
 
     def _freeze(self, cp: Checkpoint) -> None:
         """No more writes until it is recomputed from scratch: its room to grow is given back."""
         if not cp.frozen and cp.capacity > cp.committed:
             last = cp.pop()
-            self.bytes -= last.kb.nbytes + last.vb.nbytes
+            self.bytes -= last.nbytes
             if (used := cp.committed - last.base) > 0:
                 chunk = Chunk.new(cp.layout, last.base, used)
                 chunk.kb[:], chunk.vb[:] = last.kb[:, :used], last.vb[:, :used]
                 cp.push(chunk)
-                self.bytes += chunk.kb.nbytes + chunk.vb.nbytes
+                self.bytes += chunk.nbytes
         cp.frozen = True
         self.refused += 1
 
