@@ -269,7 +269,7 @@ class SchedulerConfig:
     max_model_len: int = 2048  # resolved: also bounded by the model's positions, its window and the KV pool
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    micro_batches: int = 2  # ping-pong halves of a decode step (overlap attention with experts)
+    micro_batches: int = 2  # groups of a decode step in flight at once (overlap attention with experts); resolved
 
 
 @dataclass
@@ -302,6 +302,7 @@ class ClusterConfig:
     expert_workers: int = 2
     threads_per_worker: int = 1
     placement: str = "pack"  # resolved: "auto" becomes spread when every process can have a core, else pack
+    expert_primaries: int = 0  # resolved: how many expert workers (the first ones) hold primaries; the rest stand by
     launcher: str = "local"  # "local" | "ray" | "manual" (workers join by hand)
     ray_address: str = ""
     join_address: str = ""

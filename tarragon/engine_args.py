@@ -61,7 +61,7 @@ class EngineArgs:
     max_model_len: int = S.max_model_len
     max_num_seqs: int = S.max_num_seqs
     max_num_batched_tokens: int = S.max_num_batched_tokens
-    micro_batches: int = S.micro_batches
+    micro_batches: int | None = None  # None: 1 when packed over several expert workers, else 2
     block_size: int = K.block_size
     kv_cache_blocks: int | None = None  # the KV pool per attention worker in blocks, or else in bytes:
     kv_cache_bytes: int = 256 << 20
@@ -85,7 +85,14 @@ class EngineArgs:
         r.shadows = min(self.shadows, self.expert_workers - 1)  # a shadow never shares its primary's worker
         # auto: spread when every worker process can have a core of its own, else pack.
         processes = self.attention_workers + self.expert_workers + r.stores
-        c.placement = self.placement if self.placement != "auto" else "spread" if (os.cpu_count() or 1) >= processes else "pack"
+        cores = os.cpu_count() or 1
+        c.placement = self.placement if self.placement != "auto" else "spread" if cores >= processes else "pack"
+        # Packed, a step's expert phase has the cores to itself (one attention worker waits for it):
+        # primaries on as many expert workers as there are cores, the others standbys holding
+        # shadows; and one micro-batch per step, so that each layer's weights are read once.
+        # (Two or three on two cores: measured slower, each pass re-reads a layer's weights.)
+        c.expert_primaries = self.expert_workers if c.placement == "spread" else min(self.expert_workers, cores)
+        cfg.scheduler.micro_batches = self.micro_batches or (1 if c.placement == "pack" and c.expert_primaries > 1 else 2)
         c.ray_address, c.join_address, c.nodes = self.ray_address or "", self.join_address or "", dict(self.nodes or {})
         c.key_file, c.log_dir = self.key_file or "", str(self.log_dir or "")
         cfg.cache.kv_cache_blocks = self.kv_cache_blocks or self.kv_cache_bytes // bytes_per_block(model, self.block_size,
@@ -105,6 +112,8 @@ class EngineArgs:
             raise ValueError(f"placement must be auto, pack or spread, not {self.placement!r}")
         if self.shadows < 0:
             raise ValueError(f"shadows must be >= 0, got {self.shadows}")
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
 
     def _section(self, cls: type) -> object:
         """A section of the tree with the fields of the same name taken from here."""

@@ -1,14 +1,14 @@
 """Shadow placement: where each logical expert's primary and its inactive copies live.
 
-Primaries are spread evenly (contiguous expert ranges; experts not divisible by workers is fine),
-or, packed (`pack`: fewer cores than worker processes), all on the first expert worker, the
-others holding only shadows: splitting a layer's experts over workers that share two cores adds
-no compute, only a message per worker per layer and a pass over weights per worker, while a
-worker holding every expert reads each layer's weights once per call (the same trade as the
-attention workers' `placement`). Each expert then gets up to `shadows` pre-loaded copies on *other* expert workers, never on its
-primary's worker nor, when workers carry node labels, on its primary's node, rotating over the
-candidates so copies spread evenly, and within a per-worker memory budget. A shadow costs memory,
-not compute: it serves only after its primary has failed.
+Primaries are spread evenly (contiguous expert ranges; experts not divisible by workers is fine)
+over the first `primaries` expert workers, by default all of them. Packed (fewer cores than worker
+processes), that is one per core: while one attention worker waits for a layer's experts, the
+expert workers split them over every core, and more than one per core would only add messages
+and passes over weights; the others hold only shadows (standbys). Each expert then gets up to
+`shadows` pre-loaded copies on *other* expert workers, never on its primary's worker nor, when
+workers carry node labels, on its primary's node, rotating over the candidates so copies spread
+evenly, and within a per-worker memory budget. A shadow costs memory, not compute: it serves only
+after its primary has failed.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ def place(
     expert_bytes: int = 0,
     budget_bytes: int | None = None,
     nodes: dict[str, str] | None = None,
-    pack: bool = False,
+    primaries: int | None = None,
 ) -> RoutingTable:
     """A version-0 routing table: candidates[l][e] = [primary, shadow, ...]."""
-    n = len(workers)
+    n = max(1, min(primaries or len(workers), len(workers)))
     nodes = nodes or {}
-    primary = [workers[0 if pack else (e * n) // num_experts] for e in range(num_experts)]
+    primary = [workers[(e * n) // num_experts] for e in range(num_experts)]
     used = {w: 0 for w in workers}  # shadow bytes placed per worker
     candidates = []
     turn = 0

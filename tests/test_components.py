@@ -153,6 +153,10 @@ def test_shadows_are_elsewhere_spread_and_within_budget():
     budget = place(8, [0, 1], workers, shadows=1, expert_bytes=10, budget_bytes=30)
     assert all(len(budget.shadows_of(w)) * 10 <= 30 for w in workers)
     assert len(budget.unavailable()) == 0
+    two = place(8, [0], workers, shadows=1, primaries=2)  # packed on two cores: ew2 stands by
+    assert two.owners(0) == ["ew0"] * 4 + ["ew1"] * 4
+    assert all(len(c) == 2 for c in two.candidates[0])
+    assert {c[0] for c in two.candidates[0] if c[1] == "ew2"} == {"ew0", "ew1"}  # the standby backs both
 
 
 def test_routing_table_skips_failed_workers_and_follows_replacements():

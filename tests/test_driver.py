@@ -4,6 +4,8 @@ stop strings in the output processor."""
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 import pytest
 
@@ -63,7 +65,16 @@ def test_config_is_resolved_once_and_workers_read_it(tiny_models):
     spec = WorkerSpec(name="aw0", role="attention", config=cfg, orch_endpoint="ipc://x", parent_pid=1)
     got = msgspec.json.decode(msgspec.json.encode(spec), type=WorkerSpec)
     assert got.config == cfg and (got.dtype, got.device, got.threads, got.probe_timeout_s) == ("float32", "cpu", 1, 0.1)
-    for bad in (dict(recovery="nope"), dict(placement="x"), dict(shadows=-1), dict(stores=0), dict(attention_workers=0)):
+    # Packed, primaries on one expert worker per core, one micro-batch per step; spread, two.
+    cores = os.cpu_count() or 1
+    for placement, ews, primaries, micro_batches in (("pack", 3, min(3, cores), 1 if cores > 1 else 2), ("spread", 3, 3, 2),
+                                                     ("pack", 1, 1, 2)):
+        c, _ = EngineArgs(model=tiny_models["mixtral"], expert_workers=ews, placement=placement).create_config()
+        assert (c.cluster.expert_primaries, c.scheduler.micro_batches) == (primaries, micro_batches)
+    c, _ = EngineArgs(model=tiny_models["mixtral"], placement="pack", micro_batches=3).create_config()
+    assert c.scheduler.micro_batches == 3  # what the user asked for
+    for bad in (dict(recovery="nope"), dict(placement="x"), dict(shadows=-1), dict(stores=0), dict(attention_workers=0),
+                dict(micro_batches=0)):
         with pytest.raises(ValueError):
             EngineArgs(model=tiny_models["mixtral"], **bad).create_config()
     with pytest.raises(TypeError):
