@@ -57,7 +57,8 @@ class AttentionWorker:
         cache, sched, self.resilience = spec.config.cache, spec.config.scheduler, spec.config.resilience
         self.kv = KVCache(cfg, cache.kv_cache_blocks, cache.block_size, dtype, spec.device)
         self.sched = Scheduler(self.kv, sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_model_len, cfg.eos_token_ids,
-                               sched.micro_batches)
+                               sched.micro_batches, sched.split_min)
+        self.packed = spec.config.cluster.placement == "pack"
         self.engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, spec.probe_endpoints_of_experts,
                                        orch.send, spec.probe_interval_s, spec.probe_timeout_s)
         self.engine.wake_on(orch.sock, self.on_control)
@@ -94,6 +95,9 @@ class AttentionWorker:
 
     def step(self) -> None:
         """Advance each micro-batch group's step; start its next one at once."""
+        # Packed with the batch split, this worker and one expert worker each keep a core busy:
+        # every expert goes to the first expert worker holding a live copy (shadows included).
+        self.engine.prefer = min(self.engine.data, default=None) if self.packed and self.sched.split else None
         for group in range(self.sched.groups):
             flight = self.flights.get(group)
             if flight is not None and (out := self.runner.advance(flight)) is not None:

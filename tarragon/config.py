@@ -269,7 +269,8 @@ class SchedulerConfig:
     max_model_len: int = 2048  # resolved: also bounded by the model's positions, its window and the KV pool
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    micro_batches: int = 2  # groups of a decode step in flight at once (overlap attention with experts); resolved
+    micro_batches: int = 2  # groups of a decode step in flight at once (overlap attention with experts)
+    split_min: int = 1  # resolved: sequences per micro-batch below which a batch is not split
 
 
 @dataclass

@@ -19,6 +19,9 @@ from .vocabulary import RecoveryPolicy
 from .weights import WeightFiles, torch_dtype
 
 PLACEMENTS = ("auto", "pack", "spread")
+# Packed, a batch is split in micro-batches only from this many sequences each: on two cores, 32
+# requests run faster as one (experts on both cores), 48 and 64 as two (2 x 2, bench model).
+PACKED_SPLIT_MIN = 24
 R, C, S, K = ResilienceConfig, ClusterConfig, SchedulerConfig, CacheConfig  # their defaults are ours
 
 
@@ -61,7 +64,7 @@ class EngineArgs:
     max_model_len: int = S.max_model_len
     max_num_seqs: int = S.max_num_seqs
     max_num_batched_tokens: int = S.max_num_batched_tokens
-    micro_batches: int | None = None  # None: 1 when packed over several expert workers, else 2
+    micro_batches: int = S.micro_batches
     block_size: int = K.block_size
     kv_cache_blocks: int | None = None  # the KV pool per attention worker in blocks, or else in bytes:
     kv_cache_bytes: int = 256 << 20
@@ -87,12 +90,12 @@ class EngineArgs:
         processes = self.attention_workers + self.expert_workers + r.stores
         cores = os.cpu_count() or 1
         c.placement = self.placement if self.placement != "auto" else "spread" if cores >= processes else "pack"
-        # Packed, a step's expert phase has the cores to itself (one attention worker waits for it):
-        # primaries on as many expert workers as there are cores, the others standbys holding
-        # shadows; and one micro-batch per step, so that each layer's weights are read once.
-        # (Two or three on two cores: measured slower, each pass re-reads a layer's weights.)
+        # Packed, one attention worker computes: a small batch runs as one micro-batch whose expert
+        # phase has every core (primaries on one expert worker per core, the others standbys), so
+        # each layer's weights are read once; a large one is split in two that overlap attention
+        # with experts, each step's experts then on one expert worker (attention_worker.py).
         c.expert_primaries = self.expert_workers if c.placement == "spread" else min(self.expert_workers, cores)
-        cfg.scheduler.micro_batches = self.micro_batches or (1 if c.placement == "pack" and c.expert_primaries > 1 else 2)
+        cfg.scheduler.split_min = PACKED_SPLIT_MIN if c.placement == "pack" and c.expert_primaries > 1 else 1
         c.ray_address, c.join_address, c.nodes = self.ray_address or "", self.join_address or "", dict(self.nodes or {})
         c.key_file, c.log_dir = self.key_file or "", str(self.log_dir or "")
         cfg.cache.kv_cache_blocks = self.kv_cache_blocks or self.kv_cache_bytes // bytes_per_block(model, self.block_size,

@@ -104,6 +104,7 @@ class ForwardingEngine:
         self.waiting_for_table: list[_Part] = []
         self.next_id = 0
         self.replayed = 0  # calls replayed to another worker (a metric)
+        self.prefer: str | None = None  # serves every expert it has a live copy of (see RoutingTable.owners)
         self.probe_endpoints = dict(probe_endpoints)
         for worker, endpoint in endpoints.items():
             self._connect(worker, endpoint)
@@ -186,7 +187,7 @@ class ForwardingEngine:
         """Split rows (grouped by expert, in `experts` order) into contiguous runs served by one
         worker each, and send every run. Returns the parts in row order, or [] if some expert
         has no live worker (then nothing is sent)."""
-        owners = self.table.owners(layer, self.failed)
+        owners = self.table.owners(layer, self.failed, self.prefer)
         if any(owners[e] is None for e in experts):
             return []
         parts: list[_Part] = []

@@ -25,9 +25,12 @@ class RoutingTable(msgspec.Struct):
     def shadows_of(self, worker: str) -> list[tuple[int, int]]:
         return [(layer, e) for layer, row in zip(self.layers, self.candidates) for e, c in enumerate(row) if worker in c[1:]]
 
-    def owners(self, layer: int, failed: frozenset[str] | set[str] = frozenset()) -> list[str | None]:
-        """For each expert of `layer`, the worker that serves it now (None: no live copy)."""
+    def owners(self, layer: int, failed: frozenset[str] | set[str] = frozenset(), prefer: str | None = None) -> list[str | None]:
+        """For each expert of `layer`, the worker that serves it now (None: no live copy):
+        `prefer` wherever it holds a live copy (a shadow is a full copy), else the first live one."""
         row = self.candidates[self.layers.index(layer)]
+        if prefer is not None and prefer not in failed:
+            return [prefer if prefer in cands else next((w for w in cands if w not in failed), None) for cands in row]
         return [next((w for w in cands if w not in failed), None) for cands in row]
 
     def with_workers(self, version: int, current: dict[str, str | None]) -> "RoutingTable":

@@ -66,9 +66,10 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], groups: int = 1):
+                 eos_token_ids: tuple[int, ...], groups: int = 1, split_min: int = 1):
         self.kv = kv
         self.groups = max(1, groups)
+        self.split_min = split_min  # sequences per group below which a batch is not split
         self.in_flight: set[int] = set()  # groups whose step is being computed (set by the caller)
         self.max_num_seqs = max_num_seqs
         self.max_tokens = max_num_batched_tokens
@@ -95,6 +96,11 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def split(self) -> bool:
+        """Whether the running sequences are in more than one group (a step in several micro-batches)."""
+        return any(s.group != self.running[0].group for s in self.running)
 
     def _members(self, group: int) -> list[Sequence]:
         return [s for s in self.running if s.group == group]
@@ -124,7 +130,10 @@ class Scheduler:
             else:
                 chunks.append(ScheduledChunk(seq, seq.num_computed, n))
                 budget -= n
-        share = -(-(len(self.running) + len(self.waiting)) // self.groups)  # fair share of a group
+        # A group's fair share; a batch too small to split (split_min per group) all goes to group 0.
+        total = len(self.running) + len(self.waiting)
+        groups = self.groups if total >= self.groups * self.split_min else 1
+        share = -(-total // groups) if group < groups else 0
         size = len(self._members(group))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and size < share:
             seq = self.waiting[0]

@@ -65,14 +65,12 @@ def test_config_is_resolved_once_and_workers_read_it(tiny_models):
     spec = WorkerSpec(name="aw0", role="attention", config=cfg, orch_endpoint="ipc://x", parent_pid=1)
     got = msgspec.json.decode(msgspec.json.encode(spec), type=WorkerSpec)
     assert got.config == cfg and (got.dtype, got.device, got.threads, got.probe_timeout_s) == ("float32", "cpu", 1, 0.1)
-    # Packed, primaries on one expert worker per core, one micro-batch per step; spread, two.
+    # Packed, primaries on one expert worker per core, and small batches not split; spread, all.
     cores = os.cpu_count() or 1
-    for placement, ews, primaries, micro_batches in (("pack", 3, min(3, cores), 1 if cores > 1 else 2), ("spread", 3, 3, 2),
-                                                     ("pack", 1, 1, 2)):
+    for placement, ews, primaries, split_min in (("pack", 3, min(3, cores), 24 if cores > 1 else 1), ("spread", 3, 3, 1),
+                                                 ("pack", 1, 1, 1)):
         c, _ = EngineArgs(model=tiny_models["mixtral"], expert_workers=ews, placement=placement).create_config()
-        assert (c.cluster.expert_primaries, c.scheduler.micro_batches) == (primaries, micro_batches)
-    c, _ = EngineArgs(model=tiny_models["mixtral"], placement="pack", micro_batches=3).create_config()
-    assert c.scheduler.micro_batches == 3  # what the user asked for
+        assert (c.cluster.expert_primaries, c.scheduler.split_min) == (primaries, split_min)
     for bad in (dict(recovery="nope"), dict(placement="x"), dict(shadows=-1), dict(stores=0), dict(attention_workers=0),
                 dict(micro_batches=0)):
         with pytest.raises(ValueError):

@@ -36,6 +36,21 @@ def test_groups_share_the_requests_fairly():
     assert [c.seq.req_id for c in s.schedule(1)] == ["r3", "r4", "r5"]
 
 
+def test_a_batch_is_split_only_from_split_min_per_group():
+    s = Scheduler(kv_cache(64), max_num_seqs=8, max_num_batched_tokens=100, max_model_len=64, eos_token_ids=(0,), groups=2,
+                  split_min=3)
+    for i in range(5):
+        s.add(seq(i))
+    assert len(s.schedule(0)) == 5 and s.schedule(1) == [] and not s.split  # 5 < 2 x 3: one group
+    s.add(seq(5))  # now 2 x 3: the batch splits
+    assert [c.seq.req_id for c in s.schedule(1)] == ["r5"] and s.split
+    s = Scheduler(kv_cache(64), max_num_seqs=8, max_num_batched_tokens=100, max_model_len=64, eos_token_ids=(0,), groups=2,
+                  split_min=3)
+    for i in range(6):
+        s.add(seq(i))
+    assert len(s.schedule(0)) == 3 and len(s.schedule(1)) == 3  # fair shares once split
+
+
 def test_one_group_takes_everything_when_alone():
     s = Scheduler(kv_cache(64), max_num_seqs=8, max_num_batched_tokens=100, max_model_len=64, eos_token_ids=(0,), groups=1)
     for i in range(5):
