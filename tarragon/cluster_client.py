@@ -115,7 +115,8 @@ class ClusterClient:
         self._orch_started = self._next_check = 0.0
         expert_bytes = 3 * model.hidden_size * model.expert_intermediate_size * torch.empty((), dtype=_dtype(config)).itemsize
         self.plan = place_experts(model.num_experts, list(model.sparse_layers), [f"ew{j}" for j in range(c.expert_workers)],
-                                  r.shadows, expert_bytes, r.shadow_budget_bytes, c.nodes, c.expert_primaries)  # version 0 of the routing table
+                                  r.shadows, expert_bytes, r.shadow_budget_bytes, c.nodes, c.expert_primaries,
+                                  pack=c.placement == "pack")  # version 0 of the routing table
         self.spec = ClusterSpec(config=config, plan=self.plan, run_dir=str(self.run_dir),
                                 driver_endpoint=self.router.getsockopt_string(zmq.LAST_ENDPOINT), parent_pid=os.getpid(),
                                 host=host, gpus=gpus)

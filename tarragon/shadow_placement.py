@@ -4,11 +4,13 @@ Primaries are spread evenly (contiguous expert ranges; experts not divisible by 
 over the first `primaries` expert workers, by default all of them. Packed (fewer cores than worker
 processes), that is one per core: while one attention worker waits for a layer's experts, the
 expert workers split them over every core, and more than one per core would only add messages
-and passes over weights; the others hold only shadows (standbys). Each expert then gets up to
+and passes over weights; the others hold only shadows (standbys), and the first holds a copy of
+every expert (`pack`): when a large batch is split in two micro-batches, one expert worker serves
+a whole step while the attention worker computes the other micro-batch. Each expert then gets up to
 `shadows` pre-loaded copies on *other* expert workers, never on its primary's worker nor, when
 workers carry node labels, on its primary's node, rotating over the candidates so copies spread
 evenly, and within a per-worker memory budget. A shadow costs memory, not compute: it serves only
-after its primary has failed.
+after its primary has failed, or, packed, for a split batch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def place(
     budget_bytes: int | None = None,
     nodes: dict[str, str] | None = None,
     primaries: int | None = None,
+    pack: bool = False,
 ) -> RoutingTable:
     """A version-0 routing table: candidates[l][e] = [primary, shadow, ...]."""
     n = max(1, min(primaries or len(workers), len(workers)))
@@ -42,11 +45,13 @@ def place(
         for e in range(num_experts):
             p = primary[e]
             ok = [w for w in workers if w != p and (p not in nodes or nodes.get(w) != nodes[p])]
+            first = [workers[0]] if pack and workers[0] in ok else []
+            ok = [w for w in ok if w not in first]
             copies: list[str] = []
-            for i in range(len(ok)):
+            for i in range(len(first) + len(ok)):
                 if len(copies) == shadows:
                     break
-                w = ok[(turn + i) % len(ok)]
+                w = first[i] if i < len(first) else ok[(turn + i - len(first)) % len(ok)]
                 if budget_bytes is not None and used[w] + expert_bytes > budget_bytes:
                     continue
                 copies.append(w)

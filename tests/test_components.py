@@ -153,10 +153,14 @@ def test_shadows_are_elsewhere_spread_and_within_budget():
     budget = place(8, [0, 1], workers, shadows=1, expert_bytes=10, budget_bytes=30)
     assert all(len(budget.shadows_of(w)) * 10 <= 30 for w in workers)
     assert len(budget.unavailable()) == 0
-    two = place(8, [0], workers, shadows=1, primaries=2)  # packed on two cores: ew2 stands by
+    two = place(8, [0], workers, shadows=1, primaries=2)  # on two cores: ew2 stands by
     assert two.owners(0) == ["ew0"] * 4 + ["ew1"] * 4
     assert all(len(c) == 2 for c in two.candidates[0])
     assert {c[0] for c in two.candidates[0] if c[1] == "ew2"} == {"ew0", "ew1"}  # the standby backs both
+    packed = place(8, [0], workers, shadows=1, primaries=2, pack=True)  # ew0 also holds ew1's experts
+    assert packed.owners(0, prefer="ew0") == ["ew0"] * 8 and packed.owners(0) == two.owners(0)
+    assert packed.owners(0, {"ew0"}, prefer="ew0") == [c[1] for c in packed.candidates[0][:4]] + ["ew1"] * 4  # ew0 dead
+    assert sorted(c[1] for c in packed.candidates[0][:4]) == ["ew1", "ew1", "ew2", "ew2"]  # ew0's spread out
 
 
 def test_routing_table_skips_failed_workers_and_follows_replacements():
