@@ -59,6 +59,7 @@ class AttentionWorker:
         self.sched = Scheduler(self.kv, sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_model_len, cfg.eos_token_ids,
                                sched.micro_batches, sched.split_min)
         self.packed = spec.config.cluster.placement == "pack"
+        self.head_threads = min(2, os.cpu_count() or 1) if self.packed else 1  # see step()
         self.engine = ForwardingEngine(spec.name, spec.table, spec.expert_endpoints, ctx, spec.probe_endpoints_of_experts,
                                        orch.send, spec.probe_interval_s, spec.probe_timeout_s)
         self.engine.wake_on(orch.sock, self.on_control)
@@ -97,7 +98,10 @@ class AttentionWorker:
         """Advance each micro-batch group's step; start its next one at once."""
         # Packed with the batch split, this worker and one expert worker each keep a core busy:
         # every expert goes to the first expert worker holding a live copy (shadows included).
-        self.engine.prefer = min(self.engine.data, default=None) if self.packed and self.sched.split else None
+        # Not split, the expert workers wait while this one runs the LM head: on two threads.
+        split = self.sched.split
+        self.engine.prefer = min(self.engine.data, default=None) if self.packed and split else None
+        self.runner.head_threads = 1 if split else self.head_threads
         for group in range(self.sched.groups):
             flight = self.flights.get(group)
             if flight is not None and (out := self.runner.advance(flight)) is not None:

@@ -12,6 +12,9 @@ devices and dtypes, the plain `F.linear` runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +42,18 @@ class Linear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """The block's torch ops on `n` threads, then back: for one large op (the LM head) at a moment
+    the other cores would idle. Idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, launcher.py)."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

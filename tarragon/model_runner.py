@@ -15,6 +15,7 @@ from typing import Generator
 
 import torch
 
+from .kernels import threads
 from .kv_cache import KVCache
 from .model import AttentionMetadata, AttentionModel, MoECall
 from .sampling import sample
@@ -46,6 +47,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.engine = engine  # ForwardingEngine: dispatch(MoECall) -> future with .result() (None: interrupted)
+        self.head_threads = 1  # threads of the LM head (set by the worker: more while other cores idle)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
         bs = self.kv.block_size
@@ -124,7 +126,8 @@ class ModelRunner:
 
     def _finish(self, flight: Flight) -> StepOutput:
         meta = flight.meta
-        logits = self.model.logits(flight.hidden)  # every token's when prompt logits are wanted
+        with threads(self.head_threads):
+            logits = self.model.logits(flight.hidden)  # every token's when prompt logits are wanted
         prompt_logits: dict[str, torch.Tensor] = {}
         if flight.want_prompt:
             t0 = 0
