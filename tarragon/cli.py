@@ -29,8 +29,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stores", type=int, default=None,
                    help="KV checkpoint stores, each holding every checkpoint (default: 2 local, 1 with ray or manual)")
     p.add_argument("--placement", default="auto", choices=["auto", "pack", "spread"],
-                   help="pack: requests on the first attention worker with room, every expert's primary on the first expert "
-                        "worker, the others standing by; spread: over all of them; auto: pack when workers share cores")
+                   help="pack: requests on the first attention worker with room, the experts' primaries over one expert "
+                        "worker per core, the others standing by; spread: over all of them; auto: pack when workers share cores")
     p.add_argument("--probe-interval-s", type=float, default=0.01,
                    help="probe a silent expert worker after this long (a large value turns probing off)")
     p.add_argument("--launcher", default="local", choices=["local", "ray", "manual"],

@@ -115,7 +115,7 @@ class EngineArgs:
             raise ValueError(f"placement must be auto, pack or spread, not {self.placement!r}")
         if self.shadows < 0:
             raise ValueError(f"shadows must be >= 0, got {self.shadows}")
-        if self.micro_batches is not None and self.micro_batches < 1:
+        if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
 
     def _section(self, cls: type) -> object:

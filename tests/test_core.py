@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import msgspec
@@ -58,6 +59,21 @@ def test_worker_layouts_match(tiny_models, aws, ews):
     # Every planned process is there (a slow moment on a loaded machine may add a replacement).
     assert set([f"aw{i}" for i in range(aws)] + [f"ew{j}" for j in range(ews)] + ["orchestrator", "store"]) <= set(names)
     assert [o.token_ids for o in outs] == [ref.greedy(p, MAX_TOKENS) for p in prompts]
+
+
+def test_packed_batches_split_or_not_match_transformers(tiny_models):
+    """Packed 2 x 2: a small batch is one micro-batch over both expert workers' primaries; 50
+    requests are split in two micro-batches whose experts all go to ew0 (shadows included)."""
+    model_dir = tiny_models["mixtral"]
+    ref = Reference(model_dir)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = prompts_of_lengths([3 + i % 9 for i in range(50)], 1024, seed=11)
+    with LLM(model_dir, attention_workers=2, expert_workers=2, placement="pack") as llm:
+        assert llm.config.scheduler.split_min == 24 or (os.cpu_count() or 1) < 2
+        few, many = llm.generate(prompts[:4], params), llm.generate(prompts, params)
+        assert llm.stats()["expert_calls_replayed"] == 0
+    expected = [ref.greedy(p, 8) for p in prompts]
+    assert [o.token_ids for o in few] == expected[:4] and [o.token_ids for o in many] == expected
 
 
 def test_seeded_sampling_is_reproducible(tiny_models):
