@@ -217,8 +217,11 @@ def test_an_attention_worker_cut_off_from_the_driver_is_fenced_and_stays_so(clus
     RESULTS["attention cut off from the driver"] = {"worker": name, "detected_s": round(failed[0].t - t0, 3) if failed else None,
                                                      "how": failed[0].detail if failed else "", "stall_s": round(gap, 3)}
     print(RESULTS["attention cut off from the driver"])
+    # The fenced worker's first dropped call leaves it waiting for that answer, so only the experts
+    # that call went to see it: both, or one (with one request left, a token's top-2 experts are
+    # both on one expert worker 3 times in 7); the suite once saw one.
     refused = f"dropping calls from {name}: fenced"
-    wait_until(lambda: all(refused in hosts.logs[h].read_text() for h in experts), 10, "the experts refusing the fenced worker")
+    wait_until(lambda: any(refused in hosts.logs[h].read_text() for h in experts), 10, "an expert refusing the fenced worker")
     hosts.net.heal(host)
     llm.abort(long)
     assert [o.token_ids for o in outs] == baseline  # a token delivered twice would show here
