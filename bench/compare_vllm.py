@@ -40,20 +40,13 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # ---- one engine, in a child process: prints one JSON line --------------------------------------
 
 
 def run_tarragon(args, layout: str) -> dict:
     sys.path.insert(0, str(ROOT))
     from tarragon import LLM, SamplingParams
+    from tarragon.procfs import cpu_seconds
 
     aws, ews = (int(x) for x in layout.split("x"))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -64,13 +57,13 @@ def run_tarragon(args, layout: str) -> dict:
         pids = {w.name: w.pid for w in llm.workers()} | {"driver": os.getpid()}
         for n in args.concurrency:
             ps = prompts(n, args.prompt_len, vocab)
-            before = {k: _cpu_seconds(p) for k, p in pids.items()}
+            before = {k: cpu_seconds(p) for k, p in pids.items()}
             t0 = time.monotonic()
             outs = llm.generate(ps, params)
             dt = time.monotonic() - t0
             out["tok_s"][n] = sum(len(o.token_ids) for o in outs) / dt
             out["tokens"][n] = [o.token_ids for o in outs]
-            out["cpu_ms_per_step"][n] = {k: (_cpu_seconds(p) - before[k]) * 1000 / args.max_tokens for k, p in pids.items()}
+            out["cpu_ms_per_step"][n] = {k: (cpu_seconds(p) - before[k]) * 1000 / args.max_tokens for k, p in pids.items()}
             out["cpu_ms_per_step"][n]["wall"] = dt * 1000 / args.max_tokens
     return out
 

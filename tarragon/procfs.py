@@ -1,5 +1,5 @@
 """What the driver reads from /proc: a process's identity (pid + start time, which outlives pid
-reuse), its resident memory, and the run folders of drivers that were SIGKILLed (removed at the
+reuse), its resident memory and CPU time, and the run folders of drivers that were SIGKILLed (removed at the
 next start, since nothing else would)."""
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ def rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_run_dir() -> Path:

@@ -7,8 +7,10 @@ import signal
 
 import pytest
 
+from conftest import prompts_of_lengths
 from failover import LOAD_PARAMS, LOAD_PROMPTS, max_gap, run_with_fault, wait_replaced, wait_until
-from tarragon import LLM
+from tarragon import LLM, SamplingParams
+from tarragon.procfs import cpu_seconds
 from tarragon.shadow_placement import place
 
 
@@ -59,6 +61,22 @@ def test_packed_experts_fail_over_to_the_standby(tiny_models):
         assert token_ids(outs) == token_ids(baseline)
         assert ("worker_failed", "ew0") in kinds(llm)
         assert llm.stats()["expert_calls_replayed"] > 0
+
+
+def test_a_split_batch_fails_over_from_the_expert_worker_it_prefers(tiny_models):
+    """Packed, 50 requests are split in two micro-batches whose experts all go to ew0 (its shadows
+    included); killing ew0 mid-decode replays its calls on ew1's copies: tokens as failure-free."""
+    prompts = prompts_of_lengths([3 + i % 9 for i in range(50)], 1024, seed=5)
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=2, placement="pack") as llm:
+        pids = {w.name: w.pid for w in llm.workers() if w.role == "expert"}
+        before = {w: cpu_seconds(p) for w, p in pids.items()}
+        baseline = llm.generate(prompts, params)
+        used = {w: cpu_seconds(p) - before[w] for w, p in pids.items()}
+        assert used["ew1"] < used["ew0"] / 2, used  # ew1 computes only the first steps, before the split
+        outs = run_with_fault(llm, lambda: llm.kill("ew0"), after_tokens=20, prompts=prompts, params=params)
+        assert token_ids(outs) == token_ids(baseline)
+        assert ("worker_failed", "ew0") in kinds(llm) and llm.stats()["expert_calls_replayed"] > 0
 
 
 def test_sigstop_is_detected_like_a_death(cluster):
