@@ -1,9 +1,11 @@
 """The Expert Routing Table (ERT): logical (layer, expert) -> ordered physical candidates.
 
 Each attention worker holds its own copy, versioned, and resolves every expert dispatch through
-it. The first candidate not known to be failed serves the call; the rest (shadows, replicas) are
-the fallbacks a forwarding engine replays to. The orchestrator owns the authoritative table and
-pushes new versions; an attention worker also skips workers it has itself seen fail.
+it. The first candidate not known to be failed serves the call (or a worker the caller prefers,
+wherever it holds a copy: packed, a split batch goes to one expert worker); the rest (shadows,
+replicas) are the fallbacks a forwarding engine replays to. The orchestrator owns the
+authoritative table and pushes new versions; an attention worker also skips workers it has
+itself seen fail.
 """
 
 from __future__ import annotations
