@@ -31,9 +31,8 @@ class RoutingTable(msgspec.Struct):
         """For each expert of `layer`, the worker that serves it now (None: no live copy):
         `prefer` wherever it holds a live copy (a shadow is a full copy), else the first live one."""
         row = self.candidates[self.layers.index(layer)]
-        if prefer is not None and prefer not in failed:
-            return [prefer if prefer in cands else next((w for w in cands if w not in failed), None) for cands in row]
-        return [next((w for w in cands if w not in failed), None) for cands in row]
+        prefer = None if prefer in failed else prefer
+        return [prefer if prefer in cands else next((w for w in cands if w not in failed), None) for cands in row]
 
     def with_workers(self, version: int, current: dict[str, str | None]) -> "RoutingTable":
         """This (planned) table with each worker replaced by its live incarnation; planned
