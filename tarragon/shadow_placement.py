@@ -45,13 +45,12 @@ def place(
         for e in range(num_experts):
             p = primary[e]
             ok = [w for w in workers if w != p and (p not in nodes or nodes.get(w) != nodes[p])]
-            first = [workers[0]] if pack and workers[0] in ok else []
-            ok = [w for w in ok if w not in first]
+            head = [workers[0]] if pack and workers[0] in ok else []  # packed: the first holds every expert
+            rest = [w for w in ok if w not in head]
             copies: list[str] = []
-            for i in range(len(first) + len(ok)):
+            for w in head + [rest[(turn + i) % len(rest)] for i in range(len(rest))]:
                 if len(copies) == shadows:
                     break
-                w = first[i] if i < len(first) else ok[(turn + i - len(first)) % len(ok)]
                 if budget_bytes is not None and used[w] + expert_bytes > budget_bytes:
                     continue
                 copies.append(w)
