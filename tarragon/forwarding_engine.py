@@ -73,11 +73,10 @@ class ExpertFuture:
             if out is None:
                 return None
             self.outs.append(out)
-        outs = self.outs
-        rows = P.to_device(outs[0] if len(outs) == 1 else torch.cat(outs), self.like.device)
+        rows = P.to_device(self.outs[0] if len(self.outs) == 1 else torch.cat(self.outs), self.like.device)
+        weighted = rows * self.row_weights  # [rows, 1]: each row's routing weight
         combined = torch.zeros_like(self.like)
-        combined.index_add_(0, self.token_of_row, (rows * self.row_weights[:, None]).to(combined.dtype))
-        return combined
+        return combined.index_add_(0, self.token_of_row, weighted if weighted.dtype == combined.dtype else weighted.to(combined.dtype))
 
 
 class ForwardingEngine:
@@ -167,21 +166,26 @@ class ForwardingEngine:
     # ---- dispatch -------------------------------------------------------------------------
 
     def dispatch(self, call: MoECall) -> ExpertFuture:
-        """Send each expert worker its rows: one message per worker, rows grouped by expert."""
-        T, k = call.expert_ids.shape
-        E = self.table.num_experts
-        flat = call.expert_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E).tolist()
-        rows = P.to_host(call.hidden[order // k])  # grouped by expert; kept on the host for replay
-        experts = [e for e in range(E) if counts[e]]
-        counts = [counts[e] for e in experts]
+        """Send each expert worker its rows: one message per worker, rows grouped by expert.
+        The grouping is done on Python lists: a decode step routes a few rows, for which each
+        torch op (argsort, bincount, ...) costs more than the work."""
+        k = call.expert_ids.shape[1]
+        by_expert: dict[int, list[int]] = {}
+        for i, e in enumerate(call.expert_ids.reshape(-1).tolist()):
+            by_expert.setdefault(e, []).append(i)
+        experts = sorted(by_expert)
+        order = [i for e in experts for i in by_expert[e]]  # (token, choice) pairs, grouped by expert
+        counts = [len(by_expert[e]) for e in experts]
+        order_t = torch.tensor(order, device=call.hidden.device)
+        token_of_row = order_t // k
+        row_weights = call.weights.reshape(-1, 1).index_select(0, order_t)
+        rows = P.to_host(call.hidden.index_select(0, token_of_row))  # kept on the host for replay
         sent = self._send_runs(call.layer, experts, counts, rows, replay=False)
         if not sent:  # some expert has no live copy: hold the call until the routing table changes
             held = _Part(-1, "", call.layer, experts, counts, rows, time.monotonic())
             self.waiting_for_table.append(held)
             sent = [held]
-        return ExpertFuture(self, sent, order // k, call.weights.reshape(-1)[order], call.hidden)
+        return ExpertFuture(self, sent, token_of_row, row_weights, call.hidden)
 
     def _send_runs(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor, replay: bool) -> list[_Part]:
         """Split rows (grouped by expert, in `experts` order) into contiguous runs served by one
@@ -278,11 +282,8 @@ class ForwardingEngine:
         worker = self.owner_of.get(sock)
         probe = sock is self.probes.get(worker)
         accept, check = ((P.Pong,), None) if probe else ((P.ExpertReply,), partial(self._check_reply, worker))
-        while True:
-            try:
-                got = recv(sock, accept, f"{self.name} ({worker})", zmq.NOBLOCK, check=check)
-            except zmq.ZMQError:  # zmq.Again (drained) included
-                return
+        while not sock.closed and sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than reading until zmq.Again)
+            got = recv(sock, accept, f"{self.name} ({worker})", zmq.NOBLOCK, check=check)
             self.suspect_since.pop(worker, None)  # any answer proves it alive
             if got is not None and probe:
                 self.probe_timeout.observe(time.monotonic() - got.msg.seq / 1e6)
