@@ -14,8 +14,9 @@ import time
 import httpx
 import pytest
 
+from conftest import prompts_of_lengths
 from failover import LOAD_PARAMS, LOAD_PROMPTS, max_gap, run_with_fault, wait_replaced, wait_until
-from tarragon import LLM
+from tarragon import LLM, SamplingParams
 from tarragon.timeouts import GRAY_SUSTAIN_S, GRAY_WINDOW_S, K, MAX_AGE_S, AdaptiveTimeout, GrayDetector, runnable
 
 
@@ -150,6 +151,27 @@ def test_a_cycled_expert_worker_is_caught_as_a_gray_failure(cluster):
     print(f"\ncycled {victim.name}: failed {detected:.2f} s after the cycling began: {failed[0].detail}")
     assert detected < 5.0
     wait_replaced(llm, victim.name)
+
+
+def test_a_cycled_expert_worker_serving_a_split_batch_is_caught(tiny_models):
+    """Packed, 50 requests run split and every expert call goes to ew0 (see the packed placement):
+    ew1 idles, so the attention worker has no peer to compare ew0's reply times with. Cycled,
+    ew0 is caught all the same (by its late heartbeats: the orchestrator's test, against ew1's);
+    its calls move to ew1's copies with the failure-free tokens."""
+    prompts = prompts_of_lengths([3 + i % 9 for i in range(50)], 1024, seed=5)
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=2, placement="pack") as llm:
+        baseline = llm.generate(prompts, params)
+        cycler = Cycler(next(w.pid for w in llm.workers() if w.name == "ew0"))
+        try:
+            outs = run_with_fault(llm, cycler.start, after_tokens=20, prompts=prompts, params=params)
+        finally:
+            cycler.stop()
+        assert token_ids(outs) == token_ids(baseline)
+        failed = [e for e in failures(llm) if e.worker == "ew0"]
+        assert failed and "gray failure" in failed[0].detail, describe(llm)
+        print(f"\ncycled ew0 (split, preferred): failed {failed[0].t - cycler.t0:.2f} s after the cycling began: {failed[0].detail}")
+        assert failed[0].t - cycler.t0 < 5.0
 
 
 def test_a_cycled_attention_worker_is_caught_by_its_late_heartbeats(cluster):
