@@ -21,6 +21,7 @@ import msgspec
 import zmq
 
 from . import protocol as P
+from . import timeline
 from .sockets import ClusterKey, Context, make_socket, recv
 from .vocabulary import Role
 from .worker import (OrchestratorChannel, WorkerSpec, cluster_key, die_with_driver, die_with_parent, host_towards,
@@ -61,6 +62,7 @@ def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
 
     torch.set_num_threads(spec.threads)
     keep_freed_memory()
+    timeline.install(Role(spec.role).value, spec.name)  # profiling only: TARRAGON_TIMELINE=DIR
     ctx = Context(key)
     orch = OrchestratorChannel(ctx, spec.name, spec.orch_endpoint)
     drain = threading.Event()
