@@ -46,6 +46,11 @@ ZAP_DOMAIN = b"tarragon"
 # for the few seconds before the handshake; the kernel's default would keep them for hours.
 ZMQ_HB_IVL_MS, ZMQ_HB_TIMEOUT_MS = 1000, 3000
 TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTVL_S, TCP_KEEPALIVE_CNT = 2, 1, 3
+# A connect() into a silent (blackholed) link is abandoned after this and tried afresh: left to the
+# kernel, its SYN is resent with exponential backoff (1, 2, 4 ... 32 s), so a link that heals is
+# used again only at the next resend, up to half a minute later (and a fenced worker learns late
+# that it is fenced); this way, within a few seconds.
+ZMQ_CONNECT_TIMEOUT_MS = 2000
 
 
 class ClusterKey(msgspec.Struct, frozen=True):
@@ -166,7 +171,8 @@ def make_socket(ctx: Context, kind: int, *, bind: str = "", connect: str = "", i
 
 def set_liveness(s: zmq.Socket) -> None:
     """A dead peer's connection is dropped in seconds (see ZMQ_HB_IVL_MS): the socket then
-    reconnects (connect side), and monitors report EVENT_DISCONNECTED."""
+    reconnects (connect side, each attempt given ZMQ_CONNECT_TIMEOUT_MS), and monitors report
+    EVENT_DISCONNECTED."""
     s.setsockopt(zmq.HEARTBEAT_IVL, ZMQ_HB_IVL_MS)
     s.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMQ_HB_TIMEOUT_MS)
     s.setsockopt(zmq.HEARTBEAT_TTL, ZMQ_HB_TIMEOUT_MS)  # the peer drops us too when our pings stop
@@ -174,6 +180,7 @@ def set_liveness(s: zmq.Socket) -> None:
     s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
     s.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
     s.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
+    s.setsockopt(zmq.CONNECT_TIMEOUT, ZMQ_CONNECT_TIMEOUT_MS)
 
 
 class Received(NamedTuple):

@@ -137,8 +137,9 @@ def test_a_cut_attention_worker_that_comes_back_stays_fenced(cluster):
     hosts.start("attention")
     outs = cut_during_load(hosts, llm, name, "attention host cut, healed after 3 s", heal_after_s=3.0)
     assert [o.token_ids for o in outs] == baseline  # a token delivered twice would show here
-    # Told to shut down once its link came back: when depends on TCP's and ZMQ's retry backoff
-    # after the blackhole (once, in a whole-suite run, it took over 30 s).
+    # Told to shut down once its link came back: within seconds, each reconnection attempt being
+    # cut short (sockets.ZMQ_CONNECT_TIMEOUT_MS); left to TCP's SYN backoff it took over 60 s in
+    # whole-suite runs. The bound is generous: the machine is shared.
     assert proc.wait(60) is not None
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == baseline
 
@@ -230,7 +231,9 @@ def test_an_attention_worker_cut_off_from_the_driver_is_fenced_and_stays_so(clus
     assert [e.worker for e in failed] == [name], failed  # the experts and the store were not fenced
     assert sum(llm.reassigned.values()) > moved
     assert gap < 1.0
-    assert proc.wait(60) is not None  # told to shut down once its link came back (see above: backoff)
+    healed = time.monotonic()
+    assert proc.wait(60) is not None  # told to shut down once its link came back (see above)
+    print(f"healed, fenced {name} shut down {time.monotonic() - healed:.1f} s after the heal")
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == baseline
 
 
