@@ -76,7 +76,7 @@ class ExpertFuture:
         rows = P.to_device(self.outs[0] if len(self.outs) == 1 else torch.cat(self.outs), self.like.device)
         weighted = rows * self.row_weights  # [rows, 1]: each row's routing weight
         combined = torch.zeros_like(self.like)
-        return combined.index_add_(0, self.token_of_row, weighted if weighted.dtype == combined.dtype else weighted.to(combined.dtype))
+        return combined.index_add_(0, self.token_of_row, weighted.to(combined.dtype))
 
 
 class ForwardingEngine:
