@@ -66,11 +66,12 @@ def layer_trips(aw: list, serves: list) -> dict[str, list[float]]:
     return legs
 
 
-def analyse(events: dict[str, list], split: bool) -> dict:
+def analyse(events: dict[str, list], groups: int) -> dict:
+    """`groups`: micro-batches a step runs as (each runs the LM head: one step is that many)."""
     aw_name = max((w for w in events if w.startswith("aw")), key=lambda w: len(events[w]))
     aw = events[aw_name]
     serves = sorted(e for w, evs in events.items() if w.startswith("ew") for e in evs if e[0] == "serve")
-    heads = [e[1] for e in aw if e[0] == "lm_head_sample"]
+    heads = [e[1] for e in aw if e[0] == "lm_head_sample"][::groups]
     steps = max(1, len(heads))
     step_ms = statistics.median(b - a for a, b in zip(heads, heads[1:])) / 1e6 if len(heads) > 1 else 0.0
     per_step = {p: sum(e[2] - e[1] for e in aw if e[0] == p) / steps / 1e6 for p in AW_PHASES}
@@ -78,7 +79,7 @@ def analyse(events: dict[str, list], split: bool) -> dict:
     ew_busy = {w: sum(e[2] - e[1] for e in evs if e[0] == "serve") / steps / 1e6 for w, evs in sorted(events.items()) if w.startswith("ew")}
     out = {"attention_worker": aw_name, "steps": steps, "step_ms": step_ms, "aw_ms_per_step": per_step,
            "aw_cpu_ms_in_wait_combine": waiting_cpu, "ew_serving_ms_per_step": ew_busy}
-    if not split:
+    if groups == 1:
         legs = layer_trips(aw, serves)
         out["layer_us"] = {k: statistics.median(v) for k, v in legs.items()}
         layers = len(legs["dispatch"]) / steps
@@ -133,7 +134,8 @@ def main() -> None:
                 t1 = time.monotonic_ns()
                 time.sleep(1.5)  # every worker writes its events once a second
                 sched = llm.config.scheduler
-                results[n] = analyse(read(folder, t0, t1), split=sched.micro_batches > 1 and n >= sched.micro_batches * sched.split_min)
+                split = sched.micro_batches > 1 and n >= sched.micro_batches * sched.split_min
+                results[n] = analyse(read(folder, t0, t1), groups=sched.micro_batches if split else 1)
         del os.environ[ENV]
     record["results"] = results
     write_results(record, table(results), args.out)
