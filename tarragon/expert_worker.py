@@ -1,7 +1,8 @@
 """Expert worker (EW): stateless server of routed experts.
 
-It binds one ROUTER socket; each attention worker connects its own DEALER to it, so every AW-EW
-pair is its own connection. Each pass drains every request that has arrived (from all AWs, all
+It listens on one endpoint, and each attention worker connects to it, so every AW-EW pair is its
+own connection: a local link on this host (ipc://, see local_link.py), a ZMQ ROUTER socket that
+each AW's DEALER connects to over tcp:// (from other hosts). Each pass drains every request that has arrived (from all AWs, all
 micro-batches), batches the rows per (layer, expert) across them, runs each expert once, and
 answers every request.
 """
@@ -17,6 +18,7 @@ from functools import partial
 import torch
 import zmq
 
+from . import local_link
 from . import protocol as P
 from .config import ModelConfig
 from .model import ExpertBank
@@ -25,7 +27,7 @@ from .vocabulary import Role
 from .weights import WeightFiles, torch_dtype
 from .worker import OrchestratorChannel, WorkerSpec, restore_priority
 
-MAX_DRAIN = 256  # requests batched per pass at most
+MAX_DRAIN = 256  # requests read from the ROUTER per pass at most
 log = logging.getLogger(__name__)
 
 
@@ -78,14 +80,25 @@ def load(spec: WorkerSpec, cfg: ModelConfig) -> ExpertBank:
     return bank
 
 
-def receive(sock: zmq.Socket, check: Callable[[Received], None], name: str) -> list[tuple[bytes, P.ExpertRequest, torch.Tensor]]:
-    """Every valid request already here (at most MAX_DRAIN): (sender, header, rows)."""
-    requests = []
-    while len(requests) < MAX_DRAIN and sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than reading until zmq.Again)
-        got = recv(sock, (P.ExpertRequest,), name, zmq.NOBLOCK, check=check)
-        if got is not None:
-            requests.append((got.identity, got.msg, got.tensors[0]))
-    return requests
+class RouterEnd:
+    """The datapath end over ZeroMQ, for attention workers on other hosts (tcp://): a ROUTER
+    socket. The same calls as local_link.Listener."""
+
+    def __init__(self, ctx: Context, endpoint: str, poller: zmq.Poller, where: str):
+        self.sock = make_socket(ctx, zmq.ROUTER, bind=endpoint, max_bytes=DATA_MAX_BYTES)
+        self.where = where
+        poller.register(self.sock, zmq.POLLIN)
+
+    def receive(self, events: dict, accept: tuple[type, ...], check: Callable[[Received], None]) -> list[Received]:
+        """Every valid message already here (at most MAX_DRAIN)."""
+        got = []
+        while self.sock in events and len(got) < MAX_DRAIN and self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than reading until zmq.Again)
+            if (m := recv(self.sock, accept, self.where, zmq.NOBLOCK, check=check)) is not None:
+                got.append(m)
+        return got
+
+    def send(self, identity: bytes, frames: list) -> None:
+        self.sock.send_multipart([identity, *frames], copy=False)
 
 
 def unfenced(requests: list[tuple[bytes, P.ExpertRequest, torch.Tensor]], fenced: set[bytes], refused: set[bytes]) -> list:
@@ -102,13 +115,12 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     bank = load(spec, cfg)
     shadow = {tuple(x) for x in spec.shadow_experts}
     shadow_bytes = sum(a.nbytes + b.nbytes for k, (a, b) in bank.experts.items() if k in shadow)
-    sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
+    poller = zmq.Poller()
+    poller.register(orch.sock, zmq.POLLIN)
+    end = (local_link.Listener if local_link.is_local(spec.endpoint) else partial(RouterEnd, ctx))(spec.endpoint, poller, spec.name)
     info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.experts), "shadows": len(shadow)}
     orch.send(P.Ready(spec.name, Role.EXPERT, os.getpid(), info))
     restore_priority(spec)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(orch.sock, zmq.POLLIN)
     check = partial(check_request, bank, cfg.hidden_size)
     fenced: set[bytes] = set()  # attention workers declared failed: a partitioned one may still ask
     refused: set[bytes] = set()  # ... and asked: logged once each
@@ -119,10 +131,11 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
             return
         if got is not None:
             fenced = {w.encode() for w in got.msg.workers}
-        requests = unfenced(receive(sock, check, spec.name), fenced, refused) if sock in events else []
+        asked = end.receive(events, (P.ExpertRequest,), check)
+        requests = unfenced([(m.identity, m.msg, m.tensors[0]) for m in asked], fenced, refused)
         replays = [r for r in requests if r[1].replay]
         for batch in (replays, [r for r in requests if not r[1].replay]):
             if batch:
                 with torch.inference_mode():
                     for ident, header, out in serve_batch(bank, batch):
-                        sock.send_multipart([ident, *P.encode(header, out)], copy=False)
+                        end.send(ident, P.encode(header, out))

@@ -1,12 +1,13 @@
 """The attention worker's forwarding engine: ships routed tokens to expert workers, and masks
 their failures.
 
-One DEALER socket per expert worker (EW): an independent point-to-point channel per AW-EW pair,
-no collective group, so a dead peer breaks only its own channel. Every dispatch resolves logical
+One channel per expert worker (EW): a local link (local_link.py) to an EW on this host, a ZMQ
+DEALER socket to one on another host (tcp://); an independent point-to-point channel per AW-EW
+pair, no collective group, so a dead peer breaks only its own channel. Every dispatch resolves logical
 experts to physical workers through this worker's own routing table.
 
 Failure handling lives here, on the waiting side:
-- evidence: the channel's socket reports the peer's disconnect (a killed process), or a reply is
+- evidence: the channel reports the peer's disconnect (a killed process: EOF on a link), or a reply is
   owed and the peer stays silent past `probe_interval_s`, and then does not answer probes on its
   control channel for the probe timeout (a hung process, e.g. SIGSTOP), or its replies are many
   times slower than its peers' for a sustained window (a gray failure: see timeouts.py);
@@ -35,10 +36,12 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from . import local_link
 from . import protocol as P
+from .local_link import Link
 from .model import MoECall
 from .routing_table import RoutingTable
-from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv
+from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv, validate
 from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector
 
 log = logging.getLogger(__name__)
@@ -92,10 +95,12 @@ class ForwardingEngine:
         self.last_poll = time.monotonic()
         self.poller = zmq.Poller()
         self.control: tuple[zmq.Socket, Callable[[], bool]] | None = None  # see wake_on
-        self.data: dict[str, zmq.Socket] = {}
+        self.data: dict[str, Link | zmq.Socket] = {}
         self.probes: dict[str, zmq.Socket] = {}
         self.monitors: dict[zmq.Socket, str] = {}
-        self.owner_of: dict[zmq.Socket, str] = {}
+        self.links: dict[int, Link] = {}  # by file descriptor, as the poller reports them
+        self.connecting: list[Link] = []  # links whose expert worker did not listen yet
+        self.owner_of: dict[Link | zmq.Socket, str] = {}
         self.suspect_since: dict[str, float] = {}  # worker -> first unanswered probe
         self.last_probe: dict[str, float] = {}
         self.expected: dict[int, _Part] = {}
@@ -117,10 +122,18 @@ class ForwardingEngine:
         return s
 
     def _connect(self, worker: str, endpoint: str) -> None:
-        s = self._socket(endpoint, worker)
-        mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.poller.register(mon, zmq.POLLIN)
-        self.monitors[mon] = worker
+        if local_link.is_local(endpoint):
+            s = local_link.connect(endpoint, self.name, self.poller, worker)
+            if s.sock is None:
+                self.connecting.append(s)  # its expert worker is still starting: see wait()
+            else:
+                self.links[s.fd] = s
+            self.owner_of[s] = worker
+        else:
+            s = self._socket(endpoint, worker)
+            mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self.poller.register(mon, zmq.POLLIN)
+            self.monitors[mon] = worker
         self.data[worker] = s
         self.probes[worker] = self._socket(self.probe_endpoints[worker], worker)
 
@@ -128,6 +141,12 @@ class ForwardingEngine:
         s = self.data.pop(worker, None)
         if s is None:
             return
+        if isinstance(s, Link):
+            self.links.pop(s.fd, None)
+            if s in self.connecting:
+                self.connecting.remove(s)
+            del self.owner_of[s]
+            s.close()
         for mon, w in list(self.monitors.items()):
             if w == worker:
                 self.poller.unregister(mon)
@@ -135,9 +154,10 @@ class ForwardingEngine:
                 s.disable_monitor()
                 mon.close(0)
         for sock in (s, self.probes.pop(worker)):
-            self.poller.unregister(sock)
-            del self.owner_of[sock]
-            sock.close(0)
+            if isinstance(sock, zmq.Socket):
+                self.poller.unregister(sock)
+                del self.owner_of[sock]
+                sock.close(0)
 
     def apply_update(self, update: P.TableUpdate) -> None:
         """Adopt the orchestrator's table if newer: connect to new workers, drop dead ones."""
@@ -236,12 +256,18 @@ class ForwardingEngine:
                 self._replay(part)
                 continue
             self._check_silence(part, now)
+            for link in [link for link in self.connecting if link.try_connect()]:
+                self.connecting.remove(link)
+                self.links[link.fd] = link
             events = self.poller.poll(timeout=self.probe_interval_s * 1000)
             self._discount_own_lag()
-            for sock, _ in events:
+            for sock, flags in events:
                 if self.control is not None and sock is self.control[0]:
                     if not self.control[1]():
                         return None
+                elif isinstance(sock, int):  # a link's file descriptor
+                    if sock in self.links:
+                        self._drain(self.links[sock], flags)
                 else:
                     self._drain(sock)
 
@@ -272,7 +298,7 @@ class ForwardingEngine:
             self.last_probe[w] = now
             self.probes[w].send_multipart(P.encode(P.Probe(int(now * 1e6))))
 
-    def _drain(self, sock: zmq.Socket) -> None:
+    def _drain(self, sock: Link | zmq.Socket, flags: int = zmq.POLLIN) -> None:
         if sock in self.monitors:
             worker = self.monitors[sock]
             evt = recv_monitor_message(sock)
@@ -280,6 +306,17 @@ class ForwardingEngine:
                 self._fail(worker, "channel disconnected")
             return
         worker = self.owner_of.get(sock)
+        if isinstance(sock, Link):
+            for frames in sock.service(flags):
+                got = validate(frames, (P.ExpertReply,), f"{self.name} ({worker})", worker.encode(), partial(self._check_reply, worker))
+                self.suspect_since.pop(worker, None)  # any answer proves it alive
+                if got is not None:
+                    self._accept(worker, got.msg, got.tensors[0])
+                if worker in self.failed:  # (found slow)
+                    return
+            if sock.closed:
+                self._fail(worker, "channel disconnected")
+            return
         probe = sock is self.probes.get(worker)
         accept, check = ((P.Pong,), None) if probe else ((P.ExpertReply,), partial(self._check_reply, worker))
         while not sock.closed and sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than reading until zmq.Again)

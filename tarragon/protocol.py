@@ -251,6 +251,13 @@ class PromptLogits(Msg):
 # ---- datapath: attention worker <-> expert worker ------------------------------------------
 
 
+class Hello(Msg):
+    """The first message on a local link (local_link.py): who is calling. ZMQ sockets carry it
+    as their identity instead."""
+
+    worker: str
+
+
 class ExpertRequest(Msg):
     """Rows of `hidden` grouped by expert: counts[i] rows for experts[i] of `layer`. A replay
     (the same rows, resent after a worker failed) is served ahead of normal requests."""
@@ -300,7 +307,7 @@ class RestoreData(Msg):
 
 Message = Union[
     Ready, AddRequest, AbortRequest, Shutdown, Heartbeat, Probe, Pong, ClusterState, GetEvents, EventLog,
-    WorkerFailed, TableUpdate, Tokens, PromptLogits, ExpertRequest, ExpertReply, ResumeRequest, Report, RestartAll,
+    WorkerFailed, TableUpdate, Tokens, PromptLogits, Hello, ExpertRequest, ExpertReply, ResumeRequest, Report, RestartAll,
     KVWrite, RestoreRequest, RestoreData, Join, Assign, Handover, Fence, Drain, Drained,
 ]
 _encoder = msgspec.msgpack.Encoder()

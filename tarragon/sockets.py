@@ -229,10 +229,16 @@ def recv(sock: zmq.Socket, accept: tuple[type, ...], where: str, flags: int = 0,
     zmq.Again with NOBLOCK and nothing queued. tensors=False: the frames are left as bytes, for
     `check` to validate (`P.check_frame`); a receiver that only copies them spares torch's cost."""
     frames = sock.recv_multipart(flags, copy=False)
-    sender, identity = "", b""
+    identity = b""
     if sock.type == zmq.ROUTER:
         identity, frames = bytes(frames[0].buffer), frames[1:]
-        sender = identity.decode(errors="replace")
+    return validate(frames, accept, where, identity, check, tensors)
+
+
+def validate(frames: list, accept: tuple[type, ...], where: str, identity: bytes = b"",
+             check: Callable[[Received], None] | None = None, tensors: bool = True) -> Received | None:
+    """`recv`'s checks on a message already read (from a ZMQ socket or a local link)."""
+    sender = identity.decode(errors="replace")
     try:
         msg, bufs = P.decode(frames)
         if not isinstance(msg, accept):

@@ -76,15 +76,13 @@ def test_malformed_datapath_messages_are_dropped(tiny_models):
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=2) as llm:
         before = [o.token_ids for o in llm.generate(prompts, params)]
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)  # ipc in the 0700 run folder: open to this user's processes
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(llm.launcher.endpoint("ew0"))
+        from link_client import LinkClient
+
+        s = LinkClient(llm.launcher.endpoint("ew0"), "garbage")  # in the 0700 run folder: this user's processes
         garbage = [
             [b"\x00\xff not msgpack"],
             [b"\x81\xa4type\xadExpertRequest"],  # tag, no fields
             [b"\xc1"],
-            [],
         ]
         from tarragon import protocol as P
         import torch
@@ -97,17 +95,28 @@ def test_malformed_datapath_messages_are_dropped(tiny_models):
         short = P.ExpertRequest(3, 0, [0], [3], P.TensorMeta("float32", [3, 64]))
         garbage.append([P.encode(short)[0], b"\x00" * 17])
         for msg in garbage:
-            if msg:
-                s.send_multipart(msg)
+            s.send_multipart(msg)
         time.sleep(0.3)
         s.close()
-        ctx.term()
+        # framing that makes no sense, and a link that does not say who it is: cut off
+        broken = [("huge", b"\xff" * 64), ("no-frames", b"\x05\x00\x00\x00\x00\x00\x00\x00\x00"),
+                  ("liar", b"\x10\x00\x00\x00\x01\x00\x00\x00\xff\x00\x00\x00" + b"\x00" * 8)]  # (255 bytes said, 8 sent)
+        for name, raw in broken:
+            c = LinkClient(llm.launcher.endpoint("ew0"), name)
+            c.send_raw(raw)
+            assert c.closed_by_peer(), f"{raw!r}: the expert worker kept the link"
+            c.close()
+        c = LinkClient(llm.launcher.endpoint("ew0"), None)
+        c.send_multipart(P.encode(bad, x))  # a request before any Hello
+        assert c.closed_by_peer()
+        c.close()
         assert all(w.alive for w in llm.workers())
         after = [o.token_ids for o in llm.generate(prompts, params)]
         log = (llm.launcher.log_path("ew0")).read_text()
     assert before == after
     dropped = [int(n) for n in re.findall(r"dropped (\d+) message\(s\) from", log)]
     assert dropped and dropped[0] == 1  # the first is logged at once; the rest within a second are counted
+    assert "bad framing" in log and "frame lengths do not add up" in log and "did not start with Hello" in log
 
 
 def test_cli_make_model_and_generate(tmp_path):

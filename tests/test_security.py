@@ -13,6 +13,7 @@ import random
 import re
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import zmq
 
 from failover import run_with_fault, wait_replaced, wait_until
 from conftest import prompts_of_lengths
+from link_client import LinkClient
 from tarragon import LLM, SamplingParams
 from tarragon import protocol as P
 from tarragon.routing_table import RoutingTable
@@ -81,8 +83,9 @@ def live_request_ids(llm) -> list[str]:
 
 
 def test_other_users_cannot_reach_the_ipc_sockets(cluster):
-    """The run folder is 0700 and the key 0600; a process of another user reaches no socket,
-    while the same client run as this user is answered (so the check can fail)."""
+    """The run folder is 0700 and the key 0600; a process of another user reaches no socket (here
+    an expert worker's local link), while the same client run as this user is answered (so the
+    check can fail)."""
     llm, _ = cluster
     run_dir = llm.run_dir
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
@@ -92,21 +95,23 @@ def test_other_users_cannot_reach_the_ipc_sockets(cluster):
     msg, x = expert_request()
     frames = [bytes(f) for f in P.encode(msg, x)]
     answers = {who: ask_as(uid, llm.launcher.endpoint("ew0"), frames) for who, uid in (("nobody", 65534), ("owner", 0))}
-    assert answers == {"nobody": "silent", "owner": "answered"}
+    assert answers == {"nobody": "refused", "owner": "answered"}
 
 
 def ask_as(uid: int, endpoint: str, frames: list[bytes]) -> str:
-    """Send `frames` from a forked process running as `uid`; whether anything answered."""
+    """Send `frames` on a local link from a forked process running as `uid`: whether anything
+    answered, or the connection was refused."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a new context, nothing of the parent's used
         try:
             os.setgid(uid)
             os.setuid(uid)
-            ctx = zmq.Context()
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
+            try:
+                s = LinkClient(endpoint, "asker")
+            except PermissionError:
+                os.write(w, b"refused")
+                os._exit(0)
             s.send_multipart(frames)
             os.write(w, b"answered" if s.poll(2000) else b"silent")
         finally:
@@ -185,20 +190,25 @@ def test_size_limits_and_rate_limited_drop_logs(cluster):
     orch_rss = next(w.rss_bytes for w in llm.workers() if w.name == "orchestrator")
     big = Peer(llm.launcher.endpoint("orchestrator"), "big")
     big.s.send(b"\0" * (4 * CONTROL_MAX_BYTES))  # 64 MiB: over the limit, the peer is cut off unread
-    garbage = Peer(llm.launcher.endpoint("ew0"), "garbage")
+    garbage = LinkClient(llm.launcher.endpoint("ew0"), "garbage")
     for i in range(300):
-        garbage.s.send_multipart([b"\xc1" * (i % 7 + 1)])
+        garbage.send_multipart([b"\xc1" * (i % 7 + 1)])
     time.sleep(1.2)
-    garbage.s.send_multipart([b"\xc1"])
+    garbage.send_multipart([b"\xc1"])
+    huge = LinkClient(llm.launcher.endpoint("ew0"), "huge")  # says 2 GiB follow: over the limit, cut off unread
+    huge.send_raw(struct.pack("<II", 2 << 30, 1))
+    assert huge.closed_by_peer()
     time.sleep(0.5)
     grown = next(w.rss_bytes for w in llm.workers() if w.name == "orchestrator") - orch_rss
     assert grown < CONTROL_MAX_BYTES, f"the orchestrator grew {grown >> 20} MiB"
     lines = [line for line in llm.launcher.log_path("ew0").read_text().splitlines() if "from 'garbage'" in line]
     assert len(lines) == 2 and sum(int(re.search(r"dropped (\d+) message", x).group(1)) for x in lines) == 301
+    assert any("from 'huge'" in line and "bad framing" in line for line in llm.launcher.log_path("ew0").read_text().splitlines())
     assert all(w.alive for w in llm.workers() if w.state == "ready")
     assert token_ids(llm.generate(PROMPTS, PARAMS)) == baseline
     big.close()
     garbage.close()
+    huge.close()
 
 
 def samples(llm) -> list[list]:
@@ -253,20 +263,25 @@ def test_wire_fuzz_every_socket(cluster):
     ew = next(w.name for w in llm.workers() if w.role == "expert" and w.state == "ready")
     store = next(w.name for w in llm.workers() if w.role == "store" and w.state == "ready")
     targets = [la.endpoint("orchestrator"), la.endpoint("driver"), la.endpoint("store"), la.probe_endpoint(store),
-               la.endpoint(ew), la.probe_endpoint(ew), la.probe_endpoint(aw)]
+               la.probe_endpoint(ew), la.probe_endpoint(aw)]
     rng = random.Random(16)
     base = samples(llm)
-    peers = [Peer(t, f"fuzz-{i}") for i, t in enumerate(targets)]
+    peers = [Peer(t, f"fuzz-{i}") for i, t in enumerate(targets)] + [LinkClient(la.endpoint(ew), "fuzz-link")]
     t0 = time.monotonic()
     sent = 0
     for _ in range(120):
         for p in peers:
-            p.s.send_multipart(mutate(rng, rng.choice(base)) if rng.random() < 0.9 else rng.choice(base))
+            (p if isinstance(p, LinkClient) else p.s).send_multipart(mutate(rng, rng.choice(base)) if rng.random() < 0.9 else rng.choice(base))
             sent += 1
+    for _ in range(40):  # the expert worker's link framing itself: random bytes, each on a new link
+        c = LinkClient(la.endpoint(ew), rng.choice([None, "fuzz-bytes"]))
+        c.send_raw(rng.randbytes(rng.randint(1, 64)))
+        c.close()
     time.sleep(1.0)
     for p in peers:
         p.close()
     assert time.monotonic() - t0 < 30
+    assert not LinkClient(la.endpoint(ew), "fuzz-link-after").closed_by_peer(200), "the link is still served"
     after = {w.name: w.pid for w in llm.workers() if w.state == "ready"}
     assert after == pids and all(w.alive for w in llm.workers() if w.name in pids), f"{sent} frames: {pids} -> {after}"
     assert token_ids(llm.generate(PROMPTS, PARAMS)) == baseline
