@@ -117,6 +117,8 @@ class Link:
                 self._flush()
 
     def _flush(self) -> None:
+        if self.closed:
+            return
         while self.out:
             try:
                 sent = self.sock.sendmsg(list(islice(self.out, 512)))
@@ -148,7 +150,7 @@ class Link:
 
     def read(self) -> list[list[memoryview]]:
         msgs: list[list[memoryview]] = []
-        while not self.closed:
+        while not self.closed and self.sock is not None:
             space = len(self.buf) - self.have
             try:
                 n = self.sock.recv_into(memoryview(self.buf)[self.have :])
