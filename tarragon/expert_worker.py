@@ -1,10 +1,10 @@
 """Expert worker (EW): stateless server of routed experts.
 
 It listens on one endpoint, and each attention worker connects to it, so every AW-EW pair is its
-own connection: a local link on this host (ipc://, see local_link.py), a ZMQ ROUTER socket that
-each AW's DEALER connects to over tcp:// (from other hosts). Each pass drains every request that has arrived (from all AWs, all
-micro-batches), batches the rows per (layer, expert) across them, runs each expert once, and
-answers every request.
+own connection: a local link on this host (ipc://, see local_link.py), or a ZMQ ROUTER socket
+that each AW's DEALER connects to over tcp:// (from other hosts). Each pass drains every request
+that has arrived (from all AWs, all micro-batches), batches the rows per (layer, expert) across
+them, runs each expert once, and answers every request.
 """
 
 from __future__ import annotations

@@ -3,14 +3,14 @@ their failures.
 
 One channel per expert worker (EW): a local link (local_link.py) to an EW on this host, a ZMQ
 DEALER socket to one on another host (tcp://); an independent point-to-point channel per AW-EW
-pair, no collective group, so a dead peer breaks only its own channel. Every dispatch resolves logical
-experts to physical workers through this worker's own routing table.
+pair, no collective group, so a dead peer breaks only its own channel. Every dispatch resolves
+logical experts to physical workers through this worker's own routing table.
 
 Failure handling lives here, on the waiting side:
-- evidence: the channel reports the peer's disconnect (a killed process: EOF on a link), or a reply is
-  owed and the peer stays silent past `probe_interval_s`, and then does not answer probes on its
-  control channel for the probe timeout (a hung process, e.g. SIGSTOP), or its replies are many
-  times slower than its peers' for a sustained window (a gray failure: see timeouts.py);
+- evidence: the channel reports the peer's disconnect (a killed process: EOF on a link), or a
+  reply is owed and the peer stays silent past `probe_interval_s`, and then does not answer probes
+  on its control channel for the probe timeout (a hung process, e.g. SIGSTOP), or its replies are
+  many times slower than its peers' for a sustained window (a gray failure: see timeouts.py);
 - the probe timeout adapts: `probe_timeout_s` is its floor; it grows with the round trips seen
   from all expert workers (a machine slowed down as a whole fails nobody), and time this process
   itself was not running (a poll that returned late) does not count as the peer's silence;

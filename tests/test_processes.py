@@ -11,8 +11,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import zmq
-
 from conftest import prompts_of_lengths
 from tarragon import LLM, SamplingParams
 
