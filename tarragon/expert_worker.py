@@ -33,21 +33,22 @@ log = logging.getLogger(__name__)
 
 def serve_batch(bank: ExpertBank, requests: list[tuple[bytes, P.ExpertRequest, torch.Tensor]]):
     """Run the experts over all requests' rows; returns (identity, reply header, output) triples.
-    Rows arrive and leave in host memory; they are computed where the bank is."""
+    Rows of one layer, from every request, go through the bank in one call, grouped by expert
+    (one pass over each expert's weights). Rows arrive and leave in host memory; they are
+    computed where the bank is."""
     inputs = [P.to_device(x, bank.device) for _, _, x in requests]
     outputs = [torch.empty_like(x) for x in inputs]
-    work: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)  # key -> (request, start, rows)
+    work: dict[int, dict[int, list[tuple[int, int, int]]]] = defaultdict(lambda: defaultdict(list))  # layer -> expert -> pieces
     for r, (_, req, _) in enumerate(requests):
         start = 0
         for e, n in zip(req.experts, req.counts):
-            work[(req.layer, e)].append((r, start, n))
+            work[req.layer][e].append((r, start, n))
             start += n
-    for key, pieces in work.items():
-        if len(pieces) == 1:
-            r, s, n = pieces[0]
-            outputs[r][s : s + n] = bank.run(*key, inputs[r][s : s + n])
-            continue
-        y = bank.run(*key, torch.cat([inputs[r][s : s + n] for r, s, n in pieces]))
+    for layer, by_expert in work.items():
+        experts = sorted(by_expert)
+        pieces = [p for e in experts for p in by_expert[e]]
+        x = torch.cat([inputs[r][s : s + n] for r, s, n in pieces]) if len(pieces) > 1 else inputs[pieces[0][0]]
+        y = bank.run_layer(layer, experts, [sum(n for _, _, n in by_expert[e]) for e in experts], x)
         offset = 0
         for r, s, n in pieces:
             outputs[r][s : s + n] = y[offset : offset + n]
@@ -75,7 +76,7 @@ def load(spec: WorkerSpec, cfg: ModelConfig) -> ExpertBank:
     with WeightFiles(spec.model_dir) as files:
         bank = ExpertBank(cfg, files, [tuple(x) for x in spec.experts], torch_dtype(spec.dtype), spec.device)
     with torch.inference_mode():
-        for key in bank.experts:
+        for key in bank.keys():
             bank.run(*key, torch.zeros(2, cfg.hidden_size, dtype=bank.dtype, device=bank.device))
     return bank
 
@@ -114,11 +115,11 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     cfg = ModelConfig.from_dir(spec.model_dir)
     bank = load(spec, cfg)
     shadow = {tuple(x) for x in spec.shadow_experts}
-    shadow_bytes = sum(a.nbytes + b.nbytes for k, (a, b) in bank.experts.items() if k in shadow)
+    shadow_bytes = sum(bank.expert_nbytes(k) for k in bank.keys() if k in shadow)
     poller = zmq.Poller()
     poller.register(orch.sock, zmq.POLLIN)
     end = (local_link.Listener if local_link.is_local(spec.endpoint) else partial(RouterEnd, ctx))(spec.endpoint, poller, spec.name)
-    info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.experts), "shadows": len(shadow)}
+    info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.keys()), "shadows": len(shadow)}
     orch.send(P.Ready(spec.name, Role.EXPERT, os.getpid(), info))
     restore_priority(spec)
     check = partial(check_request, bank, cfg.hidden_size)

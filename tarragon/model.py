@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kernels import Linear
+from .kernels import FusedExperts, Linear, fused_experts_available
 from .weights import WeightFiles
 
 
@@ -513,30 +513,67 @@ class AttentionModel:
 
 
 class ExpertBank:
-    """The routed experts one expert worker serves, keyed by (layer, expert)."""
+    """The routed experts one expert worker serves, keyed by (layer, expert): per layer one
+    grouped kernel over all of them (`FusedExperts`) where it is installed and fits (CPU, float32,
+    SwiGLU), else one packed (gate_up, down) pair of matmuls per expert."""
 
     def __init__(self, cfg: ModelConfig, files: WeightFiles, assigned: list[tuple[int, int]], dtype: torch.dtype, device: str = "cpu"):
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
         self.experts: dict[tuple[int, int], tuple[Linear, Linear]] = {}
+        self.fused: dict[int, FusedExperts] = {}  # layer -> its experts, stacked in `slot` order
+        self.slot: dict[tuple[int, int], int] = {}
         if cfg.expert_act == "clamped_swiglu":
             load_fused_experts(self, files, assigned)
             return
         names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        for layer, e in assigned:
-            p = f"model.layers.{layer}.{cfg.expert_prefix}.experts.{e}."
-            gate, up, down = (files.get(p + n + ".weight", dtype, device) for n in names)
-            self.experts[(layer, e)] = (Linear(torch.cat([gate, up])), Linear(down))
+        fuse = self.device.type == "cpu" and dtype == torch.float32 and fused_experts_available()
+        for layer in sorted({layer for layer, _ in assigned}):
+            gate_ups, downs = [], []
+            for e in sorted(e for lay, e in assigned if lay == layer):
+                p = f"model.layers.{layer}.{cfg.expert_prefix}.experts.{e}."
+                gate, up, down = (files.get(p + n + ".weight", dtype, device) for n in names)
+                if fuse:
+                    self.slot[(layer, e)] = len(gate_ups)
+                    gate_ups.append(torch.cat([gate, up]))
+                    downs.append(down)
+                else:
+                    self.experts[(layer, e)] = (Linear(torch.cat([gate, up])), Linear(down))
+            if fuse:
+                self.fused[layer] = FusedExperts(gate_ups, downs)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.experts.values())
+        return sum(self.expert_nbytes(key) for key in self.keys())
+
+    def expert_nbytes(self, key: tuple[int, int]) -> int:
+        if key in self.slot:
+            f = self.fused[key[0]]
+            return f.w13[0].nbytes + f.w2[0].nbytes
+        a, b = self.experts[key]
+        return a.nbytes + b.nbytes
+
+    def keys(self) -> list[tuple[int, int]]:
+        return [*self.slot, *self.experts]
 
     def __contains__(self, key: tuple[int, int]) -> bool:
-        return key in self.experts
+        return key in self.slot or key in self.experts
+
+    def run_layer(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+        """Rows x grouped by expert (`counts[i]` rows for `experts[i]`, all of this layer) through
+        their experts, in the same order."""
+        if layer in self.fused:
+            return self.fused[layer](x, [self.slot[(layer, e)] for e in experts], counts)
+        out, start = torch.empty_like(x), 0
+        for e, n in zip(experts, counts):
+            out[start : start + n] = self.run(layer, e, x[start : start + n])
+            start += n
+        return out
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        if layer in self.fused:
+            return self.run_layer(layer, [expert], [x.shape[0]], x)
         if self.cfg.expert_act == "clamped_swiglu":
             return clamped_swiglu_expert(self, layer, expert, x)
         gate_up, down = self.experts[(layer, expert)]

@@ -48,6 +48,20 @@ def test_matches_transformers(tiny_models, family):
     assert min(r.times[0] for r in second) < max(r.times[-1] for r in first)
 
 
+def test_per_expert_kernel_matches_transformers(tiny_models, monkeypatch):
+    """Where zentorch's fused MoE kernel is not installed (here: switched off), expert workers
+    run one packed matmul pair per expert: the same greedy tokens and prompt logits."""
+    monkeypatch.setenv("TARRAGON_EXPERT_KERNEL", "torch")  # the workers inherit it
+    model_dir = tiny_models["mixtral"]
+    ref = Reference(model_dir)
+    prompts = prompts_of_lengths(LENGTHS, 1024, seed=11)
+    with LLM(model_dir, attention_workers=1, expert_workers=2) as llm:
+        outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == [ref.greedy(p, MAX_TOKENS) for p in prompts]
+    for o, p in zip(outs, prompts):
+        torch.testing.assert_close(o.prompt_logits, ref.logits(p), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("aws,ews", [(1, 1), (4, 4)])
 def test_worker_layouts_match(tiny_models, aws, ews):
     model_dir = tiny_models["mixtral"]
