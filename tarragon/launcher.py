@@ -122,6 +122,11 @@ class LocalLauncher:
             env[var] = str(threads)
         # Idle OpenMP threads sleep instead of spinning: workers take turns on the same cores.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Weights and KV in transparent huge pages (glibc's malloc asks for them, THP "madvise"):
+        # a step streams tens of MB of weights, a TLB miss every 4 KB otherwise.
+        tunables = env.get("GLIBC_TUNABLES", "")
+        if "glibc.malloc.hugetlb" not in tunables:
+            env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, "glibc.malloc.hugetlb=1") if t)
         package_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         with open(self.log_path(name), "ab") as log:

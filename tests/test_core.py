@@ -62,6 +62,23 @@ def test_per_expert_kernel_matches_transformers(tiny_models, monkeypatch):
         torch.testing.assert_close(o.prompt_logits, ref.logits(p), atol=1e-4, rtol=0)
 
 
+def test_worker_memory_is_in_huge_pages(tiny_models):
+    """Workers ask glibc's malloc for transparent huge pages (the launcher sets its tunable): their
+    large tensors, the KV cache first, are backed by 2 MB pages where the kernel offers them."""
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this kernel")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are off on this machine")
+    with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=1) as llm:
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+        pid = next(w.pid for w in llm.workers() if w.name == "aw0")
+        huge = next(int(line.split()[1]) for line in open(f"/proc/{pid}/smaps_rollup") if line.startswith("AnonHugePages"))
+        assert "glibc.malloc.hugetlb=1" in open(f"/proc/{pid}/environ").read()
+    assert huge >= 2048  # kB: at least one 2 MB page
+
+
 @pytest.mark.parametrize("aws,ews", [(1, 1), (4, 4)])
 def test_worker_layouts_match(tiny_models, aws, ews):
     model_dir = tiny_models["mixtral"]
