@@ -14,8 +14,9 @@ within each repeat (tarragon, transformers, vllm, tarragon, ...), so a slow spel
 machine hits all of them. Each cell: N requests of `--prompt-len` random token ids, greedy,
 `--max-tokens` new tokens each (EOS ignored), submitted at once; tokens/s = generated tokens /
 wall time, median over repeats. Token agreement: the share of requests whose tokens equal
-transformers' (the reference). For Tarragon it also reports each process's CPU time per decode
-step (from /proc), i.e. how busy the attention and expert workers are. Prints a table, writes
+transformers' (the reference). For Tarragon and vLLM it also reports each process's CPU time per
+decode step (from /proc): how busy the attention and expert workers are, and vLLM's engine core
+and model worker. Prints a table, writes
 docs/results/compare_vllm.json and a PNG.
 """
 
@@ -87,6 +88,37 @@ def run_transformers(args) -> dict:
     return out
 
 
+def process_tree(root: int) -> dict[str, int]:
+    """`root` and its descendants, by name (/proc/PID/comm, numbered when repeated): vLLM's engine
+    core and model worker are processes of their own."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        try:
+            parent[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    tree, names = [root], {}
+    for pid in tree:
+        tree += sorted(c for c, p in parent.items() if p == pid)
+    for pid in tree:
+        try:
+            name = open(f"/proc/{pid}/comm").read().strip()
+        except OSError:
+            continue
+        names[name if name not in names else f"{name}.{len(names)}"] = pid
+    return names
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (tarragon.procfs.cpu_seconds, without importing
+    tarragon into vLLM's environment)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_vllm(args) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -94,13 +126,17 @@ def run_vllm(args) -> dict:
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     llm.generate([{"prompt_token_ids": p} for p in prompts(2, args.prompt_len, vocab)], sp, use_tqdm=False)  # warm-up
-    out: dict = {"tok_s": {}, "tokens": {}}
+    pids = process_tree(os.getpid())
+    out: dict = {"tok_s": {}, "tokens": {}, "cpu_ms_per_step": {}}
     for n in args.concurrency:
+        before = {k: proc_cpu_seconds(p) for k, p in pids.items()}
         t0 = time.monotonic()
         res = llm.generate([{"prompt_token_ids": p} for p in prompts(n, args.prompt_len, vocab)], sp, use_tqdm=False)
         dt = time.monotonic() - t0
         out["tokens"][n] = [list(r.outputs[0].token_ids) for r in res]
         out["tok_s"][n] = sum(len(t) for t in out["tokens"][n]) / dt
+        out["cpu_ms_per_step"][n] = {k: (proc_cpu_seconds(p) - before[k]) * 1000 / args.max_tokens for k, p in pids.items()}
+        out["cpu_ms_per_step"][n]["wall"] = dt * 1000 / args.max_tokens
     return out
 
 
