@@ -85,14 +85,19 @@ def fused_experts_available() -> bool:
     return hasattr(torch.ops.zentorch, "zentorch_fused_moe") and _fused_experts_work()
 
 
+_KEPT: list = []  # the checked weights stay allocated (below)
+
+
 @functools.cache
 def _fused_experts_work() -> bool:
     """One small call, checked against the plain formula: a CPU the library does not support
-    raises or gives garbage here, not in the middle of serving."""
+    raises or gives garbage here, not in the middle of serving. The kernel caches its packed
+    weights by their address, so these weights are kept: no later weight may reuse it."""
     g = torch.Generator().manual_seed(0)
     gate_up, down, x = torch.randn(2, 32, 16, generator=g), torch.randn(2, 16, 16, generator=g), torch.randn(4, 16, generator=g)
+    _KEPT.append(FusedExperts(list(gate_up), list(down)))
     try:
-        y = FusedExperts(list(gate_up), list(down))(x, [0, 1], [2, 2])
+        y = _KEPT[-1](x, [0, 1], [2, 2])
     except RuntimeError:
         return False
     gate, up = torch.cat([F.linear(x[:2], gate_up[0]), F.linear(x[2:], gate_up[1])]).chunk(2, dim=-1)
@@ -105,8 +110,9 @@ class FusedExperts:
     single call, so each expert's weights stream from memory once, at about twice the rate of one
     oneDNN call per expert (bench model, 1-64 tokens, cold weights: 1.5-2.2x less time).
 
-    The kernel computes an expert that has one row differently from one that has several, and
-    needs two experts with rows. So that a row's result never depends on what it is batched with
+    The kernel computes an expert that has one row differently from one that has several, needs
+    two experts with rows, and caches its packed form of a weight by the weight's address (so
+    each layer's stacks are made once and kept, and always passed whole). So that a row's result never depends on what it is batched with
     (a replayed row must be bit-identical), every single row is computed twice and a call with
     one expert gets two spare rows on another: on a worker holding one expert of the layer, a
     zero expert stacked beside it. Float32 SwiGLU experts only (gate rows, then up rows)."""
