@@ -107,8 +107,8 @@ def _fused_experts_work() -> bool:
 
 class FusedExperts:
     """One layer's experts on this worker, run as one grouped kernel: rows of every expert in a
-    single call, so each expert's weights stream from memory once, at about twice the rate of one
-    oneDNN call per expert (bench model, 1-64 tokens, cold weights: 1.5-2.2x less time).
+    single call, so each expert's weights stream from memory once: 1.2-1.7x less time than one
+    oneDNN call per expert (bench model, 2-128 rows a layer, cold weights: bench/expert_kernels.py).
 
     The kernel computes an expert that has one row differently from one that has several, needs
     two experts with rows, and caches its packed form of a weight by the weight's address (so

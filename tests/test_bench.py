@@ -186,3 +186,19 @@ def check_record(script: str, record: dict, folder: Path) -> None:
         (res,) = record["results"].values()
         assert set(res["median"]) == {"on", "off"} and res["ratio_median"]["on/off"]["output_tok_s"] > 0
         assert all(r["failed"] == 0 for v in res["runs"].values() for r in v)
+
+
+def test_expert_kernels_script(tmp_path):
+    """bench/expert_kernels.py times both expert-worker kernels on the same rows and finds their
+    outputs equal to within the fused kernel's rounding (x86-64, where zentorch is installed)."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("zentorch is built for x86-64 only")
+    out = tmp_path / "expert_kernels.json"
+    proc = subprocess.run([sys.executable, "bench/expert_kernels.py", "--rows", "2", "16", "--repeats", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"2", "16"}
+    assert all(r["per-expert"] > 0 and r["fused"] > 0 and r["max_abs_diff"] < 5e-4 for r in results.values())
