@@ -10,8 +10,8 @@ These ops are torch's own (its CPU compiler uses them); where they are missing, 
 devices and dtypes, the plain `F.linear` runs.
 
 An expert worker's layer runs faster still as one grouped kernel over all its experts
-(`FusedExperts`): zentorch's fused MoE, AMD's PyTorch plugin for EPYC CPUs (the op vLLM-CPU
-also calls), an optional extra (`pip install tarragon[zen]`).
+(`FusedExperts`): zentorch's fused MoE, AMD's PyTorch plugin for EPYC CPUs (vLLM-CPU can call
+the same op), an optional extra (`pip install 'tarragon[zen]'`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def fused_experts_available() -> bool:
     return hasattr(torch.ops.zentorch, "zentorch_fused_moe") and _fused_experts_work()
 
 
-_KEPT: list = []  # the checked weights stay allocated (below)
+_KEPT: list["FusedExperts"] = []  # the self-check's weights, never freed (below)
 
 
 @functools.cache
@@ -111,11 +111,12 @@ class FusedExperts:
     oneDNN call per expert (bench model, 2-128 rows a layer, cold weights: bench/expert_kernels.py).
 
     The kernel computes an expert that has one row differently from one that has several, needs
-    two experts with rows, and caches its packed form of a weight by the weight's address (so
-    each layer's stacks are made once and kept, and always passed whole). So that a row's result never depends on what it is batched with
-    (a replayed row must be bit-identical), every single row is computed twice and a call with
-    one expert gets two spare rows on another: on a worker holding one expert of the layer, a
-    zero expert stacked beside it. Float32 SwiGLU experts only (gate rows, then up rows)."""
+    two experts with rows, and caches its packed form of a weight by the weight's address (each
+    layer's stacks are made once, kept, and always passed whole). So that a row's result never
+    depends on what it is batched with (a replayed row must be bit-identical), a single row is
+    computed twice, and a call with one expert gets two spare rows on another: on a worker
+    holding one expert of the layer, a zero expert stacked beside it. Float32 SwiGLU experts
+    only (gate rows, then up rows)."""
 
     def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]):
         if len(gate_up) == 1:
