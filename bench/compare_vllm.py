@@ -23,6 +23,7 @@ docs/results/compare_vllm.json and a PNG.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -109,14 +110,13 @@ def process_tree(root: int) -> dict[str, int]:
     return names
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (tarragon.procfs.cpu_seconds, without importing
-    tarragon into vLLM's environment)."""
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def procfs():
+    """tarragon/procfs.py by itself (it needs only the standard library): the vLLM child reads CPU
+    times with it without importing tarragon into vLLM's environment."""
+    spec = importlib.util.spec_from_file_location("tarragon_procfs", ROOT / "tarragon" / "procfs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_vllm(args) -> dict:
@@ -126,16 +126,16 @@ def run_vllm(args) -> dict:
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     llm.generate([{"prompt_token_ids": p} for p in prompts(2, args.prompt_len, vocab)], sp, use_tqdm=False)  # warm-up
-    pids = process_tree(os.getpid())
+    pids, cpu_seconds = process_tree(os.getpid()), procfs().cpu_seconds
     out: dict = {"tok_s": {}, "tokens": {}, "cpu_ms_per_step": {}}
     for n in args.concurrency:
-        before = {k: proc_cpu_seconds(p) for k, p in pids.items()}
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
         t0 = time.monotonic()
         res = llm.generate([{"prompt_token_ids": p} for p in prompts(n, args.prompt_len, vocab)], sp, use_tqdm=False)
         dt = time.monotonic() - t0
         out["tokens"][n] = [list(r.outputs[0].token_ids) for r in res]
         out["tok_s"][n] = sum(len(t) for t in out["tokens"][n]) / dt
-        out["cpu_ms_per_step"][n] = {k: (proc_cpu_seconds(p) - before[k]) * 1000 / args.max_tokens for k, p in pids.items()}
+        out["cpu_ms_per_step"][n] = {k: (cpu_seconds(p) - before[k]) * 1000 / args.max_tokens for k, p in pids.items()}
         out["cpu_ms_per_step"][n]["wall"] = dt * 1000 / args.max_tokens
     return out
 
