@@ -27,6 +27,7 @@ import time
 import torch
 import zmq
 
+from . import paged_attention
 from . import protocol as P
 from .checkpointer import Checkpointer, Restore
 from .config import ModelConfig
@@ -54,6 +55,7 @@ class AttentionWorker:
         dtype = torch_dtype(spec.dtype)
         with WeightFiles(spec.model_dir) as files:
             model = AttentionModel(cfg, files, dtype, spec.device)
+        paged_attention.available()  # built (the first time on a machine, ~0.3 s) and loaded before serving
         cache, sched, self.resilience = spec.config.cache, spec.config.scheduler, spec.config.resilience
         self.kv = KVCache(cfg, cache.kv_cache_blocks, cache.block_size, dtype, spec.device)
         self.sched = Scheduler(self.kv, sched.max_num_seqs, sched.max_num_batched_tokens, sched.max_model_len, cfg.eos_token_ids,

@@ -19,6 +19,7 @@ from typing import Generator
 import torch
 import torch.nn.functional as F
 
+from . import paged_attention
 from .config import ModelConfig
 from .kernels import FusedExperts, Linear, fused_experts_available
 from .weights import WeightFiles
@@ -174,6 +175,7 @@ class AttentionMetadata:
     num_decode: int
     decode_blocks: torch.Tensor  # [B, ceil(C / block_size)] KV blocks of each decode sequence (padded)
     decode_mask: torch.Tensor  # [B, 1, 1, C] additive: 0 where attended, -inf on padding
+    decode_lens: torch.Tensor  # [B] context length of each decode sequence (its new token included)
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (start, len, slots, mask|None=causal)
     logits_index: torch.Tensor  # [N] tokens whose next-token logits are needed
 
@@ -184,7 +186,7 @@ class AttentionMetadata:
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
         return AttentionMetadata(
             move(self.positions), move(self.slot_mapping), move(self.decode_tokens), self.num_decode, move(self.decode_blocks),
-            move(self.decode_mask), [(s, n, move(slots), move(mask)) for s, n, slots, mask in self.prefills], move(self.logits_index))
+            move(self.decode_mask), move(self.decode_lens), [(s, n, move(slots), move(mask)) for s, n, slots, mask in self.prefills], move(self.logits_index))
 
 
 @dataclass
@@ -385,6 +387,9 @@ class AttentionModel:
         decode_mask, prefill_masks = masks
 
         def decode(qd: torch.Tensor) -> torch.Tensor:
+            if L.mla is None and paged_attention.usable(qd, pool_a, pool_b):  # (CPU, float32)
+                return paged_attention.decode_attention(qd, pool_a, pool_b, meta.decode_blocks, meta.decode_lens, kv_cache.block_size,
+                                                        self.scale, self.cfg.window(i) or 0, L.sinks)
             return self.decode_in_chunks(L, qd, (pool_a, pool_b), meta.decode_blocks, decode_mask, kv_cache.block_size)
 
         T = x.shape[0]
@@ -399,8 +404,8 @@ class AttentionModel:
 
     def decode_in_chunks(self, L: AttentionLayer, q: torch.Tensor, pools: tuple[torch.Tensor, torch.Tensor],
                          blocks: torch.Tensor, mask: torch.Tensor, block_size: int) -> torch.Tensor:
-        """Decode attention of B sequences q [B, nh, d] over their cached contexts, a few sequences
-        at a time on a CPU: each chunk's context is gathered and attended while it is still in the
+        """Decode attention of B sequences q [B, nh, d] over their cached contexts where the paged
+        kernel does not apply (MLA, other devices and dtypes), a few sequences at a time on a CPU: each chunk's context is gathered and attended while it is still in the
         core's cache (DECODE_CHUNK_BYTES); gathering every context first and attending after runs
         1.5-2x slower once they outgrow it (64 sequences x 200 tokens, 32 x 400)."""
         B, context = q.shape[0], mask.shape[-1]

@@ -92,6 +92,7 @@ class ModelRunner:
             num_decode=len(decode_tok),
             decode_blocks=d_blocks,
             decode_mask=d_mask,
+            decode_lens=torch.tensor(decode_len, dtype=torch.long),
             prefills=prefills,
             logits_index=torch.tensor(logits_index, dtype=torch.long),
         )

@@ -202,3 +202,19 @@ def test_expert_kernels_script(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"2", "16"}
     assert all(r["per-expert"] > 0 and r["fused"] > 0 and r["max_abs_diff"] < 5e-4 for r in results.values())
+
+
+def test_decode_attention_script(tmp_path):
+    """bench/decode_attention.py times gather + SDPA and the paged kernel on the same contexts and
+    finds their outputs equal to within rounding."""
+    from tarragon import paged_attention
+
+    if not paged_attention.available():
+        pytest.skip("no C compiler: the paged attention kernel is not built here")
+    out = tmp_path / "decode_attention.json"
+    proc = subprocess.run([sys.executable, "bench/decode_attention.py", "--batches", "1", "8", "--contexts", "40", "--repeats", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"1x40", "8x40"}
+    assert all(r["paged_warm"] > 0 and r["sdpa_cold"] > 0 and r["max_abs_diff"] < 1e-5 for r in results.values())

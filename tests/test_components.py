@@ -39,13 +39,21 @@ def test_kv_cache_pool_is_bounded_and_slots_follow_the_block_table(tiny_models, 
 
 
 
+@pytest.mark.parametrize("kernel", ["paged", "torch"])
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3", "glm4_moe"])
-def test_decode_attention_over_scattered_blocks_equals_prefill(tiny_models, family, monkeypatch):
-    """A decode step (context gathered block by block from a scattered pool, padded, masked;
-    gpt-oss: sinks and sliding windows; DeepSeek: the latent path), attended all at once or one
-    sequence at a time (decode_in_chunks), gives each sequence's last token the hidden state a
-    prefill of the whole sequence gives it (routed experts stubbed to zero on both sides)."""
+def test_decode_attention_over_scattered_blocks_equals_prefill(tiny_models, family, kernel, monkeypatch):
+    """A decode step over a scattered pool (gpt-oss: sinks and sliding windows; DeepSeek: the
+    latent path), by the paged kernel where it applies, or with the context gathered block by
+    block, padded and masked, attended all at once or one sequence at a time (decode_in_chunks),
+    gives each sequence's last token the hidden state a prefill of the whole sequence gives it
+    (routed experts stubbed to zero on both sides)."""
     from tarragon import model as M
+    from tarragon import paged_attention
+
+    if kernel == "torch":
+        monkeypatch.setattr(paged_attention, "usable", lambda *a: False)
+    elif not paged_attention.available():
+        pytest.skip("no C compiler: the paged attention kernel is not built here")
     from tarragon.model_runner import ModelRunner
     from tarragon.scheduler import ScheduledChunk, Sequence
     from tarragon.weights import WeightFiles
@@ -78,8 +86,45 @@ def test_decode_attention_over_scattered_blocks_equals_prefill(tiny_models, fami
     lengths = [3, 13, 6, 17, 9]  # past the tiny gpt-oss window (8), across blocks of 4
     want = step(lengths, decode=False)
     torch.testing.assert_close(step(lengths, decode=True), want, atol=1e-4, rtol=0)
-    monkeypatch.setattr(M, "DECODE_CHUNK_BYTES", 1)  # one sequence per chunk
-    torch.testing.assert_close(step(lengths, decode=True), want, atol=1e-4, rtol=0)
+    if kernel == "torch":
+        monkeypatch.setattr(M, "DECODE_CHUNK_BYTES", 1)  # one sequence per chunk
+        torch.testing.assert_close(step(lengths, decode=True), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("d, kvh, g", [(32, 4, 2), (64, 2, 4), (128, 8, 1), (24, 1, 3)])
+def test_paged_decode_attention_equals_sdpa_and_rows_do_not_depend_on_the_batch(d, kvh, g):
+    """The paged kernel, reading each sequence's context where it lies in a scattered pool, gives
+    what gathering it and SDPA give (grouped-query heads, a sliding window, sinks, a query that
+    is a strided view as the projection leaves it), and a sequence's result is bit-identical
+    alone or in a batch (a request resumed elsewhere continues as it would have)."""
+    from tarragon import paged_attention
+    from tarragon.model import gather_blocks, softmax_with_sinks
+
+    if not paged_attention.available():
+        pytest.skip("no C compiler: the paged attention kernel is not built here")
+    gen = torch.Generator().manual_seed(d)
+    bs, nblocks, lens = 4, 48, torch.tensor([1, 7, 12, 33, 5])
+    k_pool, v_pool = torch.randn(nblocks * bs, kvh, d, generator=gen), torch.randn(nblocks * bs, kvh, d, generator=gen)
+    blocks = torch.randperm(nblocks, generator=gen)[: 5 * 9].view(5, 9)
+    qkv = torch.randn(5, kvh * g + 2, d, generator=gen)
+    q = qkv[:, : kvh * g]  # not contiguous: rows kvh*g+2 heads apart
+    sinks = torch.randn(kvh * g, generator=gen)
+    for window, with_sinks in ((0, False), (6, False), (0, True), (6, True)):
+        s = sinks if with_sinks else None
+        got = paged_attention.decode_attention(q, k_pool, v_pool, blocks, lens, bs, d ** -0.5, window, s)
+        C = int(lens.max())
+        k, v = gather_blocks(k_pool, blocks, bs, C), gather_blocks(v_pool, blocks, bs, C)  # [B, C, kvh, d]
+        pos = torch.arange(C)[None, :]
+        keep = (pos < lens[:, None]) & ((pos >= lens[:, None] - window) if window else True)
+        mask = torch.zeros(5, C).masked_fill_(~keep, float("-inf"))[:, None, None, :]
+        scores = torch.matmul(q.reshape(5, kvh, g, d), k.permute(0, 2, 3, 1)) * d ** -0.5 + mask
+        probs = softmax_with_sinks(scores, s.view(1, kvh, g, 1) if with_sinks else None)
+        want = torch.matmul(probs, v.transpose(1, 2)).view(5, kvh * g, d)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        for b in range(5):
+            alone = paged_attention.decode_attention(q[b : b + 1], k_pool, v_pool, blocks[b : b + 1, : -(-int(lens[b]) // bs)],
+                                                     lens[b : b + 1], bs, d ** -0.5, window, s)
+            assert torch.equal(alone[0], got[b])
 
 # ---- sampler ------------------------------------------------------------------------------
 

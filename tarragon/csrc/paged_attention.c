@@ -1,0 +1,90 @@
+/* Decode attention read straight from the paged KV cache, float32, one CPU thread.
+ *
+ * One new query token per sequence attends to the sequence's cached context, which lies in
+ * fixed-size blocks of the cache pools (block table per sequence). For each sequence: every
+ * cached position's key row (all KV heads, contiguous in the pool) is read once and dotted with
+ * the g query heads of each KV head; softmax per query head (with an optional sink logit, as
+ * gpt-oss has); then every value row is read once and accumulated. Nothing is gathered or
+ * padded, and a sequence's result never depends on the others in the batch.
+ * Built and called by tarragon/paged_attention.py (see there for why it exists).
+ */
+#include <float.h>
+#include <stdint.h>
+
+/* exp(x) for x <= 0 (scores after the maximum is subtracted), in a form the compiler vectorises:
+ * x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor polynomial to r^7 (relative error
+ * ~2e-7), 2^n put into the exponent bits. Below -87 the result is clamped to ~1.6e-38. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    const float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667163f + r * (0.041666645557f + r * (0.0083333803341f + r * 0.0013887813233f)))));
+    union { float f; int32_t i; } two_n = { .i = ((int32_t)n + 127) << 23 };
+    return p * two_n.f;
+}
+
+static inline __attribute__((always_inline)) void attend(
+    const float *q, int64_t q_stride, const float *k, int64_t k_slot, int64_t k_head,
+    const float *v, int64_t v_slot, int64_t v_head, const int64_t *blocks, int64_t nblk, int64_t block_size,
+    const int64_t *lens, const float *sinks, float *out, float *scores, int64_t B, int64_t kvh, int64_t g,
+    const int64_t d, const int64_t dv, int64_t window, float scale) {
+    const int64_t nh = kvh * g;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t *table = blocks + b * nblk;
+        const int64_t end = lens[b], start = window > 0 && end > window ? end - window : 0, n = end - start;
+        const float *qb = q + b * q_stride;
+        float *ob = out + b * nh * dv;
+        for (int64_t c = start; c < end; c++) {  /* scores [nh, n] */
+            const float *kc = k + (table[c / block_size] * block_size + c % block_size) * k_slot;
+            for (int64_t h = 0; h < kvh; h++)
+                for (int64_t j = 0; j < g; j++) {
+                    const float *qj = qb + (h * g + j) * d, *kh = kc + h * k_head;
+                    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t e = 0; e < d; e++) s += qj[e] * kh[e];
+                    scores[(h * g + j) * n + (c - start)] = s * scale;
+                }
+        }
+        for (int64_t i = 0; i < nh; i++) {  /* softmax per query head; the output zeroed */
+            float *si = scores + i * n, m = sinks ? sinks[i] : -FLT_MAX, sum = 0.0f;
+            for (int64_t c = 0; c < n; c++) m = si[c] > m ? si[c] : m;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t c = 0; c < n; c++) {
+                const float p = exp_nonpositive(si[c] - m);
+                si[c] = p;
+                sum += p;
+            }
+            if (sinks) sum += exp_nonpositive(sinks[i] - m);
+            const float inv = 1.0f / sum;
+#pragma omp simd
+            for (int64_t c = 0; c < n; c++) si[c] *= inv;
+            for (int64_t e = 0; e < dv; e++) ob[i * dv + e] = 0.0f;
+        }
+        for (int64_t c = start; c < end; c++) {  /* out += p * v */
+            const float *vc = v + (table[c / block_size] * block_size + c % block_size) * v_slot;
+            for (int64_t h = 0; h < kvh; h++)
+                for (int64_t j = 0; j < g; j++) {
+                    const float p = scores[(h * g + j) * n + (c - start)], *vh = vc + h * v_head;
+                    float *oi = ob + (h * g + j) * dv;
+#pragma omp simd
+                    for (int64_t e = 0; e < dv; e++) oi[e] += p * vh[e];
+                }
+        }
+    }
+}
+
+/* q [B, kvh*g, d] (sequence rows q_stride apart, heads d apart); pools [slots, kvh, d|dv] with
+ * the given slot and head strides; blocks [B, nblk]; lens [B] (context length, the new token's
+ * included); sinks [kvh*g] or NULL; window 0 or a sliding window; out [B, kvh*g, dv];
+ * scores: scratch of kvh*g*max(lens) floats. The common head sizes get their own unrolled copy. */
+void tarragon_paged_decode_f32(
+    const float *q, int64_t q_stride, const float *k, int64_t k_slot, int64_t k_head,
+    const float *v, int64_t v_slot, int64_t v_head, const int64_t *blocks, int64_t nblk, int64_t block_size,
+    const int64_t *lens, const float *sinks, float *out, float *scores, int64_t B, int64_t kvh, int64_t g,
+    int64_t d, int64_t dv, int64_t window, float scale) {
+#define ATTEND(D, DV) attend(q, q_stride, k, k_slot, k_head, v, v_slot, v_head, blocks, nblk, block_size, lens, sinks, out, scores, B, kvh, g, D, DV, window, scale)
+    if (d == 32 && dv == 32) ATTEND(32, 32);
+    else if (d == 64 && dv == 64) ATTEND(64, 64);
+    else if (d == 128 && dv == 128) ATTEND(128, 128);
+    else ATTEND(d, dv);
+}
