@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import msgspec
@@ -94,7 +95,9 @@ def test_worker_layouts_match(tiny_models, aws, ews):
 
 def test_packed_batches_split_or_not_match_transformers(tiny_models):
     """Packed 2 x 2: a small batch is one micro-batch over both expert workers' primaries; 50
-    requests are split in two micro-batches whose experts all go to ew0 (shadows included)."""
+    requests are split in two micro-batches whose experts all go to ew0 (shadows included), and
+    so do those of a batch of two: with ew1 stopped (SIGSTOP) nothing waits for it, no call is
+    replayed."""
     model_dir = tiny_models["mixtral"]
     ref = Reference(model_dir)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -102,9 +105,16 @@ def test_packed_batches_split_or_not_match_transformers(tiny_models):
     with LLM(model_dir, attention_workers=2, expert_workers=2, placement="pack") as llm:
         assert llm.config.scheduler.split_min == 24 or (os.cpu_count() or 1) < 2
         few, many = llm.generate(prompts[:4], params), llm.generate(prompts, params)
+        ew1 = next(w for w in llm.workers() if w.name == "ew1")
+        os.kill(ew1.pid, signal.SIGSTOP)
+        try:
+            two = llm.generate(prompts[4:6], params)
+        finally:
+            os.kill(ew1.pid, signal.SIGCONT)
         assert llm.stats()["expert_calls_replayed"] == 0
     expected = [ref.greedy(p, 8) for p in prompts]
     assert [o.token_ids for o in few] == expected[:4] and [o.token_ids for o in many] == expected
+    assert [o.token_ids for o in two] == expected[4:6]
 
 
 def test_seeded_sampling_is_reproducible(tiny_models):
