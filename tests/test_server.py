@@ -248,7 +248,7 @@ bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_val
 
 
 # CI's bounded form; a soak run: TARRAGON_FUZZ_EXAMPLES=5000 ./test.sh tests/test_server.py -k fuzz
-FUZZ_EXAMPLES = int(os.environ.get("TARRAGON_FUZZ_EXAMPLES", "400"))
+FUZZ_EXAMPLES = int(os.environ.get("TARRAGON_FUZZ_EXAMPLES", "300"))
 
 
 @pytest.mark.timeout(max(300, FUZZ_EXAMPLES // 2))
