@@ -44,7 +44,8 @@ def test_compare_served_short_every_request_finishes(tmp_path):
 
 def test_step_timeline_short_accounts_for_each_layer_trip(tiny_models, tmp_path):
     """bench/step_timeline.py's short form: every worker's phases recorded on the shared clock;
-    each MoE layer's trip to the expert workers and back has all its legs, and they fit in a step."""
+    each MoE layer's trip to the expert workers and back has all its legs, and they fit in a step;
+    the expert workers that serve are the ones the packed shape sends to."""
     out = tmp_path / "timeline.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench/step_timeline.py"), "--short", "--model", tiny_models["mixtral"],
                            "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -53,7 +54,10 @@ def test_step_timeline_short_accounts_for_each_layer_trip(tiny_models, tmp_path)
     assert set(results) == {"1", "4"}
     for r in results.values():
         assert r["steps"] >= 16 and r["step_ms"] > 0
-        assert all(v > 0 for v in r["ew_serving_ms_per_step"].values()) and len(r["ew_serving_ms_per_step"]) == 2
+        assert len(r["ew_serving_ms_per_step"]) == 2
         legs = r["layer_us"]
         assert set(legs) == {"dispatch", "to EW", "EW serves", "back"} and all(v > 0 for v in legs.values())
         assert sum(legs.values()) / 1e3 < r["step_ms"] and 0 < r["messaging_share"] < 1
+    # Packed, a batch of one goes to the first expert worker alone; four spread over both.
+    assert sorted(v > 0 for v in results["1"]["ew_serving_ms_per_step"].values()) == [False, True]
+    assert all(v > 0 for v in results["4"]["ew_serving_ms_per_step"].values())
