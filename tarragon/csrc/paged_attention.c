@@ -12,8 +12,8 @@
 #include <stdint.h>
 
 /* exp(x) for x <= 0 (scores after the maximum is subtracted), in a form the compiler vectorises:
- * x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor polynomial to r^7 (relative error
- * ~2e-7), 2^n put into the exponent bits. Below -87 the result is clamped to ~1.6e-38. */
+ * x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes' expf coefficients,
+ * relative error ~2e-7), 2^n put into the exponent bits. Below -87 it is clamped (~1.6e-38). */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
     const float n = __builtin_rintf(x * 1.44269504088896341f);
