@@ -405,9 +405,10 @@ class AttentionModel:
     def decode_in_chunks(self, L: AttentionLayer, q: torch.Tensor, pools: tuple[torch.Tensor, torch.Tensor],
                          blocks: torch.Tensor, mask: torch.Tensor, block_size: int) -> torch.Tensor:
         """Decode attention of B sequences q [B, nh, d] over their cached contexts where the paged
-        kernel does not apply (MLA, other devices and dtypes), a few sequences at a time on a CPU: each chunk's context is gathered and attended while it is still in the
-        core's cache (DECODE_CHUNK_BYTES); gathering every context first and attending after runs
-        1.5-2x slower once they outgrow it (64 sequences x 200 tokens, 32 x 400)."""
+        kernel does not apply (MLA, other devices and dtypes), a few sequences at a time on a CPU:
+        each chunk's context is gathered and attended while it is still in the core's cache
+        (DECODE_CHUNK_BYTES); gathering every context first and attending after runs 1.5-2x slower
+        once they outgrow it (64 sequences x 200 tokens, 32 x 400)."""
         B, context = q.shape[0], mask.shape[-1]
         (pool_a, pool_b), rows = pools, B
         if q.is_cpu:

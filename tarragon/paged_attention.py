@@ -100,11 +100,11 @@ def usable(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, blocks: torch.Tensor, lens: torch.Tensor,
-                     block_size: int, scale: float, window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                     block_size: int, scale: float, window: int = 0, sinks: torch.Tensor | None = None, kernel=None) -> torch.Tensor:
     """q [B, kvh*g, d] of one new token per sequence against its cached context: the pools
     [slots, kvh, d|dv], `blocks` [B, n] int64 block tables, `lens` [B] int64 context lengths
     (the new token's included), `window` > 0 a sliding window, `sinks` [kvh*g] (gpt-oss).
-    Returns [B, kvh*g, dv]. Only for tensors `usable` accepts."""
+    Returns [B, kvh*g, dv]. Only for tensors `usable` accepts (`kernel`: the self-check's)."""
     B, nh, d = q.shape
     kvh, dv = k_pool.shape[1], v_pool.shape[2]
     blocks, lens = blocks.contiguous(), lens.contiguous()
@@ -112,7 +112,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     out = torch.empty(B, nh, dv)
     longest = int(lens.max()) if window <= 0 else min(int(lens.max()), window)
     scores = torch.empty(nh * max(longest, 1))
-    _kernel()(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), k_pool.stride(1),
+    (kernel or _kernel())(q.data_ptr(), q.stride(0), k_pool.data_ptr(), k_pool.stride(0), k_pool.stride(1),
               v_pool.data_ptr(), v_pool.stride(0), v_pool.stride(1), blocks.data_ptr(), blocks.shape[1], block_size,
               lens.data_ptr(), sinks.data_ptr() if sinks is not None else None, out.data_ptr(), scores.data_ptr(),
               B, kvh, nh // kvh, d, dv, window, scale)
@@ -127,10 +127,7 @@ def _self_check(fn) -> bool:
     k, v = torch.randn(6 * bs, kvh, d, generator=g), torch.randn(6 * bs, kvh, d, generator=g)
     q = torch.randn(2, heads, d, generator=g)
     blocks, lens = torch.tensor([[3, 1, 5], [0, 2, 4]]), torch.tensor([9, 12])
-    out = torch.empty(2, heads, d)
-    scores = torch.empty(heads * 12)
-    fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
-       blocks.data_ptr(), 3, bs, lens.data_ptr(), None, out.data_ptr(), scores.data_ptr(), 2, kvh, heads // kvh, d, d, 0, d ** -0.5)
+    out = decode_attention(q, k, v, blocks, lens, bs, d ** -0.5, kernel=fn)
     for b in range(2):
         slots = (blocks[b][:, None] * bs + torch.arange(bs)).reshape(-1)[: lens[b]]
         kb, vb = k[slots].repeat_interleave(heads // kvh, 1), v[slots].repeat_interleave(heads // kvh, 1)  # [C, heads, d]
