@@ -39,6 +39,7 @@ from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
 from .spawner import spawn
 from .stats import DriverStats
 from .vocabulary import EventKind, FinishReason, Role, WorkerState
+from .worker import never_preempt, zmq_threads
 
 log = logging.getLogger("tarragon.llm")
 
@@ -280,6 +281,8 @@ class ClusterClient:
     # ---- the I/O thread -------------------------------------------------------------------------
 
     def _io_loop(self) -> None:
+        never_preempt()  # this thread, and ZeroMQ's: never take an attention worker's core
+        never_preempt(zmq_threads())
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake, zmq.POLLIN)

@@ -35,7 +35,7 @@ from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
 from .timeouts import GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S, HEARTBEAT_CAP_S, AdaptiveTimeout, GrayDetector, runnable
 from .vocabulary import EventKind, RecoveryPolicy, Role, WorkerState
-from .worker import WorkerSpec, die_with_parent
+from .worker import WorkerSpec, die_with_parent, never_preempt
 
 log = logging.getLogger("tarragon.orchestrator")
 
@@ -683,6 +683,7 @@ class ExitWatch:
 def main(argv: list[str]) -> None:
     spec = msgspec.json.decode(argv[0], type=ClusterSpec)
     die_with_parent(spec.parent_pid)
+    never_preempt()  # every thread it starts inherits it: the orchestrator is off the datapath
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
     orch = Orchestrator(spec)
     try:

@@ -94,6 +94,49 @@ def test_sigstop_is_detected_like_a_death(cluster):
     assert token_ids(llm.generate(LOAD_PROMPTS, LOAD_PARAMS)) == token_ids(baseline)
 
 
+def threads(pid: int) -> dict[int, tuple[str, int]]:
+    """A process's threads: name and scheduling policy."""
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(t)] = (open(f"/proc/{pid}/task/{t}/comm").read().strip(), os.sched_getscheduler(int(t)))
+        except OSError:  # ended meanwhile
+            pass
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this OS")
+def test_only_attention_workers_compute_at_the_normal_policy(cluster):
+    """Whoever an attention worker wakes in the middle of a step (expert workers, stores, the
+    driver's I/O thread, its own socket threads) runs SCHED_BATCH, and so never takes its core;
+    the attention worker's main thread and the caller's thread stay normal. A replacement expert
+    worker, which loads at idle priority, serves SCHED_BATCH too once ready."""
+    llm, baseline = cluster
+    victim = next(w.name for w in llm.workers() if w.role == "expert" and w.state == "ready")
+    llm.kill(victim)
+    new = wait_replaced(llm, victim)
+    batch, other = os.SCHED_BATCH, os.SCHED_OTHER
+
+    def as_meant() -> bool:
+        workers = [w for w in llm.workers() if w.alive and w.state == "ready"]
+        assert new in [w.name for w in workers]
+        for w in workers:
+            ts = threads(w.pid)
+            if w.role == "attention":
+                assert ts[w.pid][1] == other, w.name
+                if any(p != batch for name, p in ts.values() if name.startswith("ZMQbg/")):
+                    return False
+            elif any(p != batch for _, p in ts.values()):
+                return False  # (a replacement restores its policy just after it reports ready)
+        return True
+
+    wait_until(as_meant, 10, "every process at its serving policy")
+    driver = threads(os.getpid())
+    assert {p for name, p in driver.values() if name.startswith("ZMQbg/")} == {batch}
+    assert os.sched_getscheduler(0) == other  # the caller's thread is left alone
+    assert token_ids(llm.generate(LOAD_PROMPTS, LOAD_PARAMS)) == token_ids(baseline)
+
+
 def test_kill_while_replacement_joins(tiny_models):
     with LLM(tiny_models["qwen2_moe"], attention_workers=2, expert_workers=3, shadows=1, placement="spread") as llm:
         baseline = llm.generate(LOAD_PROMPTS, LOAD_PARAMS)
