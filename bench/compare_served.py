@@ -65,6 +65,7 @@ class VllmServer:
         self.url, self.api_key = f"http://127.0.0.1:{port}", None
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vllm-server-", suffix=".log", delete=False)
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32", "--enforce-eager",
+               "--gpu-memory-utilization", "0.3",  # on a CPU: the share of RAM it reserves (its default, 0.92, fails on a 16 GiB machine)
                "--host", "127.0.0.1", "--port", str(port)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
         from tarragon.worker import die_with_parent
