@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import os
+import subprocess
 import socket
 import sys
 import time
@@ -140,7 +141,10 @@ def test_a_cut_attention_worker_that_comes_back_stays_fenced(cluster):
     # Told to shut down once its link came back: within seconds, each reconnection attempt being
     # cut short (sockets.ZMQ_CONNECT_TIMEOUT_MS); left to TCP's SYN backoff it took over 60 s in
     # whole-suite runs. The bound is generous: the machine is shared.
-    assert proc.wait(60) is not None
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:  # (rare in whole-suite runs, never alone: its log says why)
+        pytest.fail(f"the fenced {name} still runs 60 s after its link healed; its log ends:\n{hosts.logs[host].read_text()[-4000:]}")
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == baseline
 
 
