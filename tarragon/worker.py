@@ -185,6 +185,9 @@ def restore_priority(spec: WorkerSpec) -> None:
     serving_policy(Role(spec.role))
 
 
+LIVENESS_THREAD = "liveness"  # its name: `serving_policy` finds it by it
+
+
 def never_preempt(tids: list[int] | None = None) -> None:
     """Run threads (default: the calling one; threads it starts later inherit it) as SCHED_BATCH:
     they get their fair share of CPU but never preempt a running thread when they wake.
@@ -217,7 +220,7 @@ def serving_policy(role: Role) -> None:
     main thread, torch's threads) normal, all else SCHED_BATCH (see `never_preempt`). Each thread
     is set: a worker inherits its launcher's policy (the orchestrator's: SCHED_BATCH), and a
     replacement loads at SCHED_IDLE. A thread under real-time priority keeps it."""
-    helpers = set(zmq_threads()) | {t.native_id for t in threading.enumerate() if t.name == "liveness"}
+    helpers = set(zmq_threads()) | {t.native_id for t in threading.enumerate() if t.name == LIVENESS_THREAD}
     for tid in _threads():
         try:
             if os.sched_getscheduler(tid) not in (os.SCHED_FIFO, os.SCHED_RR):
@@ -301,7 +304,7 @@ def start_liveness(ctx: Context, name: str, probe_endpoint: str, orch_endpoint: 
                 if got is not None:
                     probe.send_multipart([got.identity, *P.encode(P.Pong(got.msg.seq))])
 
-    t = threading.Thread(target=loop, name="liveness", daemon=True)
+    t = threading.Thread(target=loop, name=LIVENESS_THREAD, daemon=True)
     t.start()
     return t
 
