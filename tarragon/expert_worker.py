@@ -36,6 +36,10 @@ def serve_batch(bank: ExpertBank, requests: list[tuple[bytes, P.ExpertRequest, t
     Rows of one layer, from every request, go through the bank in one call, grouped by expert
     (one pass over each expert's weights). Rows arrive and leave in host memory; they are
     computed where the bank is."""
+    if len(requests) == 1:  # (most calls: a request's rows are already grouped by expert, in order)
+        ident, req, x = requests[0]
+        y = P.to_host(bank.run_layer(req.layer, req.experts, req.counts, P.to_device(x, bank.device)))
+        return [(ident, P.ExpertReply(req.call_id, P.tensor_meta(y)), y)]
     inputs = [P.to_device(x, bank.device) for _, _, x in requests]
     outputs = [torch.empty_like(x) for x in inputs]
     work: dict[int, dict[int, list[tuple[int, int, int]]]] = defaultdict(lambda: defaultdict(list))  # layer -> expert -> pieces
@@ -93,7 +97,7 @@ class RouterEnd:
     def receive(self, events: dict, accept: tuple[type, ...], check: Callable[[Received], None]) -> list[Received]:
         """Every valid message already here (at most MAX_DRAIN)."""
         got = []
-        while self.sock in events and len(got) < MAX_DRAIN and self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than reading until zmq.Again)
+        while self.sock in events and len(got) < MAX_DRAIN and self.sock.get(zmq.EVENTS) & local_link.POLLIN:  # (cheaper than reading until zmq.Again)
             if (m := recv(self.sock, accept, self.where, zmq.NOBLOCK, check=check)) is not None:
                 got.append(m)
         return got

@@ -38,7 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import local_link
 from . import protocol as P
-from .local_link import Link
+from .local_link import POLLIN, Link
 from .model import MoECall
 from .routing_table import RoutingTable
 from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv, validate
@@ -76,10 +76,11 @@ class ExpertFuture:
             if out is None:
                 return None
             self.outs.append(out)
-        rows = P.to_device(self.outs[0] if len(self.outs) == 1 else torch.cat(self.outs), self.like.device)
+        rows = self.outs[0] if len(self.outs) == 1 else torch.cat(self.outs)
+        if self.like.device.type != "cpu":
+            rows = P.to_device(rows, self.like.device)
         weighted = rows * self.row_weights  # [rows, 1]: each row's routing weight
-        combined = torch.zeros_like(self.like)
-        return combined.index_add_(0, self.token_of_row, weighted.to(combined.dtype))
+        return torch.zeros_like(self.like).index_add_(0, self.token_of_row, weighted.to(self.like.dtype))
 
 
 class ForwardingEngine:
@@ -109,6 +110,7 @@ class ForwardingEngine:
         self.next_id = 0
         self.replayed = 0  # calls replayed to another worker (a metric)
         self.prefer: str | None = None  # serves every expert it has a live copy of (see RoutingTable.owners)
+        self._owners: dict[tuple[int, str | None], list[str | None]] = {}  # see _send_runs
         self.probe_endpoints = dict(probe_endpoints)
         for worker, endpoint in endpoints.items():
             self._connect(worker, endpoint)
@@ -164,6 +166,7 @@ class ForwardingEngine:
         if update.table.version <= self.table.version:
             return
         self.table = update.table
+        self._owners.clear()
         self.probe_endpoints.update(update.probe_endpoints)
         for worker, endpoint in update.endpoints.items():
             if worker not in self.data and worker not in self.failed:
@@ -188,7 +191,7 @@ class ForwardingEngine:
     def dispatch(self, call: MoECall) -> ExpertFuture:
         """Send each expert worker its rows: one message per worker, rows grouped by expert.
         The grouping is done on Python lists: a decode step routes a few rows, for which each
-        torch op (argsort, bincount, ...) costs more than the work."""
+        torch op (argsort, bincount, division ...) costs more than the work."""
         k = call.expert_ids.shape[1]
         by_expert: dict[int, list[int]] = {}
         for i, e in enumerate(call.expert_ids.reshape(-1).tolist()):
@@ -196,10 +199,11 @@ class ForwardingEngine:
         experts = sorted(by_expert)
         order = [i for e in experts for i in by_expert[e]]  # (token, choice) pairs, grouped by expert
         counts = [len(by_expert[e]) for e in experts]
-        order_t = torch.tensor(order, device=call.hidden.device)
-        token_of_row = order_t // k
-        row_weights = call.weights.reshape(-1, 1).index_select(0, order_t)
-        rows = P.to_host(call.hidden.index_select(0, token_of_row))  # kept on the host for replay
+        device = call.hidden.device
+        token_of_row = torch.tensor([i // k for i in order], device=device)
+        row_weights = call.weights.reshape(-1, 1).index_select(0, torch.tensor(order, device=device))
+        rows = call.hidden.index_select(0, token_of_row)
+        rows = P.to_host(rows) if device.type != "cpu" else rows  # kept on the host for replay
         sent = self._send_runs(call.layer, experts, counts, rows, replay=False)
         if not sent:  # some expert has no live copy: hold the call until the routing table changes
             held = _Part(-1, "", call.layer, experts, counts, rows, time.monotonic())
@@ -211,7 +215,10 @@ class ForwardingEngine:
         """Split rows (grouped by expert, in `experts` order) into contiguous runs served by one
         worker each, and send every run. Returns the parts in row order, or [] if some expert
         has no live worker (then nothing is sent)."""
-        owners = self.table.owners(layer, self.failed, self.prefer)
+        key = (layer, self.prefer)
+        owners = self._owners.get(key)
+        if owners is None:  # (cached until the table, the failed set or the preference changes)
+            owners = self._owners[key] = self.table.owners(layer, self.failed, self.prefer)
         if any(owners[e] is None for e in experts):
             return []
         parts: list[_Part] = []
@@ -256,9 +263,10 @@ class ForwardingEngine:
                 self._replay(part)
                 continue
             self._check_silence(part, now)
-            for link in [link for link in self.connecting if link.try_connect()]:
-                self.connecting.remove(link)
-                self.links[link.fd] = link
+            if self.connecting:
+                for link in [link for link in self.connecting if link.try_connect()]:
+                    self.connecting.remove(link)
+                    self.links[link.fd] = link
             events = self.poller.poll(timeout=self.probe_interval_s * 1000)
             self._discount_own_lag()
             for sock, flags in events:
@@ -298,7 +306,7 @@ class ForwardingEngine:
             self.last_probe[w] = now
             self.probes[w].send_multipart(P.encode(P.Probe(int(now * 1e6))))
 
-    def _drain(self, sock: Link | zmq.Socket, flags: int = zmq.POLLIN) -> None:
+    def _drain(self, sock: Link | zmq.Socket, flags: int = POLLIN) -> None:
         if sock in self.monitors:
             worker = self.monitors[sock]
             evt = recv_monitor_message(sock)
@@ -319,7 +327,7 @@ class ForwardingEngine:
             return
         probe = sock is self.probes.get(worker)
         accept, check = ((P.Pong,), None) if probe else ((P.ExpertReply,), partial(self._check_reply, worker))
-        while not sock.closed and sock.get(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than reading until zmq.Again)
+        while not sock.closed and sock.get(zmq.EVENTS) & POLLIN:  # (cheaper than reading until zmq.Again)
             got = recv(sock, accept, f"{self.name} ({worker})", zmq.NOBLOCK, check=check)
             self.suspect_since.pop(worker, None)  # any answer proves it alive
             if got is not None and probe:
@@ -353,6 +361,7 @@ class ForwardingEngine:
         detect_ms = (time.monotonic() - since) * 1000 if since else 0.0
         self.gray.forget(worker)
         self.failed.add(worker)
+        self._owners.clear()
         log.warning("%s: expert worker %s failed: %s", self.name, worker, reason)
         if tell:
             self.report(P.WorkerFailed(worker, self.name, reason, detect_ms, slow))

@@ -123,6 +123,7 @@ class FusedExperts:
             gate_up, down = gate_up + [torch.zeros_like(gate_up[0])], down + [torch.zeros_like(down[0])]
         self.w13 = torch.stack(gate_up).contiguous()  # [experts, 2I, H]
         self.w2 = torch.stack(down).contiguous()  # [experts, H, I]
+        self.ones = torch.ones(64, 1)
 
     @property
     def nbytes(self) -> int:
@@ -131,23 +132,31 @@ class FusedExperts:
     def __call__(self, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
         """x: rows grouped by expert, `counts[i]` rows for stacked expert `experts[i]`."""
         ids, rows, padded = [], [], len(experts) < 2 or 1 in counts
-        start = 0
-        for e, n in zip(experts, counts):
-            ids += [e] * max(n, 2)
-            rows += list(range(start, start + n)) + ([start] if n == 1 else [])
-            start += n
-        if len(experts) < 2:  # a spare expert with two rows (discarded)
-            ids += [1 if experts[0] == 0 else 0] * 2
-            rows += [0, 0]
-        xs = x.index_select(0, torch.tensor(rows)) if padded else x
-        out = torch.empty_like(xs)
-        weights = torch.ones(xs.shape[0], 1, dtype=torch.float32)
-        torch.ops.zentorch.zentorch_fused_moe(out, xs, self.w13, self.w2, None, None, weights,
-                                              torch.tensor(ids, dtype=torch.int32).view(-1, 1), True, "silu")
+        if padded:
+            start = 0
+            for e, n in zip(experts, counts):
+                ids += [e] * max(n, 2)
+                rows += range(start, start + n)
+                if n == 1:
+                    rows.append(start)
+                start += n
+            if len(experts) < 2:  # a spare expert with two rows (discarded)
+                ids += [1 if experts[0] == 0 else 0] * 2
+                rows += [0, 0]
+            x = x.index_select(0, torch.tensor(rows))
+        else:
+            for e, n in zip(experts, counts):
+                ids += [e] * n
+        n = x.shape[0]
+        if self.ones.shape[0] < n:  # the kernel's per-row weights: always 1 here (kept, grown as needed)
+            self.ones = torch.ones(max(n, 2 * self.ones.shape[0]), 1)
+        out = torch.empty_like(x)
+        torch.ops.zentorch.zentorch_fused_moe(out, x, self.w13, self.w2, None, None, self.ones[:n], torch.tensor(ids, dtype=torch.int32)[:, None],
+                                              True, "silu")
         if not padded:
             return out
         keep, start = [], 0
-        for n in counts:
-            keep += range(start, start + n)
-            start += max(n, 2)
+        for c in counts:
+            keep += range(start, start + c)
+            start += max(c, 2)
         return out.index_select(0, torch.tensor(keep))

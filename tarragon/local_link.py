@@ -43,6 +43,8 @@ MAX_FRAMES = 8  # a message has a header and at most two tensors
 CHUNK = 1 << 18  # bytes a link reads at a time; a larger message gets a buffer of its own
 SOCKET_BUFFER = 4 << 20  # SO_SNDBUF / SO_RCVBUF: most messages go out in one send
 MAX_NAME = 256
+POLLIN, POLLOUT, POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)  # plain ints: pyzmq's flags are
+# Python enums, whose every `|` and `&` runs Python code (a few per message)
 
 
 def is_local(endpoint: str) -> bool:
@@ -82,7 +84,7 @@ class Link:
         self.out: deque[memoryview] = deque()  # what the socket has not taken yet
         self.buf, self.have = bytearray(CHUNK), 0  # bytes read, not yet returned as messages
         self.closed = False
-        self.flags = zmq.POLLIN
+        self.flags = POLLIN
         if sock is not None:
             self._attach(sock)
 
@@ -111,10 +113,24 @@ class Link:
     def send_multipart(self, frames: list, copy: bool = False) -> None:
         """Queue one message and send what the socket takes now (a ZMQ socket's call; the
         frames' buffers are kept, not copied, until sent)."""
-        if not self.closed:
-            self.out.extend(frame(frames))
-            if self.sock is not None:
-                self._flush()
+        if self.closed:
+            return
+        bufs = frame(frames)
+        if not self.out and self.sock is not None:  # nothing queued: straight to the socket
+            try:
+                sent = self.sock.sendmsg(bufs)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the peer is gone: `read` returns its EOF
+                return
+            while bufs and sent >= bufs[0].nbytes:
+                sent -= bufs.pop(0).nbytes
+            if not bufs:
+                return
+            bufs[0] = bufs[0][sent:]
+        self.out.extend(bufs)
+        if self.sock is not None:
+            self._flush()
 
     def _flush(self) -> None:
         if self.closed:
@@ -134,7 +150,7 @@ class Link:
                 else:
                     sent -= head.nbytes
                     self.out.popleft()
-        flags = zmq.POLLIN | (zmq.POLLOUT if self.out else 0)  # wake when writable only while owing bytes
+        flags = POLLIN | POLLOUT if self.out else POLLIN  # wake when writable only while owing bytes
         if flags != self.flags:
             self.flags = flags
             self.poller.modify(self.fd, flags)
@@ -144,9 +160,9 @@ class Link:
     def service(self, events: int) -> list[list[memoryview]]:
         """What the poller reported: send what is owed, read what came. The messages received,
         each its list of frames; `closed` once the connection has ended."""
-        if events & zmq.POLLOUT:
+        if events & POLLOUT:
             self._flush()
-        return self.read() if events & (zmq.POLLIN | zmq.POLLERR) else []
+        return self.read() if events & (POLLIN | POLLERR) else []
 
     def read(self) -> list[list[memoryview]]:
         msgs: list[list[memoryview]] = []
@@ -246,7 +262,7 @@ class Listener:
         self.sock.setblocking(False)
         self.poller, self.where = poller, where
         self.fd = self.sock.fileno()
-        poller.register(self.fd, zmq.POLLIN)
+        poller.register(self.fd, POLLIN)
         self.links: dict[int, Link] = {}  # fd -> link
         self.named: dict[bytes, Link] = {}  # the caller's name (from its Hello) -> its link
 

@@ -350,7 +350,10 @@ def tensor_frame(t: torch.Tensor):
     """Zero-copy view of a (host) tensor's bytes, to send with copy=False."""
     import torch
 
-    return to_host(t).contiguous().view(torch.uint8).numpy() if t.numel() else b""
+    if not t.numel():
+        return b""
+    t = to_host(t).contiguous()
+    return t.view(-1).numpy() if t.dtype == torch.float32 else t.view(torch.uint8).numpy()  # (bf16 has no numpy dtype)
 
 
 def encode(header: Msg, *tensors: torch.Tensor) -> list:

@@ -125,8 +125,11 @@ class GrayDetector:
         return statistics.median(peers) if peers else None
 
     def _outlier(self, worker: str, now: float) -> bool:
-        mine, peers = self.mean(worker, now), self._peers(worker, now)
-        return mine is not None and peers is not None and mine > self.min_s and mine > GRAY_RATIO * peers
+        mine = self.mean(worker, now)
+        if mine is None or mine <= self.min_s:  # (most replies: the peers are not even looked at)
+            return False
+        peers = self._peers(worker, now)
+        return peers is not None and mine > GRAY_RATIO * peers
 
     def slow(self, now: float) -> list[tuple[str, str]]:
         """(worker, why) for each worker slow long enough to be treated as failing."""
