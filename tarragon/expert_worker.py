@@ -129,18 +129,19 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     check = partial(check_request, bank, cfg.hidden_size)
     fenced: set[bytes] = set()  # attention workers declared failed: a partitioned one may still ask
     refused: set[bytes] = set()  # ... and asked: logged once each
-    while True:
-        events = dict(poller.poll())
-        got = recv(orch.sock, (P.Shutdown, P.Fence), spec.name) if orch.sock in events else None
-        if got is not None and isinstance(got.msg, P.Shutdown):
-            return
-        if got is not None:
-            fenced = {w.encode() for w in got.msg.workers}
-        asked = end.receive(events, (P.ExpertRequest,), check)
-        requests = unfenced([(m.identity, m.msg, m.tensors[0]) for m in asked], fenced, refused)
-        replays = [r for r in requests if r[1].replay]
-        for batch in (replays, [r for r in requests if not r[1].replay]):
-            if batch:
-                with torch.inference_mode():
+    with torch.inference_mode():
+        while True:
+            events = dict(poller.poll())
+            got = recv(orch.sock, (P.Shutdown, P.Fence), spec.name) if orch.sock in events else None
+            if got is not None and isinstance(got.msg, P.Shutdown):
+                return
+            if got is not None:
+                fenced = {w.encode() for w in got.msg.workers}
+            requests = [(m.identity, m.msg, m.tensors[0]) for m in end.receive(events, (P.ExpertRequest,), check)]
+            if fenced:
+                requests = unfenced(requests, fenced, refused)
+            replays = [r for r in requests if r[1].replay]
+            for batch in (replays, [r for r in requests if not r[1].replay]) if replays else (requests,):
+                if batch:
                     for ident, header, out in serve_batch(bank, batch):
                         end.send(ident, P.encode(header, out))

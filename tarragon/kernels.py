@@ -85,6 +85,7 @@ def fused_experts_available() -> bool:
     return hasattr(torch.ops.zentorch, "zentorch_fused_moe") and _fused_experts_work()
 
 
+PLANS = 4096  # padding plans a FusedExperts keeps (see FusedExperts._padding)
 _KEPT: list["FusedExperts"] = []  # the self-check's weights, never freed (below)
 
 
@@ -124,6 +125,7 @@ class FusedExperts:
         self.w13 = torch.stack(gate_up).contiguous()  # [experts, 2I, H]
         self.w2 = torch.stack(down).contiguous()  # [experts, H, I]
         self.ones = torch.ones(64, 1)
+        self._plans: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _padding
 
     @property
     def nbytes(self) -> int:
@@ -131,10 +133,29 @@ class FusedExperts:
 
     def __call__(self, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
         """x: rows grouped by expert, `counts[i]` rows for stacked expert `experts[i]`."""
-        ids, rows, padded = [], [], len(experts) < 2 or 1 in counts
+        padded = len(experts) < 2 or 1 in counts
         if padded:
-            start = 0
+            rows, ids, keep = self._padding(experts, counts)
+            x = x.index_select(0, rows)
+        else:
+            ids = torch.tensor([e for e, n in zip(experts, counts) for _ in range(n)], dtype=torch.int32)[:, None]
+        n = x.shape[0]
+        if self.ones.shape[0] < n:  # the kernel's per-row weights: always 1 here (kept, grown as needed)
+            self.ones = torch.ones(max(n, 2 * self.ones.shape[0]), 1)
+        out = torch.empty_like(x)
+        torch.ops.zentorch.zentorch_fused_moe(out, x, self.w13, self.w2, None, None, self.ones[:n], ids, True, "silu")
+        return out.index_select(0, keep) if padded else out
+
+    def _padding(self, experts: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a call with single rows or a single expert: which input rows the kernel gets (single
+        rows twice, a spare expert's two), its expert ids, and which output rows are kept. Small
+        batches repeat the same few patterns: kept (at most PLANS of them)."""
+        key = (*experts, -1, *counts)
+        plan = self._plans.get(key)
+        if plan is None:
+            ids, rows, keep, start = [], [], [], 0
             for e, n in zip(experts, counts):
+                keep += range(len(rows), len(rows) + n)
                 ids += [e] * max(n, 2)
                 rows += range(start, start + n)
                 if n == 1:
@@ -143,20 +164,7 @@ class FusedExperts:
             if len(experts) < 2:  # a spare expert with two rows (discarded)
                 ids += [1 if experts[0] == 0 else 0] * 2
                 rows += [0, 0]
-            x = x.index_select(0, torch.tensor(rows))
-        else:
-            for e, n in zip(experts, counts):
-                ids += [e] * n
-        n = x.shape[0]
-        if self.ones.shape[0] < n:  # the kernel's per-row weights: always 1 here (kept, grown as needed)
-            self.ones = torch.ones(max(n, 2 * self.ones.shape[0]), 1)
-        out = torch.empty_like(x)
-        torch.ops.zentorch.zentorch_fused_moe(out, x, self.w13, self.w2, None, None, self.ones[:n], torch.tensor(ids, dtype=torch.int32)[:, None],
-                                              True, "silu")
-        if not padded:
-            return out
-        keep, start = [], 0
-        for c in counts:
-            keep += range(start, start + c)
-            start += max(c, 2)
-        return out.index_select(0, torch.tensor(keep))
+            if len(self._plans) >= PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = torch.tensor(rows), torch.tensor(ids, dtype=torch.int32)[:, None], torch.tensor(keep)
+        return plan
