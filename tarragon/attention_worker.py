@@ -88,14 +88,23 @@ class AttentionWorker:
         self.driver.send_multipart(P.encode(ready))
         self.orch.send(ready)
         restore_priority(self.spec)
-        while self.on_control():
-            self.handle_driver()
-            self.handle_store()
-            if self.drain_requested and not self.flights and not self.drained:
-                self.drain()
+        while not self.stopping:
+            if not self.flights:
+                self.between_steps()
             self.step()
             if not self.flights and not self.sched.has_work() and not self.stopping:
                 self.poller.poll(100 if self.ckpt and self.ckpt.restoring else None)  # idle: sleep until a message
+
+    def between_steps(self) -> None:
+        """What arrived from the orchestrator, the driver and the stores; a drain once no step
+        is in the air. Once per step (in the middle of one, the forwarding engine handles the
+        orchestrator's messages): each socket checked costs a poll."""
+        if not self.on_control():
+            return
+        self.handle_driver()
+        self.handle_store()
+        if self.drain_requested and not self.flights and not self.drained:
+            self.drain()
 
     def step(self) -> None:
         """Advance each micro-batch group's step; start its next one at once."""
@@ -115,6 +124,7 @@ class AttentionWorker:
                 del self.flights[group]
                 self.sched.in_flight.discard(group)
                 self.finish_step(flight.chunks, out)
+                self.between_steps()
             if self.stopping:  # told to shut down while waiting for the experts
                 return
             if group not in self.flights and not self.drain_requested and (chunks := self.sched.schedule(group)):
