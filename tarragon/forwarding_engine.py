@@ -48,6 +48,7 @@ from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector
 log = logging.getLogger(__name__)
 # How long a wait for expert workers' replies polls without sleeping (see ForwardingEngine._poll).
 SPIN_S = float(os.environ.get("TARRAGON_SPIN_US", "300")) / 1e6
+SPIN_WORTH = 5.0  # ... only while replies come within this many times that on average (a busy machine: no spin)
 
 
 @dataclass(eq=False)
@@ -114,6 +115,7 @@ class ForwardingEngine:
         self.replayed = 0  # calls replayed to another worker (a metric)
         self.prefer: str | None = None  # serves every expert it has a live copy of (see RoutingTable.owners)
         self._owners: dict[tuple[int, str | None], list[str | None]] = {}  # see _send_runs
+        self.round_trip = 0.0  # moving average of the replies' round trips, seconds (see wait)
         self.probe_endpoints = dict(probe_endpoints)
         for worker, endpoint in endpoints.items():
             self._connect(worker, endpoint)
@@ -249,7 +251,7 @@ class ForwardingEngine:
         """The part's answer (from whichever worker serves it in the end); None once the control
         handler says to stop waiting."""
         deadline = time.monotonic() + self.give_up_s
-        spin_until = time.perf_counter() + SPIN_S
+        spin_until = time.perf_counter() + (SPIN_S if self.round_trip < SPIN_WORTH * SPIN_S else 0.0)
         while True:
             if part.call_id in self.replies:
                 return self.replies.pop(part.call_id)
@@ -289,7 +291,9 @@ class ForwardingEngine:
         process's CPU halts, and waking it again (the hypervisor's work, in a VM) takes 20-50 us
         and leaves it slower for a while after (an attention worker alone, sleeping 300 us four
         times a step, needs 1.7x the CPU time for its step). Each turn yields, so that a
-        process woken onto this CPU (an expert worker) runs at once."""
+        process woken onto this CPU (an expert worker) runs at once. When replies take much
+        longer (a loaded machine, large batches), a wait does not spin: it would only take CPU
+        time from the processes that answer."""
         while time.perf_counter() < spin_until:
             if events := self.poller.poll(0):
                 return events
@@ -365,6 +369,7 @@ class ForwardingEngine:
         part = self.expected.pop(header.call_id)
         self.replies[header.call_id] = hidden
         now = time.monotonic()
+        self.round_trip += 0.1 * (now - part.sent_at - self.round_trip)
         self.probe_timeout.observe(now - part.sent_at, now)
         self.gray.observe(worker, now - part.sent_at, now)
         for slow, why in self.gray.slow(now):
