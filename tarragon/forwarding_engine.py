@@ -80,9 +80,7 @@ class ExpertFuture:
             if out is None:
                 return None
             self.outs.append(out)
-        rows = self.outs[0] if len(self.outs) == 1 else torch.cat(self.outs)
-        if self.like.device.type != "cpu":
-            rows = P.to_device(rows, self.like.device)
+        rows = P.to_device(self.outs[0] if len(self.outs) == 1 else torch.cat(self.outs), self.like.device)
         weighted = rows * self.row_weights  # [rows, 1]: each row's routing weight
         return torch.zeros_like(self.like).index_add_(0, self.token_of_row, weighted.to(self.like.dtype))
 
@@ -207,8 +205,7 @@ class ForwardingEngine:
         device = call.hidden.device
         token_of_row = torch.tensor([i // k for i in order], device=device)
         row_weights = call.weights.reshape(-1, 1).index_select(0, torch.tensor(order, device=device))
-        rows = call.hidden.index_select(0, token_of_row)
-        rows = P.to_host(rows) if device.type != "cpu" else rows  # kept on the host for replay
+        rows = P.to_host(call.hidden.index_select(0, token_of_row))  # kept on the host for replay
         sent = self._send_runs(call.layer, experts, counts, rows, replay=False)
         if not sent:  # some expert has no live copy: hold the call until the routing table changes
             held = _Part(-1, "", call.layer, experts, counts, rows, time.monotonic())

@@ -113,31 +113,17 @@ class Link:
     def send_multipart(self, frames: list, copy: bool = False) -> None:
         """Queue one message and send what the socket takes now (a ZMQ socket's call; the
         frames' buffers are kept, not copied, until sent)."""
-        if self.closed:
-            return
-        bufs = frame(frames)
-        if not self.out and self.sock is not None:  # nothing queued: straight to the socket
-            try:
-                sent = self.sock.sendmsg(bufs)
-            except BlockingIOError:
-                sent = 0
-            except OSError:  # the peer is gone: `read` returns its EOF
-                return
-            while bufs and sent >= bufs[0].nbytes:
-                sent -= bufs.pop(0).nbytes
-            if not bufs:
-                return
-            bufs[0] = bufs[0][sent:]
-        self.out.extend(bufs)
-        if self.sock is not None:
-            self._flush()
+        if not self.closed:
+            self.out.extend(frame(frames))
+            if self.sock is not None:
+                self._flush()
 
     def _flush(self) -> None:
         if self.closed:
             return
         while self.out:
             try:
-                sent = self.sock.sendmsg(list(islice(self.out, 512)))
+                sent = self.sock.sendmsg(self.out if len(self.out) <= 512 else list(islice(self.out, 512)))
             except BlockingIOError:
                 break
             except OSError:  # the peer is gone: `read` returns its EOF
