@@ -47,7 +47,11 @@ from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector
 
 log = logging.getLogger(__name__)
 # How long a wait for expert workers' replies polls without sleeping (see ForwardingEngine._poll).
-SPIN_S = float(os.environ.get("TARRAGON_SPIN_US", "300")) / 1e6
+# Off unless asked for: a polling attention worker leaves no idle CPU time, which is what a
+# replacement worker loads in (at SCHED_IDLE) and then restores its priority with; on a machine
+# with no core to spare it was starved (in two of four full test runs a replacement stayed at idle
+# priority, or was declared failed). 300 us: +14-22 % tok/s at 1-2 requests on 2 cores.
+SPIN_S = float(os.environ.get("TARRAGON_SPIN_US", "0")) / 1e6
 SPIN_WORTH = 5.0  # ... only while replies come within this many times that on average (a busy machine: no spin)
 
 
