@@ -39,7 +39,7 @@ def resume_gap(llm: LLM, context: int, seed: int, store_first: bool = False) -> 
     wait_attention(llm, 2)  # the previous run's replacement (and the store's)
     rng = random.Random(seed)
     prompt = [rng.randrange(3, llm.model_config.vocab_size) for _ in range(context)]
-    req = llm.submit(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    req = llm.submit(prompt, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))  # (room to be killed mid-stream)
     while len(req.tokens) < 8:
         time.sleep(0.0005)
     if store_first:
