@@ -84,10 +84,10 @@ class AttentionWorker:
 
     def run(self) -> None:
         """Until shut down: control messages, requests, restores, then each group's step."""
+        restore_priority(self.spec)  # (before `Ready`: once announced, it is on the critical path)
         ready = P.Ready(self.spec.name, Role.ATTENTION, os.getpid(), {"kv_blocks": self.kv.num_blocks})
         self.driver.send_multipart(P.encode(ready))
         self.orch.send(ready)
-        restore_priority(self.spec)
         while not self.stopping:
             if not self.flights:
                 self.between_steps()

@@ -293,8 +293,8 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     keep_freed_memory(HEAP_KEEP_BYTES)  # less than a compute worker's: checkpoints come and go by the GB
     store = CheckpointStore(spec.store_max_bytes)
     sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
-    orch.send(P.Ready(spec.name, Role.STORE, os.getpid(), store.stats()))
     restore_priority(spec)
+    orch.send(P.Ready(spec.name, Role.STORE, os.getpid(), store.stats()))
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(orch.sock, zmq.POLLIN)

@@ -124,8 +124,8 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     poller.register(orch.sock, zmq.POLLIN)
     end = (local_link.Listener if local_link.is_local(spec.endpoint) else partial(RouterEnd, ctx))(spec.endpoint, poller, spec.name)
     info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.keys()), "shadows": len(shadow)}
-    orch.send(P.Ready(spec.name, Role.EXPERT, os.getpid(), info))
     restore_priority(spec)
+    orch.send(P.Ready(spec.name, Role.EXPERT, os.getpid(), info))
     check = partial(check_request, bank, cfg.hidden_size)
     fenced: set[bytes] = set()  # attention workers declared failed: a partitioned one may still ask
     refused: set[bytes] = set()  # ... and asked: logged once each

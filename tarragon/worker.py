@@ -171,8 +171,9 @@ def may_raise_priority(nice: int) -> bool:
 
 
 def restore_priority(spec: WorkerSpec) -> None:
-    """Once loaded (each role calls this after its `Ready`), a replacement serves at normal
-    priority (needs privileges; else stays low)."""
+    """Once loaded, a replacement serves at normal priority (needs privileges; else stays low).
+    Each role calls this before its `Ready`: announced while still at SCHED_IDLE, a replacement
+    was routed to and then starved on a busy machine (no reply, no heartbeat: declared failed)."""
     if not spec.nice:
         return
     # Every thread: on Linux both settings are per thread, and the liveness thread (started while

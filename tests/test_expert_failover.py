@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -117,20 +118,24 @@ def test_only_attention_workers_compute_at_the_normal_policy(cluster):
     new = wait_replaced(llm, victim)
     batch, other = os.SCHED_BATCH, os.SCHED_OTHER
 
-    def as_meant() -> bool:
+    def astray() -> list[tuple[str, str, int]]:
+        """Threads not at their serving policy: (worker, thread, policy)."""
         workers = [w for w in llm.workers() if w.alive and w.state == "ready"]
         assert new in [w.name for w in workers]
+        wrong = []
         for w in workers:
             ts = threads(w.pid)
             if w.role == "attention":
                 assert ts[w.pid][1] == other, w.name
-                if any(p != batch for name, p in ts.values() if name.startswith("ZMQbg/")):
-                    return False
-            elif any(p != batch for _, p in ts.values()):
-                return False  # (a replacement restores its policy just after it reports ready)
-        return True
+                wrong += [(w.name, name, p) for name, p in ts.values() if name.startswith("ZMQbg/") and p != batch]
+            else:
+                wrong += [(w.name, name, p) for name, p in ts.values() if p != batch]
+        return wrong
 
-    wait_until(as_meant, 10, "every process at its serving policy")
+    deadline = time.monotonic() + 10
+    while (wrong := astray()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not wrong, wrong
     driver = threads(os.getpid())
     assert {p for name, p in driver.values() if name.startswith("ZMQbg/")} == {batch}
     assert os.sched_getscheduler(0) == other  # the caller's thread is left alone
