@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import zlib
 
 import msgspec
 import pytest
@@ -27,11 +28,13 @@ def wait_for_tokens(reqs, n: int, timeout: float = 60.0) -> None:
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
 def test_matches_transformers(tiny_models, family):
-    """2 AWs x 3 EWs: greedy tokens identical to transformers, prompt logits within 1e-4, both
-    for a batch submitted at once and for one submitted in two waves (prefill mixed with decode)."""
+    """2 AWs x 3 EWs: greedy tokens identical to transformers, prompt logits within 2e-4, both
+    for a batch submitted at once and for one submitted in two waves (prefill mixed with decode).
+    2e-4 (logits reach ~8): zentorch's fused expert kernel sums in another order than F.linear;
+    measured up to 7.5e-5 here and 1.02e-4 once on CI for Mixtral (1.4e-5 on the per-expert path)."""
     model_dir = tiny_models[family]
     ref = Reference(model_dir)
-    prompts = prompts_of_lengths(LENGTHS, 1024, seed=hash(family) % 1000)
+    prompts = prompts_of_lengths(LENGTHS, 1024, seed=zlib.crc32(family.encode()) % 1000)  # (str hash differs per run)
     expected = [ref.greedy(p, MAX_TOKENS) for p in prompts]
     with LLM(model_dir, attention_workers=2, expert_workers=3) as llm:
         together = llm.generate(prompts, GREEDY)
@@ -44,7 +47,7 @@ def test_matches_transformers(tiny_models, family):
         assert all(o.finish_reason == "length" for o in outs)
     for o, p in zip(together, prompts):
         assert o.prompt_logits.shape == (len(p), 1024)
-        torch.testing.assert_close(o.prompt_logits, ref.logits(p), atol=1e-4, rtol=0)
+        torch.testing.assert_close(o.prompt_logits, ref.logits(p), atol=2e-4, rtol=0)
     # The waves really overlapped: a second-wave request started before the first wave ended.
     assert min(r.times[0] for r in second) < max(r.times[-1] for r in first)
 
