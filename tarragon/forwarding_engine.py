@@ -9,7 +9,8 @@ logical experts to physical workers through this worker's own routing table.
 Failure handling lives here, on the waiting side:
 - evidence: the channel reports the peer's disconnect (a killed process: EOF on a link), or a
   reply is owed and the peer stays silent past `probe_interval_s`, and then does not answer probes
-  on its control channel for the probe timeout (a hung process, e.g. SIGSTOP), or its replies are
+  on its control channel for the probe timeout (a hung process, e.g. SIGSTOP; one on this host
+  that is runnable, waiting for a CPU, is given up to the probe cap), or its replies are
   many times slower than its peers' for a sustained window (a gray failure: see timeouts.py);
 - the probe timeout adapts: `probe_timeout_s` is its floor; it grows with the round trips seen
   from all expert workers (a machine slowed down as a whole fails nobody), and time this process
@@ -43,7 +44,7 @@ from .local_link import POLLIN, Link
 from .model import MoECall
 from .routing_table import RoutingTable
 from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv, validate
-from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector
+from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector, runnable
 
 log = logging.getLogger(__name__)
 # How long a wait for expert workers' replies polls without sleeping (see ForwardingEngine._poll).
@@ -322,11 +323,20 @@ class ForwardingEngine:
             # while (a busy machine), a reply or pong may be waiting unread.
             for sock in (self.data[w], self.probes[w]):
                 self._drain(sock)
-            if w in self.suspect_since:
+            if w in self.suspect_since and not self._starved(w, now - since):
                 self._fail(w, f"no reply and no answer to probes for {(now - since) * 1000:.0f} ms")
         elif now - self.last_probe.get(w, 0.0) >= self.probe_interval_s:
             self.last_probe[w] = now
             self.probes[w].send_multipart(P.encode(P.Probe(int(now * 1e6))))
+
+    def _starved(self, worker: str, silent_s: float) -> bool:
+        """A local expert worker silent because it waits for a CPU (runnable: a busy machine,
+        not a hung or stopped process) is given up to the probe cap, as the orchestrator gives
+        heartbeats. Found in a full test run on 2 cores: a new attention worker, its timeout at
+        the floor, failed a healthy expert worker that had not run for 108 ms."""
+        link = self.data.get(worker)
+        pid = link.peer_pid if isinstance(link, Link) else 0
+        return bool(pid) and pid != os.getpid() and silent_s < PROBE_CAP_S and runnable(pid)
 
     def _drain(self, sock: Link | zmq.Socket, flags: int = POLLIN) -> None:
         if sock in self.monitors:

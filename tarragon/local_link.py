@@ -85,6 +85,7 @@ class Link:
         self.buf, self.have = bytearray(CHUNK), 0  # bytes read, not yet returned as messages
         self.closed = False
         self.flags = POLLIN
+        self.peer_pid = 0  # the process at the other end (Linux, once connected; 0: unknown)
         if sock is not None:
             self._attach(sock)
 
@@ -93,6 +94,8 @@ class Link:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         self.sock, self.fd = sock, sock.fileno()
+        if hasattr(socket, "SO_PEERCRED"):  # (pid, uid, gid) of the peer, from the kernel
+            self.peer_pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
         self.poller.register(self.fd, self.flags)
         self._flush()
 
