@@ -146,6 +146,7 @@ class AttentionWorker:
             elif isinstance(msg, P.Drain):
                 self.drain_requested = True
             elif isinstance(msg, P.Shutdown):
+                log.info("%s: told to shut down", self.spec.name)
                 self.stopping = True
         return not self.stopping
 

@@ -396,6 +396,7 @@ class Orchestrator:
             if len(self.told_to_stop) >= 1024:
                 self.told_to_stop.clear()
             self.told_to_stop[name] = now
+            log.info("%s is out of service but speaks: told to shut down", name)
             self.send(name, P.Shutdown())
 
     def suspect(self, ew: Worker, msg: P.WorkerFailed) -> None:

@@ -144,7 +144,9 @@ def test_a_cut_attention_worker_that_comes_back_stays_fenced(cluster):
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:  # (rare in whole-suite runs, never alone: its log says why)
-        pytest.fail(f"the fenced {name} still runs 60 s after its link healed; its log ends:\n{hosts.logs[host].read_text()[-4000:]}")
+        said = "\n".join(line for line in llm.client.launcher.log_tail("orchestrator", 10_000).splitlines() if name in line)
+        pytest.fail(f"the fenced {name} still runs 60 s after its link healed; its log ends:\n{hosts.logs[host].read_text()[-4000:]}\n"
+                    f"the orchestrator's log on it:\n{said[-4000:]}")
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == baseline
 
 
