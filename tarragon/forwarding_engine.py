@@ -43,16 +43,16 @@ from . import protocol as P
 from .local_link import POLLIN, Link
 from .model import MoECall
 from .routing_table import RoutingTable
+from .procfs import CpuDemand
 from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv, validate
 from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector, runnable
 
 log = logging.getLogger(__name__)
-# How long a wait for expert workers' replies polls without sleeping (see ForwardingEngine._poll).
-# Off unless asked for: a polling attention worker leaves no idle CPU time, which is what a
-# replacement worker loads in (at SCHED_IDLE) and then restores its priority with; on a machine
-# with no core to spare it was starved (in two of four full test runs a replacement stayed at idle
-# priority, or was declared failed). 300 us: +14-22 % tok/s at 1-2 requests on 2 cores.
-SPIN_S = float(os.environ.get("TARRAGON_SPIN_US", "0")) / 1e6
+# How long a wait for expert workers' replies polls without sleeping (see ForwardingEngine._poll):
+# +14-22 % tok/s at 1-2 requests on 2 cores. Only while no other task waits for a CPU: polling
+# takes the time that a replacement worker loads in (at SCHED_IDLE), and that every process on a
+# busy machine wants. TARRAGON_SPIN_US=0: never.
+SPIN_S = float(os.environ.get("TARRAGON_SPIN_US", "300")) / 1e6
 SPIN_WORTH = 5.0  # ... only while replies come within this many times that on average (a busy machine: no spin)
 
 
@@ -119,6 +119,7 @@ class ForwardingEngine:
         self.prefer: str | None = None  # serves every expert it has a live copy of (see RoutingTable.owners)
         self._owners: dict[tuple[int, str | None], list[str | None]] = {}  # see _send_runs
         self.round_trip = 0.0  # moving average of the replies' round trips, seconds (see wait)
+        self.cpu = CpuDemand()  # (see wait: no polling while another task waits for a CPU)
         self.probe_endpoints = dict(probe_endpoints)
         for worker, endpoint in endpoints.items():
             self._connect(worker, endpoint)
@@ -253,7 +254,8 @@ class ForwardingEngine:
         """The part's answer (from whichever worker serves it in the end); None once the control
         handler says to stop waiting."""
         deadline = time.monotonic() + self.give_up_s
-        spin_until = time.perf_counter() + (SPIN_S if self.round_trip < SPIN_WORTH * SPIN_S else 0.0)
+        spin = SPIN_S and self.round_trip < SPIN_WORTH * SPIN_S and self.cpu.spare()
+        spin_until = time.perf_counter() + (SPIN_S if spin else 0.0)
         while True:
             if part.call_id in self.replies:
                 return self.replies.pop(part.call_id)
@@ -294,7 +296,8 @@ class ForwardingEngine:
         and leaves it slower for a while after (an attention worker alone, sleeping 300 us four
         times a step, needs 1.7x the CPU time for its step). Each turn yields, so that a
         process woken onto this CPU (an expert worker) runs at once. When replies take much
-        longer (a loaded machine, large batches), a wait does not spin: it would only take CPU
+        longer (a loaded machine, large batches), or another task waits for a CPU (the expert
+        workers computing, a replacement loading), a wait does not spin: it would only take CPU
         time from the processes that answer."""
         while time.perf_counter() < spin_until:
             if events := self.poller.poll(0):

@@ -4,6 +4,8 @@ late answer is never applied."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,10 +13,12 @@ import pytest
 import torch
 import zmq
 
+from failover import wait_until
 from tarragon import local_link
 from tarragon import protocol as P
 from tarragon.forwarding_engine import ForwardingEngine
 from tarragon.model import MoECall
+from tarragon.procfs import CpuDemand
 from tarragon.routing_table import RoutingTable
 from tarragon.sockets import ClusterKey, Context, make_socket, recv
 
@@ -175,3 +179,17 @@ def test_a_wait_wakes_on_the_control_channel_for_a_table_and_a_shutdown(tmp_path
         for s in fake.values():
             s.close()
         ctx.term()
+
+
+def test_cpu_demand_sees_tasks_waiting_for_a_cpu():
+    """The polling wait's gate (ForwardingEngine.wait): with more busy processes than CPUs, none
+    is spare; once they end, one is again."""
+    demand = CpuDemand()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(demand.cpus + 1)]
+    try:
+        wait_until(lambda: not demand.spare(), 10, "the busy processes counted")
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    wait_until(demand.spare, 10, "a spare CPU once they ended")
