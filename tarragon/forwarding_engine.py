@@ -42,16 +42,16 @@ from . import local_link
 from . import protocol as P
 from .local_link import POLLIN, Link
 from .model import MoECall
-from .routing_table import RoutingTable
 from .procfs import CpuDemand
+from .routing_table import RoutingTable
 from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv, validate
 from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector, runnable
 
 log = logging.getLogger(__name__)
 # How long a wait for expert workers' replies polls without sleeping (see ForwardingEngine._poll):
-# +14-22 % tok/s at 1-2 requests on 2 cores. Only while no other task waits for a CPU: polling
-# takes the time that a replacement worker loads in (at SCHED_IDLE), and that every process on a
-# busy machine wants. TARRAGON_SPIN_US=0: never.
+# +9-13 % tok/s at 1-2 requests on 2 cores (2 x 2, alternated). Only while no other task waits
+# for a CPU: polling takes the time that a replacement worker loads in (at SCHED_IDLE), and that
+# every process on a busy machine wants. TARRAGON_SPIN_US=0: never.
 SPIN_S = float(os.environ.get("TARRAGON_SPIN_US", "300")) / 1e6
 SPIN_WORTH = 5.0  # ... only while replies come within this many times that on average (a busy machine: no spin)
 
@@ -254,7 +254,7 @@ class ForwardingEngine:
         """The part's answer (from whichever worker serves it in the end); None once the control
         handler says to stop waiting."""
         deadline = time.monotonic() + self.give_up_s
-        spin = SPIN_S and self.round_trip < SPIN_WORTH * SPIN_S and self.cpu.spare()
+        spin = SPIN_S > 0 and self.round_trip < SPIN_WORTH * SPIN_S and self.cpu.spare()
         spin_until = time.perf_counter() + (SPIN_S if spin else 0.0)
         while True:
             if part.call_id in self.replies:
