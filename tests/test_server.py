@@ -789,9 +789,9 @@ def test_http_fuzz_reaches_the_engine_through_failures(served):
     wait_until(lambda: not llm.queue_depth, 30, "every request (and abandoned one) to end")
     failures = [e for e in llm.events() if e.kind == "worker_failed" and e.t >= t1]
     unexpected = {e.worker for e in failures} - set(killed)
-    assert not unexpected and {e.worker for e in failures} == set(killed), (
+    assert {e.worker for e in failures} == set(killed), (
         killed, [(e.worker, e.detail) for e in failures],
-        {w: llm.client.launcher.log_tail(w, 30) for w in [*unexpected, "orchestrator"] if unexpected})
+        {w: llm.client.launcher.log_tail(w, 30) for w in [*unexpected, "orchestrator"]})
     print(f"\nfuzz: {len(calls)} bodies x 2, {compared} outputs compared; {t1 - t0:.1f} s without failures, "
           f"{t2 - t1:.1f} s with {killed} killed")
     for name in killed:
