@@ -390,7 +390,10 @@ class Orchestrator:
     def tell_to_stop(self, name: str) -> None:
         """A fenced or unknown worker that speaks (its host's link came back, it was only frozen,
         a predecessor started it) is told to shut down, at most once a second each: a Shutdown
-        sent when it was fenced may have been lost with its connection."""
+        sent when it was fenced may have been lost with its connection. Told on both its
+        channels: its heartbeats may come back before its main channel does (which also waits
+        while an earlier connection under its name lingers here), and the liveness thread ends
+        the process whatever its main thread waits for."""
         now = time.monotonic()
         if now - self.told_to_stop.get(name, 0.0) >= 1.0:
             if len(self.told_to_stop) >= 1024:
@@ -398,6 +401,7 @@ class Orchestrator:
             self.told_to_stop[name] = now
             log.info("%s is out of service but speaks: told to shut down", name)
             self.send(name, P.Shutdown())
+            self.send(f"{name}#hb", P.Shutdown())
 
     def suspect(self, ew: Worker, msg: P.WorkerFailed) -> None:
         """An attention worker lost an expert worker: weighed against the heartbeats that worker

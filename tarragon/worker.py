@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -266,10 +267,14 @@ class OrchestratorChannel:
 
 
 def start_liveness(ctx: Context, name: str, probe_endpoint: str, orch_endpoint: str, heartbeat_s: float,
-                   orch: OrchestratorChannel | None = None, drain: threading.Event | None = None) -> threading.Thread:
+                   orch: OrchestratorChannel | None = None, drain: threading.Event | None = None,
+                   on_shutdown: Callable[[], None] = lambda: os._exit(0)) -> threading.Thread:
     """Answers probes and sends heartbeats; each time its channel to the orchestrator (re)connects,
     resends `orch.last_ready`: a replacement orchestrator learns of this worker without a restart.
-    Once `drain` is set (SIGTERM), asks the orchestrator for a drain (again at each reconnection)."""
+    Once `drain` is set (SIGTERM), asks the orchestrator for a drain (again at each reconnection).
+    A `Shutdown` on the heartbeat channel (sent to a fenced or unknown worker that still beats, in
+    case the one on its main channel is lost or its main thread waits elsewhere) calls
+    `on_shutdown`: by default the process ends there, as a fenced worker must."""
     probe = make_socket(ctx, zmq.ROUTER, bind=probe_endpoint)
     hb = make_socket(ctx, zmq.DEALER, connect=orch_endpoint, identity=f"{name}#hb", monitor=zmq.EVENT_CONNECTED)
     mon = hb.get_monitor_socket(zmq.EVENT_CONNECTED)
@@ -277,6 +282,7 @@ def start_liveness(ctx: Context, name: str, probe_endpoint: str, orch_endpoint: 
     poller = zmq.Poller()
     poller.register(probe, zmq.POLLIN)
     poller.register(mon, zmq.POLLIN)
+    poller.register(hb, zmq.POLLIN)
 
     def send(frames: list) -> None:
         try:
@@ -304,6 +310,10 @@ def start_liveness(ctx: Context, name: str, probe_endpoint: str, orch_endpoint: 
                 got = recv(probe, (P.Probe,), f"{name} probe")
                 if got is not None:
                     probe.send_multipart([got.identity, *P.encode(P.Pong(got.msg.seq))])
+            if hb in events and recv(hb, (P.Shutdown,), f"{name} (orchestrator, heartbeats)") is not None:
+                log.warning("%s: out of service, told to shut down", name)
+                on_shutdown()
+                return
 
     t = threading.Thread(target=loop, name=LIVENESS_THREAD, daemon=True)
     t.start()

@@ -404,6 +404,39 @@ def test_recv_checks_tensor_frames_and_the_receivers_own_rule(tmp_path):
         ctx.term()
 
 
+def test_the_liveness_thread_beats_answers_probes_and_ends_on_a_shutdown(tmp_path):
+    """A worker's liveness thread, against a stand-in orchestrator: it beats on its own channel,
+    answers probes, ignores anything but a Shutdown there, and on a Shutdown calls its exit."""
+    import threading
+
+    import zmq
+
+    from tarragon.sockets import Context, make_socket, recv
+    from tarragon.worker import start_liveness
+
+    ctx = Context(None)
+    orch = make_socket(ctx, zmq.ROUTER, bind=f"ipc://{tmp_path}/orch.sock")
+    told = threading.Event()
+    thread = start_liveness(ctx, "ew9", f"ipc://{tmp_path}/probe.sock", f"ipc://{tmp_path}/orch.sock", 0.05, on_shutdown=told.set)
+    prober = make_socket(ctx, zmq.DEALER, connect=f"ipc://{tmp_path}/probe.sock", identity="aw0")
+    try:
+        assert orch.poll(5000)
+        beat = recv(orch, (P.Heartbeat,), "test")
+        assert (beat.sender, beat.msg) == ("ew9#hb", P.Heartbeat("ew9"))
+        prober.send_multipart(P.encode(P.Probe(7)))
+        assert prober.poll(5000) and P.decode(prober.recv_multipart())[0] == P.Pong(7)
+        orch.send_multipart([b"ew9#hb", *P.encode(P.Drain("ew9"))])  # not for a worker to obey
+        orch.send_multipart([b"ew9#hb", *P.encode(P.Probe(1))])
+        assert not told.wait(0.3) and thread.is_alive()
+        orch.send_multipart([b"ew9#hb", *P.encode(P.Shutdown())])
+        assert told.wait(5)
+        thread.join(5)
+        assert not thread.is_alive()
+    finally:
+        orch.close(0), prober.close(0)
+        ctx.destroy(linger=0)
+
+
 def test_every_worker_role_has_a_main():
     import inspect
 

@@ -107,8 +107,8 @@ def test_a_silent_worker_is_failed_replaced_and_routed_around(orch):
     assert new.experts == o.plan.experts_of("ew0")  # it loads what ew0 held, shadows included
     assert owners(o) == ["ew1", "ew1", "ew1", "ew1"]  # its experts moved to their shadows
     assert {name for name, m in o.sent if isinstance(m, P.TableUpdate)} == {"aw0", "aw1"}
-    say(o, "ew0", P.Heartbeat("ew0"))  # fenced: heard again, told to go
-    assert ("ew0", P.Shutdown()) in o.sent and ew0.state == WorkerState.FAILED
+    say(o, "ew0", P.Heartbeat("ew0"))  # fenced: heard again, told to go (on both its channels)
+    assert ("ew0", P.Shutdown()) in o.sent and ("ew0#hb", P.Shutdown()) in o.sent and ew0.state == WorkerState.FAILED
     say(o, "ew2", P.Ready("ew2", Role.EXPERT, 0))
     assert owners(o) == ["ew2", "ew2", "ew1", "ew1"]  # the replacement takes its slot back
     assert [e.worker for e in events(o, EventKind.REPLACEMENT_READY)] == ["ew2"]
