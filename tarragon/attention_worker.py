@@ -69,8 +69,8 @@ class AttentionWorker:
         self.runner = ModelRunner(model, self.kv, self.engine)
         self.flights: dict[int, Flight] = {}  # micro-batch group -> its step in the air
         self.driver = self._socket(ctx, spec.driver_endpoint)
-        self.ckpt = Checkpointer(ctx, spec.name, spec.store_endpoints, self.resilience.checkpoint_queue, self.kv, self.sched, self.report) \
-            if spec.store_endpoints else None
+        self.ckpt = Checkpointer(ctx, spec.name, spec.store_endpoints, self.resilience.checkpoint_queue, self.kv, self.sched, self.report,
+                                  self.resilience.checkpoint_interval_ms / 1000) if spec.store_endpoints else None
         self.poller = zmq.Poller()
         for s in (self.driver, orch.sock, *(self.ckpt.sockets() if self.ckpt else [])):
             self.poller.register(s, zmq.POLLIN)
@@ -93,6 +93,8 @@ class AttentionWorker:
                 self.between_steps()
             self.step()
             if not self.flights and not self.sched.has_work() and not self.stopping:
+                if self.ckpt is not None:
+                    self.ckpt.send_pending()  # the stores have everything before this sleeps
                 self.poller.poll(100 if self.ckpt and self.ckpt.restoring else None)  # idle: sleep until a message
 
     def between_steps(self) -> None:

@@ -26,6 +26,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="what an attention worker's failure costs: restore KV, re-prefill (at once, or token by token: replay), "
                         "or restart everything")
     p.add_argument("--no-checkpoint", action="store_true", help="no KV checkpointing (an attention worker's failure re-prefills)")
+    p.add_argument("--checkpoint-interval-ms", type=float, default=10.0,
+                   help="steps' KV goes to the stores as one write per this long (0: a write each step); an attention "
+                        "worker's failure regenerates the tokens of at most that long")
     p.add_argument("--stores", type=int, default=None,
                    help="KV checkpoint stores, each holding every checkpoint (default: 2 local, 1 with ray or manual)")
     p.add_argument("--placement", default="auto", choices=["auto", "pack", "spread"],
@@ -55,7 +58,7 @@ def start_llm(args: argparse.Namespace):
 
     return LLM(args.model, log_dir=args.log_dir, attention_workers=args.attention_workers, expert_workers=args.expert_workers, device=args.device,
                dtype=args.dtype, max_model_len=args.max_model_len, shadows=args.shadows, recovery=args.recovery,
-               checkpoint=not args.no_checkpoint, stores=args.stores, placement=args.placement, probe_interval_s=args.probe_interval_s,
+               checkpoint=not args.no_checkpoint, checkpoint_interval_ms=args.checkpoint_interval_ms, stores=args.stores, placement=args.placement, probe_interval_s=args.probe_interval_s,
                launcher=args.launcher,
                ray_address=args.ray_address, join_address=args.join_address, nodes=dict(n.split("=", 1) for n in args.node),
                key_file=args.key_file, insecure_transport=args.insecure_transport)

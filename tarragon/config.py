@@ -285,6 +285,7 @@ class ResilienceConfig:
     stores: int = 2  # checkpoint stores, each holding every checkpoint: one may die and restores still find the KV
     store_max_bytes: int = 1 << 30  # per store
     checkpoint_queue: int = 1024  # KV writes in flight per attention worker before writes are dropped
+    checkpoint_interval_ms: float = 10.0  # steps' KV gathered into one write per this long (0: a write each step)
     restore_timeout_s: float = 1.0  # then a restoring request falls back to recompute
     heartbeat_s: float = 0.05
     heartbeat_timeout_s: float = 1.0  # a floor: it grows with the latency the cluster shows (timeouts.py)

@@ -72,6 +72,7 @@ class EngineArgs:
     checkpoint: bool = R.checkpoint
     store_max_bytes: int = R.store_max_bytes
     checkpoint_queue: int = R.checkpoint_queue
+    checkpoint_interval_ms: float = R.checkpoint_interval_ms
     restore_timeout_s: float = R.restore_timeout_s
 
     def create_config(self) -> tuple[TarragonConfig, ModelConfig]:
@@ -115,6 +116,8 @@ class EngineArgs:
             raise ValueError(f"placement must be auto, pack or spread, not {self.placement!r}")
         if self.shadows < 0:
             raise ValueError(f"shadows must be >= 0, got {self.shadows}")
+        if self.checkpoint_interval_ms < 0:
+            raise ValueError(f"checkpoint_interval_ms must be >= 0, got {self.checkpoint_interval_ms}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
 

@@ -167,3 +167,61 @@ def test_checkpointer_restores_the_longest_prefix_and_skips_a_dead_store(tiny_mo
             link.sock.close(0)
             link.events.close(0)
         ctx.term()
+
+
+def test_checkpointer_gathers_steps_into_one_write_per_interval(tiny_models, tmp_path):
+    """Within its interval, steps' KV waits at the attention worker, copied as each step ends (its
+    slots may be reused); the next write carries them all, in order."""
+    import torch
+    import zmq
+
+    from tarragon.checkpoint_store import FROM_ATTENTION, CheckpointStore, check_write, serve
+    from tarragon.checkpointer import Checkpointer
+    from tarragon.config import ModelConfig
+    from tarragon.kv_cache import KVCache
+    from tarragon.scheduler import Scheduler
+    from tarragon.sockets import Context, make_socket, recv
+
+    cfg = ModelConfig.from_dir(tiny_models["mixtral"])
+    kv = KVCache(cfg, 8, 4, torch.float32)
+    kv.k.normal_(), kv.v.normal_()
+    ctx = Context(None)
+    end = f"ipc://{tmp_path}/s.sock"
+    sock = make_socket(ctx, zmq.ROUTER, bind=end)
+    store = CheckpointStore(1 << 30)
+    ck = Checkpointer(ctx, "aw0", [end], 64, kv, Scheduler(kv, 8, 64, 64, ()), lambda *a: None, interval_s=60.0)
+    seqs = {"a": [], "b": []}
+    for req in seqs:
+        assert kv.grow(seqs[req], 6)
+    slots = {req: kv.slots(b, 0, 6) for req, b in seqs.items()}
+    want = {req: (kv.k.index_select(1, s).clone(), kv.v.index_select(1, s).clone()) for req, s in slots.items()}
+
+    def writes() -> int:
+        n = 0
+        while sock.poll(200):
+            serve(store, recv(sock, FROM_ATTENTION, "s", check=check_write))
+            n += 1
+        return n
+
+    try:
+        wait_until(lambda: ck.watch() or ck.links[0].up, 5, "the store connected")
+        ck.write(["a", "b"], [0, 0], [4, 4], torch.cat([slots["a"][:4], slots["b"][:4]]), [])  # the first write goes at once
+        assert writes() == 1 and store.restore("a")[0] == store.restore("b")[0] == 4
+        for pos in (4, 5):  # two decode steps: gathered
+            ck.write(["a", "b"], [pos, pos], [1, 1], torch.stack([slots["a"][pos], slots["b"][pos]]), [])
+        kv.k.zero_(), kv.v.zero_()  # their slots reused: what was gathered is a copy
+        assert writes() == 0 and store.restore("a")[0] == 4
+        ck.send_pending()  # (what the worker does when it goes idle, drains, or a request is aborted)
+        assert writes() == 1  # one write, both steps
+        for req, (k, v) in want.items():
+            committed, rk, rv = store.restore(req)
+            assert committed == 6 and torch.equal(rk, k) and torch.equal(rv, v)
+        ck.write([], [], [], torch.empty(0, dtype=torch.long), ["a"])  # a request finished, no step: told when sent
+        ck.send_pending()
+        assert writes() == 1 and store.restore("a")[0] == 0 and store.restore("b")[0] == 6
+    finally:
+        sock.close(0)
+        for link in ck.links:
+            link.sock.close(0)
+            link.events.close(0)
+        ctx.term()
