@@ -116,9 +116,12 @@ class AttentionWorker:
         # about one expert (the fused kernel then computes a spare one as well) for a second
         # message per layer: 1.1-1.3x the tokens/s at 1-2 requests, no change from 4.
         # Not split, the expert workers wait while this one runs the LM head: on two threads.
+        # A batch of one or two sequences goes from layer to layer within a few hundred
+        # microseconds: its expert worker polls for the next call (`linger`) rather than sleep.
         split = self.sched.split
         few = len(self.sched.running) <= FEW_SEQUENCES
         self.engine.prefer = min(self.engine.data, default=None) if self.packed and (split or few) else None
+        self.engine.linger = self.packed and few and not split
         self.runner.head_threads = 1 if split else self.head_threads
         for group in range(self.sched.groups):
             flight = self.flights.get(group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
@@ -21,7 +22,9 @@ import zmq
 from . import local_link
 from . import protocol as P
 from .config import ModelConfig
+from .local_link import SPIN_S, poll_spinning
 from .model import ExpertBank
+from .procfs import CpuDemand
 from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv
 from .vocabulary import Role
 from .weights import WeightFiles, torch_dtype
@@ -129,9 +132,13 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     check = partial(check_request, bank, cfg.hidden_size)
     fenced: set[bytes] = set()  # attention workers declared failed: a partitioned one may still ask
     refused: set[bytes] = set()  # ... and asked: logged once each
+    cpu, linger = CpuDemand(), False
     with torch.inference_mode():
         while True:
-            events = dict(poller.poll())
+            # After a batch whose sender calls again at once (ExpertRequest.linger), poll for that
+            # call before sleeping, while no task waits for a CPU: +5 % tok/s at 1-2 requests.
+            spin = SPIN_S if linger and cpu.spare() else 0.0
+            events = dict(poll_spinning(poller, time.perf_counter() + spin, None))
             got = recv(orch.sock, (P.Shutdown, P.Fence), spec.name) if orch.sock in events else None
             if got is not None and isinstance(got.msg, P.Shutdown):
                 return
@@ -140,6 +147,8 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
             requests = [(m.identity, m.msg, m.tensors[0]) for m in end.receive(events, (P.ExpertRequest,), check)]
             if fenced:
                 requests = unfenced(requests, fenced, refused)
+            if requests:
+                linger = all(r[1].linger for r in requests)
             replays = [r for r in requests if r[1].replay]
             for batch in (replays, [r for r in requests if not r[1].replay]) if replays else (requests,):
                 if batch:

@@ -40,7 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import local_link
 from . import protocol as P
-from .local_link import POLLIN, Link
+from .local_link import POLLIN, SPIN_S, Link, poll_spinning
 from .model import MoECall
 from .procfs import CpuDemand
 from .routing_table import RoutingTable
@@ -48,11 +48,8 @@ from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv, valid
 from .timeouts import PROBE_CAP_S, AdaptiveTimeout, GrayDetector, runnable
 
 log = logging.getLogger(__name__)
-# How long a wait for expert workers' replies polls without sleeping (see ForwardingEngine._poll):
-# +9-13 % tok/s at 1-2 requests on 2 cores (2 x 2, alternated). Only while no other task waits
-# for a CPU: polling takes the time that a replacement worker loads in (at SCHED_IDLE), and that
-# every process on a busy machine wants. TARRAGON_SPIN_US=0: never.
-SPIN_S = float(os.environ.get("TARRAGON_SPIN_US", "300")) / 1e6
+# A wait for expert workers' replies polls for local_link.SPIN_S before it sleeps (see
+# ForwardingEngine._poll): +9-13 % tok/s at 1-2 requests on 2 cores (2 x 2, alternated).
 SPIN_WORTH = 5.0  # ... only while replies come within this many times that on average (a busy machine: no spin)
 
 
@@ -116,6 +113,7 @@ class ForwardingEngine:
         self.waiting_for_table: list[_Part] = []
         self.next_id = 0
         self.replayed = 0  # calls replayed to another worker (a metric)
+        self.linger = False  # tell the expert workers that this worker's next call follows at once (see ExpertRequest)
         self.prefer: str | None = None  # serves every expert it has a live copy of (see RoutingTable.owners)
         self._owners: dict[tuple[int, str | None], list[str | None]] = {}  # see _send_runs
         self.round_trip = 0.0  # moving average of the replies' round trips, seconds (see wait)
@@ -243,7 +241,7 @@ class ForwardingEngine:
             n = sum(p.counts)
             p.hidden = rows[start : start + n]
             start += n
-            header = P.ExpertRequest(p.call_id, layer, p.experts, p.counts, P.tensor_meta(p.hidden), replay)
+            header = P.ExpertRequest(p.call_id, layer, p.experts, p.counts, P.tensor_meta(p.hidden), replay, self.linger)
             self.data[p.worker].send_multipart(P.encode(header, p.hidden), copy=False)
             self.expected[p.call_id] = p
         return parts
@@ -290,20 +288,11 @@ class ForwardingEngine:
                     self._drain(sock)
 
     def _poll(self, spin_until: float) -> list:
-        """Poll the channels; until `spin_until`, without sleeping. A reply usually comes within
-        a few hundred microseconds, and sleeping for it costs more than that here: this
-        process's CPU halts, and waking it again (the hypervisor's work, in a VM) takes 20-50 us
-        and leaves it slower for a while after (an attention worker alone, sleeping 300 us four
-        times a step, needs 1.7x the CPU time for its step). Each turn yields, so that a
-        process woken onto this CPU (an expert worker) runs at once. When replies take much
-        longer (a loaded machine, large batches), or another task waits for a CPU (the expert
-        workers computing, a replacement loading), a wait does not spin: it would only take CPU
-        time from the processes that answer."""
-        while time.perf_counter() < spin_until:
-            if events := self.poller.poll(0):
-                return events
-            os.sched_yield()
-        return self.poller.poll(timeout=self.probe_interval_s * 1000)
+        """Poll the channels; until `spin_until`, without sleeping (local_link.poll_spinning).
+        When replies take much longer (a loaded machine, large batches), or another task waits
+        for a CPU (the expert workers computing, a replacement loading), a wait does not spin:
+        it would only take CPU time from the processes that answer."""
+        return poll_spinning(self.poller, spin_until, self.probe_interval_s * 1000)
 
     def _discount_own_lag(self) -> None:
         """A poll that returned much later than asked means this process was not running (a busy

@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections import deque
 from itertools import islice
 
@@ -43,8 +44,27 @@ MAX_FRAMES = 8  # a message has a header and at most two tensors
 CHUNK = 1 << 18  # bytes a link reads at a time; a larger message gets a buffer of its own
 SOCKET_BUFFER = 4 << 20  # SO_SNDBUF / SO_RCVBUF: most messages go out in one send
 MAX_NAME = 256
+# How long a datapath wait polls before it sleeps (`poll_spinning`): the attention worker's for
+# replies, and an expert worker's for the next call of a batch it serves alone. Only while no
+# other task waits for a CPU (procfs.CpuDemand): polling takes the time that a replacement worker
+# loads in (at SCHED_IDLE), and that every process on a busy machine wants. TARRAGON_SPIN_US=0: never.
+SPIN_S = float(os.environ.get("TARRAGON_SPIN_US", "300")) / 1e6
 POLLIN, POLLOUT, POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)  # plain ints: pyzmq's flags are
 # Python enums, whose every `|` and `&` runs Python code (a few per message)
+
+
+def poll_spinning(poller: zmq.Poller, spin_until: float, timeout_ms: float | None) -> list:
+    """Poll; until `spin_until` (perf_counter), without sleeping. On the datapath the next
+    message usually comes within a few hundred microseconds, and sleeping for it costs more than
+    that here: this process's CPU halts, and waking it again (the hypervisor's work, in a VM)
+    takes 20-50 us and leaves it slower for a while after (an attention worker alone, sleeping
+    300 us four times a step, needs 1.7x the CPU time for its step). Each turn yields, so that a
+    process woken onto this CPU runs at once."""
+    while time.perf_counter() < spin_until:
+        if events := poller.poll(0):
+            return events
+        os.sched_yield()
+    return poller.poll(timeout=timeout_ms)
 
 
 def is_local(endpoint: str) -> bool:

@@ -260,7 +260,9 @@ class Hello(Msg):
 
 class ExpertRequest(Msg):
     """Rows of `hidden` grouped by expert: counts[i] rows for experts[i] of `layer`. A replay
-    (the same rows, resent after a worker failed) is served ahead of normal requests."""
+    (the same rows, resent after a worker failed) is served ahead of normal requests. `linger`:
+    the sender's next call follows within a few hundred microseconds and no other expert worker
+    computes meanwhile (a batch this worker serves alone), so polling for it pays."""
 
     call_id: int
     layer: int
@@ -268,6 +270,7 @@ class ExpertRequest(Msg):
     counts: list[int]
     hidden: TensorMeta
     replay: bool = False
+    linger: bool = False
 
 
 class ExpertReply(Msg):

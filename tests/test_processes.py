@@ -117,6 +117,41 @@ def test_malformed_datapath_messages_are_dropped(tiny_models):
     assert "bad framing" in log and "frame lengths do not add up" in log and "did not start with Hello" in log
 
 
+def test_an_expert_worker_polls_for_the_next_call_only_when_it_follows_at_once(tiny_models, monkeypatch):
+    """After a call marked `linger` (its sender calls again within microseconds), an expert worker
+    polls for the next one (here for 5 ms) rather than sleep; after any other call, it sleeps.
+    Seen in its CPU time."""
+    import torch
+
+    from link_client import LinkClient
+    from tarragon import protocol as P
+
+    monkeypatch.setenv("TARRAGON_SPIN_US", "5000")  # (the workers' environment)
+    with LLM(tiny_models["mixtral"], attention_workers=1, expert_workers=2) as llm:
+        llm.generate(prompts_of_lengths([6], 1024), SamplingParams(max_tokens=4))
+        pid = next(w.pid for w in llm.workers() if w.name == "ew0")
+        c = LinkClient(llm.launcher.endpoint("ew0"), "prober")
+        x = torch.zeros(3, 64)
+
+        def cpu_ms() -> float:
+            return sum(int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0]) for t in os.listdir(f"/proc/{pid}/task")) / 1e6
+
+        def calls(linger: bool) -> float:
+            before = cpu_ms()
+            for i in range(10):
+                c.send_multipart(P.encode(P.ExpertRequest(i, 0, [0], [3], P.tensor_meta(x), linger=linger), x))
+                assert c.poll(5000), "no reply"
+                c.s.recv(1 << 20)
+                time.sleep(0.02)
+            return cpu_ms() - before
+
+        try:
+            sleeping, polling = calls(False), calls(True)
+        finally:
+            c.close()
+    assert polling > sleeping + 25, (sleeping, polling)  # 10 x 5 ms polled
+
+
 def test_cli_make_model_and_generate(tmp_path):
     out = tmp_path / "m"
     r = subprocess.run([sys.executable, "-m", "tarragon", "make-model", "--family", "qwen3_moe", "--size", "tiny", str(out)],
