@@ -98,12 +98,18 @@ def tabulate(cells: dict[str, dict[str, list[dict]]]) -> tuple[dict, list[str]]:
     table: dict[str, dict] = {}
     lines = [f"{'fault':>10} | {'policy':>9} | {'stall ms':>9} | {'x tarragon':>10} | {'gap before ms':>13} | {'detect ms':>9} | "
              f"{'tokens recomputed':>17} | failed"]
+    nan = float("nan")
     for name, by_policy in cells.items():
         for p, cs in by_policy.items():
-            stall = med(c["stall_ms"] for c in cs)
-            ratio = med(c["stall_ms"] / t["stall_ms"] for c, t in zip(cs, by_policy["tarragon"]))  # within each run
+            # A run with no stream in flight at the fault (all still waiting for their first
+            # token, or done) measured no stall: it is left out, not counted as 0 ms.
+            measured = [c for c in cs if c["streams"]]
+            stall = med(c["stall_ms"] for c in measured) if measured else nan
+            pairs = [(c, t) for c, t in zip(cs, by_policy["tarragon"]) if c["streams"] and t["streams"] and t["stall_ms"]]
+            ratio = med(c["stall_ms"] / t["stall_ms"] for c, t in pairs) if pairs else nan  # within each run
             detect = [c["detect_ms"] for c in cs if c["detect_ms"] is not None]
-            row = {"stall_ms": stall, "ratio_to_tarragon": ratio, "gap_before_ms": med(c["gap_before_ms"] for c in cs),
+            row = {"stall_ms": stall, "ratio_to_tarragon": ratio, "gap_before_ms": med(c["gap_before_ms"] for c in measured) if measured else nan,
+                   "runs_measured": len(measured),
                    "detect_ms": med(detect) if detect else None,
                    "tokens_recomputed": med(c["tokens_recomputed"] or 0 for c in cs), "failed_requests": sum(c["failed_requests"] for c in cs)}
             table.setdefault(name, {})[p] = row
