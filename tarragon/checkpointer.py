@@ -1,17 +1,18 @@
 """The attention worker's side of KV checkpointing: its channels to the checkpoint stores.
 
 Every step's new KV goes to every store (each holds every checkpoint), without blocking: ZMQ's
-I/O thread sends it, a full queue drops the write and that store keeps the committed prefix.
-Steps' KV is gathered as they end and sent as one write per `interval_s` (and when the worker
-goes idle, drains, aborts or a store reconnects): each write wakes every store and two ZMQ
-threads, which on a small machine take CPU the datapath wants (at one or two requests, a write
-every 2.7 ms step cost 5-8 % of the tokens/s); a failure then regenerates the tokens of at most
-that long past the committed one. So
+I/O thread sends it, a full queue drops the write and that store keeps the committed prefix. So
 one store may die and a restore still finds the committed KV in another, even before the dead
 store's replacement is up. A store that (re)connects may know nothing (a replacement takes over
 its predecessor's address): it gets the whole KV of every request this worker holds, from
 position 0. A store that is down gets nothing meanwhile (its queue would only fill with writes
 its successor cannot use).
+
+Steps' KV is copied as each step ends and sent as one write per `interval_s` (and at once when
+the worker goes idle, drains, aborts a request or a store reconnects): each write wakes every
+store and a ZMQ thread on each side, which on a small machine take CPU the datapath wants (at
+one or two requests, a write every 2.7 ms step cost 5-8 % of the tokens/s). A failure then
+regenerates the tokens of at most that long past the committed one.
 
 A restore asks every store that is up and installs the longest committed prefix, as soon as one
 covers the whole request or every store asked has answered (or the restore times out). Stores
