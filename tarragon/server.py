@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -794,9 +795,15 @@ def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, 
     failed, stop = threading.Event(), threading.Event()
     watcher = threading.Thread(target=watch_cluster, args=(llm, server, failed, stop), name="tarragon-watch", daemon=True)
     watcher.start()
+    # uvicorn, once it has shut down for a SIGTERM (a service manager's stop), raises it again for
+    # the handler it found: under the default one the process died there, before the caller shut
+    # the cluster down and removed its run folder (with the cluster key). This one lets it return.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if threading.current_thread() is threading.main_thread() else None
     try:
         server.run(sockets=[sock] if sock is not None else None)
     finally:
         stop.set()
         watcher.join(5)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 1 if failed.is_set() else 0

@@ -504,6 +504,37 @@ def test_serve_cli_like_a_server(tiny_models, tmp_path):
     assert {"aw0.log", "ew0.log", "orchestrator.log"} <= {p.name for p in log_dir.iterdir()}
 
 
+def test_serve_stopped_by_sigterm_shuts_the_cluster_down_and_removes_its_run_folder(tiny_models):
+    """SIGTERM, as a service manager stops a server: exit status 0, every worker gone, and the run
+    folder (sockets, logs, the cluster key) removed, not left for the next start to find."""
+    import glob
+    import subprocess
+    import sys
+    import tempfile
+
+    from test_processes import pid_alive
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tarragon", "serve", "--model", tiny_models["mixtral"], "--attention-workers", "1",
+                             "--expert-workers", "1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: _ok(f"http://127.0.0.1:{port}/health"), 120, "the server to be healthy")
+        pids = [w["pid"] for w in httpx.get(f"http://127.0.0.1:{port}/v1/cluster").json()["workers"]]
+        (run_dir,) = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "tarragon-*"))
+                      if os.path.exists(f"{d}/driver") and open(f"{d}/driver").read().split()[0] == str(proc.pid)]
+        os.kill(proc.pid, signal.SIGTERM)  # to the server alone
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not os.path.exists(run_dir)
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 10, "every worker gone")
+
+
 def _ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
