@@ -217,6 +217,15 @@ def zmq_threads() -> list[int]:
     return [tid for tid in _threads() if _comm(tid).startswith("ZMQbg/")]
 
 
+def await_zmq_threads(ctx: zmq.Context, timeout_s: float = 0.5) -> None:
+    """Wait until `ctx`'s threads (its I/O threads and its reaper) have their names: libzmq sets
+    them from inside each thread once started, and one still unnamed just after the context's
+    first socket was taken for a compute thread by `serving_policy` (seen once in ~20 test runs)."""
+    deadline = time.monotonic() + timeout_s
+    while len(zmq_threads()) < ctx.get(zmq.IO_THREADS) + 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def serving_policy(role: Role) -> None:
     """Every thread of a worker at the policy it serves under: an attention worker's compute (its
     main thread, torch's threads) normal, all else SCHED_BATCH (see `never_preempt`). Each thread

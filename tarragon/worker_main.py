@@ -24,9 +24,8 @@ from . import protocol as P
 from . import timeline
 from .sockets import ClusterKey, Context, make_socket, recv
 from .vocabulary import Role
-from .worker import (OrchestratorChannel, WorkerSpec, cluster_key, die_with_driver, die_with_parent, host_towards,
-                     keep_freed_memory, may_raise_priority, reserve_endpoints, serving_policy,
-                     start_liveness)
+from .worker import (OrchestratorChannel, WorkerSpec, await_zmq_threads, cluster_key, die_with_driver, die_with_parent,
+                     host_towards, keep_freed_memory, may_raise_priority, reserve_endpoints, serving_policy, start_liveness)
 
 
 class RoleMain(Protocol):
@@ -71,6 +70,7 @@ def serve(spec: WorkerSpec, key: ClusterKey | None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: drain.set())
     start_liveness(ctx, spec.name, spec.probe_endpoint, spec.orch_endpoint, spec.heartbeat_s, orch, drain)
     if not spec.nice:  # (a replacement takes its policy once loaded: restore_priority)
+        await_zmq_threads(ctx)
         serving_policy(Role(spec.role))
     try:
         role_main(spec.role)(spec, ctx, orch)
