@@ -218,9 +218,10 @@ def zmq_threads() -> list[int]:
 
 
 def await_zmq_threads(ctx: zmq.Context, timeout_s: float = 0.5) -> None:
-    """Wait until `ctx`'s threads (its I/O threads and its reaper) have their names: libzmq sets
-    them from inside each thread once started, and one still unnamed just after the context's
-    first socket was taken for a compute thread by `serving_policy` (seen once in ~20 test runs)."""
+    """Wait until `ctx`'s threads (its I/O threads and its reaper) have their names. libzmq sets
+    each name from inside the thread, once the context's first socket has started it; until then
+    `serving_policy`, which finds them by name, would leave one at the normal policy (seen twice
+    in ~20 test runs)."""
     deadline = time.monotonic() + timeout_s
     while len(zmq_threads()) < ctx.get(zmq.IO_THREADS) + 1 and time.monotonic() < deadline:
         time.sleep(0.001)
