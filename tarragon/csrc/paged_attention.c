@@ -6,6 +6,9 @@
  * the g query heads of each KV head; softmax per query head (with an optional sink logit, as
  * gpt-oss has); then every value row is read once and accumulated. Nothing is gathered or
  * padded, and a sequence's result never depends on the others in the batch.
+ * The rows are asked for ahead of use (prefetch): between two layers the expert workers' weights
+ * go through the cache, so the context is cold, in blocks scattered over the pools that the
+ * hardware prefetcher does not follow: 2.0-2.5x less time cold at 32-64 sequences.
  * Built and called by tarragon/paged_attention.py (see there for why it exists).
  */
 #include <float.h>
@@ -23,6 +26,14 @@ static inline float exp_nonpositive(float x) {
     return p * two_n.f;
 }
 
+#define AHEAD 16
+/* Asks for a row of `n` floats to be brought into the cache: the cached context is cold (the
+ * expert workers' weights went through the cache since this layer ran last), and its rows lie in
+ * scattered blocks the hardware prefetcher does not follow. */
+static inline void prefetch_row(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
+
 static inline __attribute__((always_inline)) void attend(
     const float *q, int64_t q_stride, const float *k, int64_t k_slot, int64_t k_head,
     const float *v, int64_t v_slot, int64_t v_head, const int64_t *blocks, int64_t nblk, int64_t block_size,
@@ -36,6 +47,8 @@ static inline __attribute__((always_inline)) void attend(
         float *ob = out + b * nh * dv;
         for (int64_t c = start; c < end; c++) {  /* scores [nh, n] */
             const float *kc = k + (table[c / block_size] * block_size + c % block_size) * k_slot;
+            if (c + AHEAD < end) prefetch_row(k + (table[(c + AHEAD) / block_size] * block_size + (c + AHEAD) % block_size) * k_slot, kvh * k_head);
+            prefetch_row(v + (table[c / block_size] * block_size + c % block_size) * v_slot, kvh * v_head);
             for (int64_t h = 0; h < kvh; h++)
                 for (int64_t j = 0; j < g; j++) {
                     const float *qj = qb + (h * g + j) * d, *kh = kc + h * k_head;
@@ -44,6 +57,12 @@ static inline __attribute__((always_inline)) void attend(
                     for (int64_t e = 0; e < d; e++) s += qj[e] * kh[e];
                     scores[(h * g + j) * n + (c - start)] = s * scale;
                 }
+        }
+        if (b + 1 < B) {  /* the next sequence's first key rows, while this one finishes */
+            const int64_t *next = blocks + (b + 1) * nblk;
+            const int64_t e1 = lens[b + 1], c1 = window > 0 && e1 > window ? e1 - window : 0;
+            for (int64_t c = c1; c < e1 && c < c1 + AHEAD; c++)
+                prefetch_row(k + (next[c / block_size] * block_size + c % block_size) * k_slot, kvh * k_head);
         }
         for (int64_t i = 0; i < nh; i++) {  /* softmax per query head; the output zeroed */
             float *si = scores + i * n, m = sinks ? sinks[i] : -FLT_MAX, sum = 0.0f;
