@@ -39,7 +39,7 @@ from .scheduler import ScheduledChunk, Scheduler, Sequence
 from .sockets import DATA_MAX_BYTES, Context, make_socket, recv
 from .vocabulary import EventKind, Role
 from .weights import WeightFiles, torch_dtype
-from .worker import OrchestratorChannel, WorkerSpec, restore_priority
+from .worker import OrchestratorChannel, WorkerSpec, loaded
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class AttentionWorker:
 
     def run(self) -> None:
         """Until shut down: control messages, requests, restores, then each group's step."""
-        restore_priority(self.spec)  # (before `Ready`: once announced, it is on the critical path)
+        loaded(self.spec)  # (before `Ready`: once announced, it is on the critical path)
         ready = P.Ready(self.spec.name, Role.ATTENTION, os.getpid(), {"kv_blocks": self.kv.num_blocks})
         self.driver.send_multipart(P.encode(ready))
         self.orch.send(ready)

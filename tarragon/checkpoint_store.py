@@ -37,7 +37,7 @@ import zmq
 from . import protocol as P
 from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv
 from .vocabulary import Role
-from .worker import OrchestratorChannel, WorkerSpec, keep_freed_memory, restore_priority
+from .worker import OrchestratorChannel, WorkerSpec, keep_freed_memory, loaded
 
 HANDOVER_WAIT_S = 0.5  # how long a restore by a worker not (yet) the owner waits for the handover
 FROM_ATTENTION = (P.KVWrite, P.RestoreRequest)
@@ -293,7 +293,7 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     keep_freed_memory(HEAP_KEEP_BYTES)  # less than a compute worker's: checkpoints come and go by the GB
     store = CheckpointStore(spec.store_max_bytes)
     sock = make_socket(ctx, zmq.ROUTER, bind=spec.endpoint, max_bytes=DATA_MAX_BYTES)
-    restore_priority(spec)
+    loaded(spec)
     orch.send(P.Ready(spec.name, Role.STORE, os.getpid(), store.stats()))
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)

@@ -28,7 +28,7 @@ from .procfs import CpuDemand
 from .sockets import DATA_MAX_BYTES, Context, Received, make_socket, recv
 from .vocabulary import Role
 from .weights import WeightFiles, torch_dtype
-from .worker import OrchestratorChannel, WorkerSpec, restore_priority
+from .worker import OrchestratorChannel, WorkerSpec, loaded
 
 MAX_DRAIN = 256  # requests read from the ROUTER per pass at most
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def run(spec: WorkerSpec, ctx: Context, orch: OrchestratorChannel) -> None:
     poller.register(orch.sock, zmq.POLLIN)
     end = (local_link.Listener if local_link.is_local(spec.endpoint) else partial(RouterEnd, ctx))(spec.endpoint, poller, spec.name)
     info = {"expert_bytes": bank.nbytes, "shadow_bytes": shadow_bytes, "experts": len(bank.keys()), "shadows": len(shadow)}
-    restore_priority(spec)
+    loaded(spec)
     orch.send(P.Ready(spec.name, Role.EXPERT, os.getpid(), info))
     check = partial(check_request, bank, cfg.hidden_size)
     fenced: set[bytes] = set()  # attention workers declared failed: a partitioned one may still ask

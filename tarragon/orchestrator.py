@@ -35,7 +35,7 @@ from .routing_table import RoutingTable
 from .sockets import ClusterKey, Context, Received, drops, make_socket, recv
 from .timeouts import GRAY_HEARTBEAT_MIN_S, GRAY_HEARTBEAT_SUSTAIN_S, HEARTBEAT_CAP_S, AdaptiveTimeout, GrayDetector, runnable
 from .vocabulary import EventKind, RecoveryPolicy, Role, WorkerState
-from .worker import WorkerSpec, die_with_parent, never_preempt
+from .worker import WorkerSpec, die_with_parent, freeze_heap, never_preempt
 
 log = logging.getLogger("tarragon.orchestrator")
 
@@ -518,6 +518,7 @@ class Orchestrator:
 
     def run(self) -> None:
         self.adopt() if self.spec.adopt else self.start_all()
+        freeze_heap()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.driver, zmq.POLLIN)

@@ -31,6 +31,7 @@ from . import __version__
 from .faults import inject
 from .llm import LLM, Request
 from .vocabulary import FinishReason, Role, WorkerState
+from .worker import freeze_heap
 from .sampling import MAX_LOGPROBS, SamplingParams
 from .tokenizer import PromptTooLong
 
@@ -799,6 +800,7 @@ def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, 
     # the handler it found: under the default one the process died there, before the caller shut
     # the cluster down and removed its run folder (with the cluster key). This one lets it return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None) if threading.current_thread() is threading.main_thread() else None
+    freeze_heap()  # (a collection of the start-up heap would stall every stream for tens of ms)
     try:
         server.run(sockets=[sock] if sock is not None else None)
     finally:

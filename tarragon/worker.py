@@ -23,6 +23,7 @@ Imports only torch, safetensors, zmq and msgspec (never transformers), so worker
 from __future__ import annotations
 
 import ctypes
+import gc
 import ipaddress
 import logging
 import os
@@ -171,10 +172,26 @@ def may_raise_priority(nice: int) -> bool:
     return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
 
 
+def loaded(spec: WorkerSpec) -> None:
+    """What each role does once loaded, before its `Ready`: takes its serving priority back (a
+    replacement), and freezes its start-up heap."""
+    restore_priority(spec)
+    freeze_heap()
+
+
+def freeze_heap() -> None:
+    """Everything alive now (imports, weights, the model's objects: ~170 k tracked objects) is
+    moved out of the garbage collector's reach (`gc.freeze`), as vLLM does once warmed up: a
+    full collection of it stopped an attention worker for 80-85 ms in the middle of a decode step
+    (the first 32-request run after start-up, 2 x 2: a 97 ms step among 4-8 ms ones)."""
+    gc.collect()
+    gc.freeze()
+
+
 def restore_priority(spec: WorkerSpec) -> None:
     """Once loaded, a replacement serves at normal priority (needs privileges; else stays low).
-    Each role calls this before its `Ready`: announced while still at SCHED_IDLE, a replacement
-    was routed to and then starved on a busy machine (no reply, no heartbeat: declared failed)."""
+    Announced while still at SCHED_IDLE, a replacement was routed to and then starved on a busy
+    machine (no reply, no heartbeat: declared failed)."""
     if not spec.nice:
         return
     # Every thread: on Linux both settings are per thread, and the liveness thread (started while

@@ -404,6 +404,27 @@ def test_recv_checks_tensor_frames_and_the_receivers_own_rule(tmp_path):
         ctx.term()
 
 
+def test_a_frozen_heap_is_out_of_the_collectors_reach():
+    """What each worker does once loaded (worker.loaded): its start-up objects leave the
+    collector's generations, so no full collection walks them again in the middle of a step."""
+    import gc
+
+    from tarragon.worker import freeze_heap
+
+    cycles = []
+    for _ in range(1000):
+        a: list = []
+        a.append(a)
+        cycles.append(a)
+    before = gc.get_freeze_count()
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() >= before + len(cycles)
+        assert not any(o is cycles for o in gc.get_objects(2))  # (nor in any generation: frozen)
+    finally:
+        gc.unfreeze()
+
+
 def test_the_liveness_thread_beats_answers_probes_and_ends_on_a_shutdown(tmp_path):
     """A worker's liveness thread, against a stand-in orchestrator: it beats on its own channel,
     answers probes, ignores anything but a Shutdown there, and on a Shutdown calls its exit."""
