@@ -20,6 +20,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cpu", help="cpu or cuda (each GPU worker gets a GPU of its own while they last)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context limit in tokens (prompt + output)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="start serving without a warm-up batch (faster start; the first large batches run slower)")
     p.add_argument("--log-dir", default=None, help="keep every worker's log here after shutdown (default: deleted with the run)")
     p.add_argument("--shadows", type=int, default=1, help="inactive copies of each expert on other expert workers")
     p.add_argument("--recovery", default="tarragon", choices=list(RecoveryPolicy),
@@ -61,7 +63,7 @@ def start_llm(args: argparse.Namespace):
                checkpoint=not args.no_checkpoint, checkpoint_interval_ms=args.checkpoint_interval_ms, stores=args.stores, placement=args.placement, probe_interval_s=args.probe_interval_s,
                launcher=args.launcher,
                ray_address=args.ray_address, join_address=args.join_address, nodes=dict(n.split("=", 1) for n in args.node),
-               key_file=args.key_file, insecure_transport=args.insecure_transport)
+               key_file=args.key_file, insecure_transport=args.insecure_transport, warmup=not args.no_warmup)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -312,6 +312,7 @@ class ClusterConfig:
     key_file: str = ""  # resolved: the file the cluster's CURVE key is read from ("" with insecure_transport)
     insecure_transport: bool = False
     startup_timeout: float = 120.0
+    warmup: bool = True  # one batch as large as the scheduler runs, before the first request (LLM._warm_up)
     log_dir: str = ""  # where the workers' logs are kept at shutdown ("": deleted with the run)
 
 

@@ -49,6 +49,7 @@ class EngineArgs:
     heartbeat_timeout_s: float = R.heartbeat_timeout_s
     recovery: str = R.recovery
     startup_timeout: float = C.startup_timeout
+    warmup: bool = C.warmup
     launcher: str = C.launcher
     placement: str = "auto"
     ray_address: str | None = None
