@@ -251,6 +251,7 @@ class AttentionModel:
         self.scale = attention_scale(cfg)
         self.router_fn = ROUTERS[cfg.router]
         self.q_size = cfg.num_heads * cfg.head_dim
+        self.plain_rope = cfg.qk_norm == "none" and cfg.clip_qkv is None and not cfg.rope_interleave  # (see attention)
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.v_dim = cfg.v_head_dim if cfg.mla else cfg.head_dim
 
@@ -369,10 +370,14 @@ class AttentionModel:
     def attention(self, i: int, x: torch.Tensor, meta: AttentionMetadata, rope, kv_cache, masks) -> torch.Tensor:
         """`masks`: (decode mask, one mask per prefill chunk), the layer's own (see window_masks)."""
         L = self.layers[i]
-        q, new_a, new_b = self.project_mla(L.mla, x, rope) if L.mla else self.project(L, x, rope)
         pool_a, pool_b = kv_cache.layer(i)
-        pool_a.index_copy_(0, meta.slot_mapping, new_a)
-        pool_b.index_copy_(0, meta.slot_mapping, new_b)
+        q = None
+        if L.mla is None and self.plain_rope:  # rotated and written to the pools in one pass (paged_attention.rope_store)
+            q = paged_attention.rope_store(F.linear(x, L.qkv, L.qkv_bias), *rope, pool_a, pool_b, meta.slot_mapping, self.cfg.num_heads)
+        if q is None:
+            q, new_a, new_b = self.project_mla(L.mla, x, rope) if L.mla else self.project(L, x, rope)
+            pool_a.index_copy_(0, meta.slot_mapping, new_a)
+            pool_b.index_copy_(0, meta.slot_mapping, new_b)
 
         def cached(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """What the two pools hold [*slots.shape, heads, dim] for these cache slots."""

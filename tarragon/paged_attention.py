@@ -6,7 +6,8 @@ sequences of 66 tokens, 345 us a layer warm, 760 us with the cache cold, most of
 and SDPA's set-up per (sequence, head) of tiny problems. The kernel reads each cached key and
 value row once where it lies: 163 / 495 us (bench/decode_attention.py: 1.5-2.9x at 1-64
 sequences of 66-200 tokens). vLLM and SGLang ship such kernels for CPUs in their own C++; this
-one is ~100 lines of C.
+one is ~100 lines of C. Its library also has the step's rotary embedding and KV write in one pass
+(`rope_store`: seven torch ops of a few microseconds each, per layer, at one to a few tokens).
 
 It is built at first use with the machine's C compiler (`cc`, or $CC) for this CPU
 (-march=native), into the cache folder, named by a hash of the source, the compiler's flags and
@@ -86,6 +87,33 @@ def _kernel():
         log.warning("paged attention kernel disagrees with SDPA on this machine: gather + SDPA instead")
         return None
     return fn
+
+
+@functools.cache
+def _rope_store():
+    if _kernel() is None:
+        return None
+    fn = ctypes.CDLL(str(_build())).tarragon_rope_store_f32
+    fn.argtypes, fn.restype = [_P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _I, _P], None
+    return fn
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+               slots: torch.Tensor, heads: int) -> torch.Tensor | None:
+    """One step's rotary embedding and KV write in one pass (csrc: bit-identical to apply_rope and
+    index_copy_): qkv [T, (heads + 2 kvh) d], cos and sin [T, 1, rot] (contiguous), the pools
+    [slots, kvh, d]. Returns the rotated q [T, heads, d], or None where the kernel does not apply
+    (then nothing was written)."""
+    fn = _rope_store()
+    T, (kvh, d) = qkv.shape[0], k_pool.shape[1:]
+    if (fn is None or qkv.dtype != torch.float32 or not qkv.is_cpu or qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kvh) * d
+            or not (cos.is_contiguous() and sin.is_contiguous() and k_pool.is_contiguous() and v_pool.is_contiguous() and slots.is_contiguous())
+            or cos.dtype != torch.float32 or v_pool.shape[1:] != k_pool.shape[1:]):
+        return None
+    q = torch.empty(T, heads, d)
+    fn(qkv.data_ptr(), T, qkv.stride(0), heads, kvh, d, cos.shape[-1], cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+       k_pool.data_ptr(), k_pool.stride(0), v_pool.data_ptr(), v_pool.stride(0), q.data_ptr())
+    return q
 
 
 def available() -> bool:

@@ -91,6 +91,30 @@ def test_decode_attention_over_scattered_blocks_equals_prefill(tiny_models, fami
         torch.testing.assert_close(step(lengths, decode=True), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("T, heads, kvh, d, rot", [(1, 8, 4, 32, 32), (9, 16, 2, 64, 64), (5, 4, 2, 64, 32)])
+def test_rope_store_is_bit_identical_to_the_torch_ops(T, heads, kvh, d, rot):
+    """The one-pass rotary embedding and KV write gives exactly what apply_rope and index_copy_
+    give (full and partial rotary dims), and writes only the step's slots."""
+    from tarragon import paged_attention
+    from tarragon.model import apply_rope
+
+    if not paged_attention.available():
+        pytest.skip("no C compiler: the kernels are not built here")
+    gen = torch.Generator().manual_seed(T)
+    qkv = torch.randn(T, (heads + 2 * kvh) * d, generator=gen) * 3
+    freqs = torch.randint(0, 4000, (T,), generator=gen)[:, None].float() / 10000 ** (torch.arange(0, rot, 2).float() / rot)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+    slots = torch.randperm(64, generator=gen)[:T]
+    k_pool, v_pool = torch.randn(64, kvh, d, generator=gen), torch.randn(64, kvh, d, generator=gen)
+    want_k, want_v = k_pool.clone(), v_pool.clone()
+    q = paged_attention.rope_store(qkv, cos, sin, k_pool, v_pool, slots, heads)
+    qk = apply_rope(qkv[:, : (heads + kvh) * d].view(T, -1, d), cos, sin, False)
+    want_k.index_copy_(0, slots, qk[:, heads:])
+    want_v.index_copy_(0, slots, qkv[:, (heads + kvh) * d :].view(T, -1, d))
+    assert torch.equal(q, qk[:, :heads]) and torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)
+
+
 @pytest.mark.parametrize("d, kvh, g", [(32, 4, 2), (64, 2, 4), (128, 8, 1), (24, 1, 3)])
 def test_paged_decode_attention_equals_sdpa_and_rows_do_not_depend_on_the_batch(d, kvh, g):
     """The paged kernel, reading each sequence's context where it lies in a scattered pool, gives

@@ -107,3 +107,35 @@ void tarragon_paged_decode_f32(
     else if (d == 128 && dv == 128) ATTEND(128, 128);
     else ATTEND(d, dv);
 }
+
+/* One step's rotary embedding and cache write, as the attention layer's torch ops would do them
+ * (apply_rope, then index_copy_ into the pools) in one pass: each token's qkv row [q heads, k
+ * heads, v heads] of d each; the first `rot` dims of every q and k head rotated by halves
+ * (transformers' rotate_half), the rest copied; q to q_out [T, nh, d], k and v to their slot in
+ * the pools. Each output is x*cos + (+-x')*sin rounded as torch rounds it: two products, then
+ * their sum, never a fused multiply-add, so the result is bit-identical to the torch ops'. */
+__attribute__((optimize("fp-contract=off")))
+void tarragon_rope_store_f32(const float *qkv, int64_t T, int64_t row, int64_t nh, int64_t kvh, int64_t d, int64_t rot,
+                             const float *cos, const float *sin, const int64_t *slots, float *k_pool, int64_t k_slot,
+                             float *v_pool, int64_t v_slot, float *q_out) {
+    const int64_t half = rot / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *x = qkv + t * row, *c = cos + t * rot, *s = sin + t * rot;
+        for (int64_t h = 0; h < nh + kvh; h++) {
+            const float *xh = x + h * d;
+            float *o = h < nh ? q_out + (t * nh + h) * d : k_pool + slots[t] * k_slot + (h - nh) * d;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = xh[i] * c[i], b = -xh[i + half] * s[i];
+                o[i] = a + b;
+            }
+            for (int64_t i = half; i < rot; i++) {
+                const float a = xh[i] * c[i], b = xh[i - half] * s[i];
+                o[i] = a + b;
+            }
+            for (int64_t i = rot; i < d; i++) o[i] = xh[i];
+        }
+        const float *xv = x + (nh + kvh) * d;
+        float *ov = v_pool + slots[t] * v_slot;
+        for (int64_t i = 0; i < kvh * d; i++) ov[i] = xv[i];
+    }
+}
