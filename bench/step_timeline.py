@@ -110,11 +110,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--short", action="store_true", help="1 and 8 requests, 16 tokens, one run each")
+    ap.add_argument("--short", action="store_true", help="1 and 16 requests, 16 tokens, one run each")
     ap.add_argument("--out", default="docs/results/step_timeline.json")
     args = ap.parse_args()
     if args.short:
-        args.concurrency, args.max_tokens, args.repeats = [1, 8], 16, 1
+        args.concurrency, args.max_tokens, args.repeats = [1, 16], 16, 1
     model = args.model or str(demo_model())
     aws, ews = (int(x) for x in args.layout.split("x"))
     record = experiment_header("where a decode step's time goes (per-process timeline)", model,

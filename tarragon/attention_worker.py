@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 FROM_DRIVER = (P.AddRequest, P.ResumeRequest, P.AbortRequest)
-FEW_SEQUENCES = 4  # a packed batch this small goes to one expert worker (see step)
+FEW_SEQUENCES = 8  # a packed batch this small goes to one expert worker (see step)
 FROM_ORCHESTRATOR = (P.TableUpdate, P.Drain, P.Shutdown)
 
 
@@ -112,11 +112,12 @@ class AttentionWorker:
         """Advance each micro-batch group's step; start its next one at once."""
         # Packed, every expert goes to the first expert worker holding a live copy (shadows
         # included): with the batch split, so that this worker and that one each keep a core busy;
-        # and for a batch of up to four sequences, whose few rows would give each expert worker
+        # and for a batch of up to eight sequences, whose few rows would give each expert worker
         # one or two experts for a second message per layer: 1.1-1.3x the tokens/s at 1-2
         # requests. Such a batch goes from layer to layer within a few hundred microseconds: its
         # expert worker polls for the next call (`linger`) rather than sleep, which makes one
-        # expert worker faster than two up to four sequences (+10-14 % at 3-4, alternated).
+        # expert worker faster than two up to eight sequences (alternated in one cluster: +10-14 %
+        # at 3-4, +5 % at 5-8; at 9-16 within the noise).
         # Not split, the expert workers wait while this one runs the LM head: on two threads.
         split = self.sched.split
         few = len(self.sched.running) <= FEW_SEQUENCES

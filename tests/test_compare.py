@@ -51,13 +51,13 @@ def test_step_timeline_short_accounts_for_each_layer_trip(tiny_models, tmp_path)
                            "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"1", "8"}
+    assert set(results) == {"1", "16"}
     for r in results.values():
         assert r["steps"] >= 16 and r["step_ms"] > 0
         assert len(r["ew_serving_ms_per_step"]) == 2
         legs = r["layer_us"]
         assert set(legs) == {"dispatch", "to EW", "EW serves", "back"} and all(v > 0 for v in legs.values())
         assert sum(legs.values()) / 1e3 < r["step_ms"] and 0 < r["messaging_share"] < 1
-    # Packed, a batch of up to four goes to the first expert worker alone; eight spread over both.
+    # Packed, a batch of up to eight goes to the first expert worker alone; sixteen spread over both.
     assert sorted(v > 0 for v in results["1"]["ew_serving_ms_per_step"].values()) == [False, True]
-    assert all(v > 0 for v in results["8"]["ew_serving_ms_per_step"].values())
+    assert all(v > 0 for v in results["16"]["ew_serving_ms_per_step"].values())
