@@ -7,7 +7,8 @@ and SDPA's set-up per (sequence, head) of tiny problems. The kernel reads each c
 value row once where it lies: 163 / 495 us (bench/decode_attention.py: 1.5-2.9x at 1-64
 sequences of 66-200 tokens). vLLM and SGLang ship such kernels for CPUs in their own C++; this
 one is ~100 lines of C. Its library also has the step's rotary embedding and KV write in one pass
-(`rope_store`: seven torch ops of a few microseconds each, per layer, at one to a few tokens).
+(`rope_store`: seven torch ops of a few microseconds each, per layer, at one to a few tokens),
+and the RMSNorm with the residual sum before it (`add_rms_norm`).
 
 It is built at first use with the machine's C compiler (`cc`, or $CC) for this CPU
 (-march=native), into the cache folder, named by a hash of the source, the compiler's flags and
@@ -114,6 +115,29 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: 
     fn(qkv.data_ptr(), T, qkv.stride(0), heads, kvh, d, cos.shape[-1], cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
        k_pool.data_ptr(), k_pool.stride(0), v_pool.data_ptr(), v_pool.stride(0), q.data_ptr())
     return q
+
+
+@functools.cache
+def _add_rms_norm():
+    if _kernel() is None:
+        return None
+    fn = ctypes.CDLL(str(_build())).tarragon_add_rms_norm_f32
+    fn.argtypes, fn.restype = [_P, _P, _P, ctypes.c_float, _I, _I, _P, _P], None
+    return fn
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(h + delta, RMSNorm of it) for 2-D CPU float32 rows in one pass of C (delta None: h and its
+    RMSNorm); None where the kernel does not apply."""
+    fn = _add_rms_norm()
+    if (fn is None or h.dim() != 2 or h.dtype != torch.float32 or not h.is_cpu or not h.is_contiguous() or weight.dtype != torch.float32
+            or not weight.is_contiguous() or (delta is not None and (delta.shape != h.shape or delta.dtype != h.dtype or not delta.is_contiguous()))):
+        return None
+    T, n = h.shape
+    out = torch.empty_like(h)
+    summed = torch.empty_like(h) if delta is not None else h
+    fn(h.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(), eps, T, n, summed.data_ptr(), out.data_ptr())
+    return summed, out
 
 
 def available() -> bool:

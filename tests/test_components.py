@@ -91,6 +91,27 @@ def test_decode_attention_over_scattered_blocks_equals_prefill(tiny_models, fami
         torch.testing.assert_close(step(lengths, decode=True), want, atol=1e-4, rtol=0)
 
 
+def test_add_rms_norm_matches_torch_and_rows_do_not_depend_on_the_batch():
+    """The C residual sum + RMSNorm: the sum exact, the norm within float rounding of torch's,
+    and a row's result bit-identical alone or in a batch."""
+    import torch.nn.functional as F
+
+    from tarragon import paged_attention
+
+    if not paged_attention.available():
+        pytest.skip("no C compiler: the kernels are not built here")
+    gen = torch.Generator().manual_seed(0)
+    h, delta, w = torch.randn(13, 256, generator=gen) * 4, torch.randn(13, 256, generator=gen), torch.randn(256, generator=gen)
+    summed, normed = paged_attention.add_rms_norm(h, delta, w, 1e-6)
+    assert torch.equal(summed, h + delta)
+    torch.testing.assert_close(normed, F.rms_norm(h + delta, (256,), w, 1e-6), rtol=1e-6, atol=1e-6)
+    alone = paged_attention.add_rms_norm(h[5:6].clone(), delta[5:6].clone(), w, 1e-6)[1]
+    assert torch.equal(alone, normed[5:6])
+    same, only = paged_attention.add_rms_norm(h, None, w, 1e-6)
+    assert same is h and torch.equal(only, paged_attention.add_rms_norm(h.clone(), None, w, 1e-6)[1])
+    torch.testing.assert_close(only, F.rms_norm(h, (256,), w, 1e-6), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("T, heads, kvh, d, rot", [(1, 8, 4, 32, 32), (9, 16, 2, 64, 64), (5, 4, 2, 64, 32)])
 def test_rope_store_is_bit_identical_to_the_torch_ops(T, heads, kvh, d, rot):
     """The one-pass rotary embedding and KV write gives exactly what apply_rope and index_copy_

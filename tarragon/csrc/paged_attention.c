@@ -139,3 +139,25 @@ void tarragon_rope_store_f32(const float *qkv, int64_t T, int64_t row, int64_t n
         for (int64_t i = 0; i < kvh * d; i++) ov[i] = xv[i];
     }
 }
+
+/* RMSNorm of T rows of n (x * rsqrt(mean(x^2) + eps) * w, products rounded in that order as
+ * torch's ops round them), and before it, when `delta` is given, the residual sum x = h + delta
+ * (written to h_out): the two small ops that come between a layer's attention and its experts in
+ * one pass. */
+void tarragon_add_rms_norm_f32(const float *h, const float *delta, const float *w, float eps, int64_t T, int64_t n,
+                               float *h_out, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *ht = h + t * n, *dt = delta ? delta + t * n : 0;
+        float *xt = delta ? h_out + t * n : (float *)ht, *ot = out + t * n;
+        if (delta)
+            for (int64_t i = 0; i < n; i++) xt[i] = ht[i] + dt[i];
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < n; i++) s += xt[i] * xt[i];
+        const float r = 1.0f / __builtin_sqrtf(s / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) {
+            const float y = xt[i] * r;
+            ot[i] = y * w[i];
+        }
+    }
+}
