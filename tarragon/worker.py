@@ -183,8 +183,9 @@ def freeze_heap() -> None:
     """Everything alive now (imports, weights, the model's objects: ~170 k tracked objects) is
     moved out of the garbage collector's reach (`gc.freeze`), as vLLM does once warmed up: a
     full collection of it stopped an attention worker for 80-85 ms in the middle of a decode step
-    (the first 32-request run after start-up, 2 x 2: a 97 ms step among 4-8 ms ones)."""
-    gc.collect()
+    (the first 32-request run after start-up, 2 x 2: a 97 ms step among 4-8 ms ones). No
+    collection first (vLLM's `gc.collect()`): it would take those 85 ms at every worker's start,
+    seven at once on a small machine, for the few cycles start-up leaves, kept instead."""
     gc.freeze()
 
 
