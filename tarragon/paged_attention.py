@@ -90,12 +90,18 @@ def _kernel():
     return fn
 
 
+# The library's other functions: name -> argument types (see csrc/paged_attention.c).
+_PASSES = {"tarragon_rope_store_f32": [_P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _I, _P],
+           "tarragon_add_rms_norm_f32": [_P, _P, _P, ctypes.c_float, _I, _I, _P, _P]}
+
+
 @functools.cache
-def _rope_store():
+def _pass(name: str):
+    """One of the library's other functions, loaded; None where the kernel is not available."""
     if _kernel() is None:
         return None
-    fn = ctypes.CDLL(str(_build())).tarragon_rope_store_f32
-    fn.argtypes, fn.restype = [_P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _I, _P], None
+    fn = getattr(ctypes.CDLL(str(_build())), name)
+    fn.argtypes, fn.restype = _PASSES[name], None
     return fn
 
 
@@ -105,7 +111,7 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: 
     index_copy_): qkv [T, (heads + 2 kvh) d], cos and sin [T, 1, rot] (contiguous), the pools
     [slots, kvh, d]. Returns the rotated q [T, heads, d], or None where the kernel does not apply
     (then nothing was written)."""
-    fn = _rope_store()
+    fn = _pass("tarragon_rope_store_f32")
     T, (kvh, d) = qkv.shape[0], k_pool.shape[1:]
     if (fn is None or qkv.dtype != torch.float32 or not qkv.is_cpu or qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kvh) * d
             or not (cos.is_contiguous() and sin.is_contiguous() and k_pool.is_contiguous() and v_pool.is_contiguous() and slots.is_contiguous())
@@ -117,19 +123,10 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: 
     return q
 
 
-@functools.cache
-def _add_rms_norm():
-    if _kernel() is None:
-        return None
-    fn = ctypes.CDLL(str(_build())).tarragon_add_rms_norm_f32
-    fn.argtypes, fn.restype = [_P, _P, _P, ctypes.c_float, _I, _I, _P, _P], None
-    return fn
-
-
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """(h + delta, RMSNorm of it) for 2-D CPU float32 rows in one pass of C (delta None: h and its
     RMSNorm); None where the kernel does not apply."""
-    fn = _add_rms_norm()
+    fn = _pass("tarragon_add_rms_norm_f32")
     if (fn is None or h.dim() != 2 or h.dtype != torch.float32 or not h.is_cpu or not h.is_contiguous() or weight.dtype != torch.float32
             or not weight.is_contiguous() or (delta is not None and (delta.shape != h.shape or delta.dtype != h.dtype or not delta.is_contiguous()))):
         return None
