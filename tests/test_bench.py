@@ -110,10 +110,11 @@ def test_bench_cli_with_every_fault_kind(tiny_models, tmp_path):
     # failure before the first one's replacement has joined still leaves a live copy. Spread: the
     # hung one serves primaries (packed, it could be an idle standby, found by heartbeats only);
     # spread, requests are shared by both attention workers: outputs long enough that the killed
-    # one surely holds some (48-token ones were over too fast to, now and then).
+    # one surely holds some (48-token ones were over too fast to, now and then; 128-token ones
+    # once the engine got faster: the killed worker held one request, at 3 streams in flight).
     r = run([sys.executable, "-m", "tarragon", "bench", "--model", tiny_models["mixtral"], "--max-model-len", "512", "--shadows", "2",
              "--placement", "spread",
-             "--num-prompts", "30", "--request-rate", "6", "--random-output-len", "128",
+             "--num-prompts", "30", "--request-rate", "6", "--random-output-len", "256",
              "--fault", "expert:0@1.5s", "--fault", "attention:0@3s", "--fault", "hang:expert:0@4.5s",
              "--save-result", "--save-detailed", "--result-dir", str(tmp_path), "--result-filename", "r.json",
              "--metric-percentiles", "50,99", "--plot", str(png)], timeout=140)
@@ -124,7 +125,7 @@ def test_bench_cli_with_every_fault_kind(tiny_models, tmp_path):
     assert saved["completed"] == 30 and saved["backend"] == "openai" and saved["p50_ttft_ms"] <= saved["p99_ttft_ms"]
     assert len(saved["itls"]) == 30 and saved["faults"] == s["faults"]  # vLLM's keys, plus our fault records
     assert s["successful_requests"] == 30 and s["failed_requests"] == 0, s["errors"]
-    assert s["total_output_tokens"] == 30 * 128
+    assert s["total_output_tokens"] == 30 * 256
     assert s["ttft_ms"]["median"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["median"] > 0
     kill_ew, kill_aw, hang_ew = s["faults"]
     for f in s["faults"]:
