@@ -8,10 +8,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # The CPU wheel, pinned: an unpinned torch pulls a multi-GB CUDA build.
   .venv/bin/pip install -q --disable-pip-version-check "torch==${TARRAGON_TORCH_VERSION:-2.13.0}"
 fi
-# zen: zentorch's fused MoE kernel for the expert workers, on x86-64 Linux (a no-op elsewhere),
-# only beside the torch it was built for.
 EXTRAS=test
-.venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" && EXTRAS=test,zen
 if ! .venv/bin/python -c "import tarragon, transformers, pytest, pytest_timeout, fastapi, openai, hypothesis, ray" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.tarragon-installed ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[$EXTRAS]"

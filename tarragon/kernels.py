@@ -9,22 +9,28 @@ each row's result does not depend on what it is batched with (a replayed row is 
 These ops are torch's own (its CPU compiler uses them); where they are missing, or for other
 devices and dtypes, the plain `F.linear` runs.
 
-An expert worker's layer runs faster still as one grouped kernel over all its experts
-(`FusedExperts`): zentorch's fused MoE, AMD's PyTorch plugin for EPYC CPUs (vLLM-CPU can call
-the same op), an optional extra (`pip install 'tarragon[zen]'`).
+An expert worker's layer runs faster still as one call of C over all its experts
+(`FusedExperts`, csrc/kernels.c, built at first use: native.py): each expert's weights packed
+once in the kernel's own layout and streamed once per call.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
-import glob
-import importlib.util
+import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from . import native
+
+log = logging.getLogger(__name__)
+_P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
 def _onednn() -> bool:
@@ -67,104 +73,89 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def fused_experts_available() -> bool:
-    """zentorch's fused MoE op is installed, and not switched off (TARRAGON_EXPERT_KERNEL=torch).
-    Only its op library is loaded: importing the package also sets up its torch.compile backend
-    (about 2 s at every expert worker's start, for nothing used here)."""
-    if os.environ.get("TARRAGON_EXPERT_KERNEL", "auto") == "torch":
-        return False
-    if not hasattr(torch.ops.zentorch, "zentorch_fused_moe"):
-        spec = importlib.util.find_spec("zentorch")
-        libs = glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so")) if spec and spec.submodule_search_locations else []
-        if not libs:
-            return False
-        try:
-            torch.ops.load_library(libs[0])
-        except OSError:  # built for another torch
-            return False
-    return hasattr(torch.ops.zentorch, "zentorch_fused_moe") and _fused_experts_work()
-
-
-PLANS = 4096  # padding plans a FusedExperts keeps (see FusedExperts._padding)
-_KEPT: list["FusedExperts"] = []  # the self-check's weights, never freed (below)
-
-
 @functools.cache
-def _fused_experts_work() -> bool:
-    """One small call, checked against the plain formula: a CPU the library does not support
-    raises or gives garbage here, not in the middle of serving. The kernel caches its packed
-    weights by their address, so these weights are kept: no later weight may reuse it."""
-    g = torch.Generator().manual_seed(0)
-    gate_up, down, x = torch.randn(2, 32, 16, generator=g), torch.randn(2, 16, 16, generator=g), torch.randn(4, 16, generator=g)
-    _KEPT.append(FusedExperts(list(gate_up), list(down)))
+def _lib():
+    """csrc/kernels.c, loaded and self-checked, or None (the reason is logged once)."""
     try:
-        y = _KEPT[-1](x, [0, 1], [2, 2])
-    except RuntimeError:
-        return False
-    gate, up = torch.cat([F.linear(x[:2], gate_up[0]), F.linear(x[2:], gate_up[1])]).chunk(2, dim=-1)
-    want = torch.cat([F.linear(r, w) for r, w in zip((F.silu(gate) * up).split(2), down)])
-    return torch.allclose(y, want, atol=1e-3, rtol=1e-3)
+        lib = native.library("kernels.c")
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("C matmul kernels unavailable (%s): torch's instead", native.failure(e))
+        return None
+    lib.tarragon_block_width.restype = ctypes.c_int64
+    lib.tarragon_linear_f32.argtypes = [_P, _I, _I, _P, _P, _I, _I, _P, _I]
+    lib.tarragon_linear_f32.restype = None
+    lib.tarragon_swiglu_experts_f32.argtypes = [_P, _P, _I, _I, _I, _P, _P, _P, _P]
+    lib.tarragon_swiglu_experts_f32.restype = ctypes.c_int
+    if not _experts_work(lib):
+        log.warning("the C expert kernel disagrees with torch on this machine: torch's matmuls instead")
+        return None
+    return lib
+
+
+def pack(w: torch.Tensor, block: int, k: int | None = None) -> torch.Tensor:
+    """w [N, K] in the C kernel's layout: [ceil(N / block), k, block], w[n, :] in column n % block of
+    block n // block, zeros past N (and past K, up to `k`)."""
+    n, kw = w.shape
+    k = k or kw
+    padded = torch.zeros(-(-n // block) * block, k, dtype=w.dtype)
+    padded[:n, :kw] = w
+    return padded.view(-1, block, k).transpose(1, 2).contiguous()
+
+
+def fused_experts_available() -> bool:
+    """The C expert kernel is built and checked here, and not switched off (TARRAGON_EXPERT_KERNEL=torch)."""
+    return os.environ.get("TARRAGON_EXPERT_KERNEL", "auto") != "torch" and _lib() is not None
+
+
+def _experts_work(lib) -> bool:
+    """One small call of odd sizes, checked against the plain formula: a miscompiled or
+    mis-declared kernel fails here, not in the middle of serving."""
+    g = torch.Generator().manual_seed(0)
+    gate_up, down, x = torch.randn(3, 2 * 40, 24, generator=g), torch.randn(3, 24, 40, generator=g), torch.randn(9, 24, generator=g)
+    y = FusedExperts(list(gate_up), list(down), lib)(x, [2, 0], [7, 2])
+    want = []
+    for rows, e in ((x[:7], 2), (x[7:], 0)):
+        gate, up = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
+        want.append(F.linear(F.silu(gate) * up, down[e]))
+    return torch.allclose(y, torch.cat(want), atol=1e-4, rtol=1e-4)
 
 
 class FusedExperts:
-    """One layer's experts on this worker, run as one grouped kernel: rows of every expert in a
-    single call, so each expert's weights stream from memory once: 1.2-1.7x less time than one
-    oneDNN call per expert (bench model, 2-128 rows a layer, cold weights: bench/expert_kernels.py).
+    """One layer's SwiGLU experts on this worker, run by one call of C (csrc/kernels.c): rows
+    grouped by expert, each expert's gate/up and down weights read once, packed at load in the
+    kernel's layout. At decode sizes (1-16 rows an expert) 1.3-1.7x less time than zentorch's
+    fused MoE and more still than one oneDNN call per expert (bench/expert_kernels.py); a row's
+    result never depends on what it is batched with (a replayed row is bit-identical). Float32,
+    CPU."""
 
-    The kernel computes an expert that has one row differently from one that has several, needs
-    two experts with rows, and caches its packed form of a weight by the weight's address (each
-    layer's stacks are made once, kept, and always passed whole). So that a row's result never
-    depends on what it is batched with (a replayed row must be bit-identical), a single row is
-    computed twice, and a call with one expert gets two spare rows on another: on a worker
-    holding one expert of the layer, a zero expert stacked beside it. Float32 SwiGLU experts
-    only (gate rows, then up rows)."""
-
-    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]):
-        if len(gate_up) == 1:
-            gate_up, down = gate_up + [torch.zeros_like(gate_up[0])], down + [torch.zeros_like(down[0])]
-        self.w13 = torch.stack(gate_up).contiguous()  # [experts, 2I, H]
-        self.w2 = torch.stack(down).contiguous()  # [experts, H, I]
-        self.ones = torch.ones(64, 1)
-        self._plans: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _padding
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor], lib=None):
+        self.lib = lib or _lib()
+        block = self.lib.tarragon_block_width()
+        self.hidden, inter = down[0].shape
+        self.inter = -(-inter // block) * block  # gate and up each padded to whole blocks
+        parts = []
+        for gu, d in zip(gate_up, down):
+            gate, up = gu.chunk(2)
+            parts += [torch.cat([pack(gate, block), pack(up, block)]), pack(d, block, self.inter)]
+        self.slab = torch.cat([p.flatten() for p in parts])  # one allocation: the layer's experts side by side
+        views, offset = [], 0
+        for p in parts:
+            views.append(self.slab[offset : offset + p.numel()])
+            offset += p.numel()
+        self.w13 = (ctypes.c_void_p * len(gate_up))(*[v.data_ptr() for v in views[0::2]])
+        self.w2 = (ctypes.c_void_p * len(gate_up))(*[v.data_ptr() for v in views[1::2]])
+        self.expert_nbytes = (gate_up[0].numel() + down[0].numel()) * 4
 
     @property
     def nbytes(self) -> int:
-        return self.w13.nbytes + self.w2.nbytes
+        return self.slab.nbytes
 
     def __call__(self, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
         """x: rows grouped by expert, `counts[i]` rows for stacked expert `experts[i]`."""
-        padded = len(experts) < 2 or 1 in counts
-        if padded:
-            rows, ids, keep = self._padding(experts, counts)
-            x = x.index_select(0, rows)
-        else:
-            ids = torch.tensor([e for e, n in zip(experts, counts) for _ in range(n)], dtype=torch.int32)[:, None]
-        n = x.shape[0]
-        if self.ones.shape[0] < n:  # the kernel's per-row weights: always 1 here (kept, grown as needed)
-            self.ones = torch.ones(max(n, 2 * self.ones.shape[0]), 1)
-        out = torch.empty_like(x)
-        torch.ops.zentorch.zentorch_fused_moe(out, x, self.w13, self.w2, None, None, self.ones[:n], ids, True, "silu")
-        return out.index_select(0, keep) if padded else out
-
-    def _padding(self, experts: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a call with single rows or a single expert: which input rows the kernel gets (single
-        rows twice, a spare expert's two), its expert ids, and which output rows are kept. Small
-        batches repeat the same few patterns: kept (at most PLANS of them)."""
-        key = (*experts, -1, *counts)
-        plan = self._plans.get(key)
-        if plan is None:
-            ids, rows, keep, start = [], [], [], 0
-            for e, n in zip(experts, counts):
-                keep += range(len(rows), len(rows) + n)
-                ids += [e] * max(n, 2)
-                rows += range(start, start + n)
-                if n == 1:
-                    rows.append(start)
-                start += n
-            if len(experts) < 2:  # a spare expert with two rows (discarded)
-                ids += [1 if experts[0] == 0 else 0] * 2
-                rows += [0, 0]
-            if len(self._plans) >= PLANS:
-                self._plans.clear()
-            plan = self._plans[key] = torch.tensor(rows), torch.tensor(ids, dtype=torch.int32)[:, None], torch.tensor(keep)
-        return plan
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        n = len(experts)
+        if self.lib.tarragon_swiglu_experts_f32(x.data_ptr(), y.data_ptr(), self.hidden, self.inter, n, (_I * n)(*experts),
+                                                (_I * n)(*counts), self.w13, self.w2):
+            raise MemoryError("expert kernel scratch")
+        return y

@@ -570,8 +570,7 @@ class ExpertBank:
 
     def expert_nbytes(self, key: tuple[int, int]) -> int:
         if key in self.slot:
-            f = self.fused[key[0]]
-            return f.w13[0].nbytes + f.w2[0].nbytes
+            return self.fused[key[0]].expert_nbytes
         a, b = self.experts[key]
         return a.nbytes + b.nbytes
 

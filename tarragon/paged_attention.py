@@ -10,66 +10,27 @@ one is ~100 lines of C. Its library also has the step's rotary embedding and KV 
 (`rope_store`: seven torch ops of a few microseconds each, per layer, at one to a few tokens),
 and the RMSNorm with the residual sum before it (`add_rms_norm`).
 
-It is built at first use with the machine's C compiler (`cc`, or $CC) for this CPU
-(-march=native), into the cache folder, named by a hash of the source, the compiler's flags and
-the CPU's model and flags: a cache folder shared by machines of different CPUs never serves one
-the other's build. No compiler, a failed build or self-check, another device or dtype, MLA, or
-TARRAGON_ATTENTION_KERNEL=torch: the gather + SDPA path runs (model.py).
+It is built at first use for this CPU (native.py). No compiler, a failed build or self-check,
+another device or dtype, MLA, or TARRAGON_ATTENTION_KERNEL=torch: the gather + SDPA path runs
+(model.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from .make_model import cache_dir
+from . import native
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _ARGS = [_P, _I, _P, _I, _I, _P, _I, _I, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float]
-
-
-def _cpu_id() -> str:
-    """The CPU's model and feature flags (what -march=native compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-
-
-def _build() -> Path:
-    """The shared library for this source and CPU, compiled now unless already in the cache."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc)")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    lib = cache_dir() / "kernels" / f"paged_attention-{key}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)  # workers starting together: each its own file, one rename wins
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, lib)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return lib
 
 
 @functools.cache
@@ -78,10 +39,9 @@ def _kernel():
     if os.environ.get("TARRAGON_ATTENTION_KERNEL", "auto") == "torch":
         return None
     try:
-        fn = ctypes.CDLL(str(_build())).tarragon_paged_decode_f32
+        fn = native.library("paged_attention.c").tarragon_paged_decode_f32
     except (OSError, subprocess.SubprocessError) as e:
-        detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
-        log.warning("paged attention kernel unavailable (%s): gather + SDPA instead", detail)
+        log.warning("paged attention kernel unavailable (%s): gather + SDPA instead", native.failure(e))
         return None
     fn.argtypes, fn.restype = _ARGS, None
     if not _self_check(fn):
@@ -100,7 +60,7 @@ def _pass(name: str):
     """One of the library's other functions, loaded; None where the kernel is not available."""
     if _kernel() is None:
         return None
-    fn = getattr(ctypes.CDLL(str(_build())), name)
+    fn = getattr(native.library("paged_attention.c"), name)
     fn.argtypes, fn.restype = _PASSES[name], None
     return fn
 

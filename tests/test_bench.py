@@ -191,11 +191,11 @@ def check_record(script: str, record: dict, folder: Path) -> None:
 
 def test_expert_kernels_script(tmp_path):
     """bench/expert_kernels.py times both expert-worker kernels on the same rows and finds their
-    outputs equal to within the fused kernel's rounding (x86-64, where zentorch is installed)."""
-    import platform
+    outputs equal to within the fused kernel's rounding."""
+    from tarragon.kernels import fused_experts_available
 
-    if platform.machine() != "x86_64" or "AuthenticAMD" not in open("/proc/cpuinfo").read():
-        pytest.skip("zentorch is built for AMD's x86-64 CPUs (setup installs it on x86-64)")
+    if not fused_experts_available():
+        pytest.skip("no C compiler: the kernels are not built here")
     out = tmp_path / "expert_kernels.json"
     proc = subprocess.run([sys.executable, "bench/expert_kernels.py", "--rows", "2", "16", "--repeats", "2", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -553,21 +553,19 @@ def test_packed_linear_equals_torch_and_does_not_depend_on_the_batch(dtype):
 
 @pytest.mark.parametrize("kernel", ["fused", "torch"])
 def test_expert_bank_equals_the_swiglu_formula_and_rows_do_not_depend_on_the_batch(tiny_models, monkeypatch, kernel):
-    """An expert worker's bank, with zentorch's fused MoE kernel (installed wherever the project
-    is set up on x86-64) or per-expert packed matmuls: each row is down(silu(gate x) * up x) of its
+    """An expert worker's bank, with the C expert kernel (csrc/kernels.c, built wherever there is
+    a C compiler) or per-expert packed matmuls: each row is down(silu(gate x) * up x) of its
     own expert (the fused kernel to within 5e-5), and its result is bit-identical whether it runs alone, as an expert's only row,
     with other experts' rows, or on a worker holding only that expert of the layer (a replay
     reproduces the failure-free run)."""
-    import platform
-
     from tarragon.kernels import fused_experts_available
     from tarragon.model import ExpertBank
     from tarragon.weights import WeightFiles
 
     if kernel == "torch":
         monkeypatch.setenv("TARRAGON_EXPERT_KERNEL", "torch")
-    elif platform.machine() != "x86_64" or "AuthenticAMD" not in open("/proc/cpuinfo").read():
-        pytest.skip("zentorch is built for AMD's x86-64 CPUs (setup installs it on x86-64)")
+    elif not fused_experts_available():
+        pytest.skip("no C compiler: the kernels are not built here")
     assert fused_experts_available() == (kernel == "fused")
     model_dir = tiny_models["mixtral"]
     cfg = ModelConfig.from_dir(model_dir)
@@ -580,13 +578,13 @@ def test_expert_bank_equals_the_swiglu_formula_and_rows_do_not_depend_on_the_bat
     assert bool(bank.fused) == (kernel == "fused") and (layer, 5) in alone and (layer, 4) not in alone
     experts, counts = [0, 2, 5, 7], [1, 6, 2, 9]
     x = torch.randn(sum(counts), cfg.hidden_size, generator=torch.Generator().manual_seed(3))
-    first = bank.run(layer, 0, x[:2])  # one expert first: a kernel that caches by weight address must not mix the calls up
+    first = bank.run(layer, 0, x[:2])
     y = bank.run_layer(layer, experts, counts, x)
     assert torch.equal(first[:1], y[:1])
     F = torch.nn.functional
     want = torch.cat([F.linear(F.silu(F.linear(x[s:s + n], w["w1"][e])) * F.linear(x[s:s + n], w["w3"][e]), w["w2"][e])
                       for e, n, s in zip(experts, counts, [0, 1, 7, 9])])
-    # The fused kernel's arithmetic differs a little more (measured: ~1e-5 on outputs of ~1).
+    # The fused kernel sums in another order than torch (measured: ~1e-6 on outputs of ~1).
     torch.testing.assert_close(y, want, atol=1e-5 if kernel == "torch" else 5e-5, rtol=1e-4)
     assert y.abs().max() > 0.3  # outputs of the size these tolerances are meant for
     for e, n, s in zip(experts, counts, [0, 1, 7, 9]):

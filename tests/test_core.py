@@ -30,8 +30,8 @@ def wait_for_tokens(reqs, n: int, timeout: float = 60.0) -> None:
 def test_matches_transformers(tiny_models, family):
     """2 AWs x 3 EWs: greedy tokens identical to transformers, prompt logits within 2e-4, both
     for a batch submitted at once and for one submitted in two waves (prefill mixed with decode).
-    2e-4 (logits reach ~8): zentorch's fused expert kernel sums in another order than F.linear;
-    measured up to 7.5e-5 here and 1.02e-4 once on CI for Mixtral (1.4e-5 on the per-expert path)."""
+    2e-4 (logits reach ~8): the C expert kernel sums in another order than F.linear (zentorch's,
+    before it: up to 7.5e-5 here and 1.02e-4 once on CI for Mixtral; 1.4e-5 on the per-expert path)."""
     model_dir = tiny_models[family]
     ref = Reference(model_dir)
     prompts = prompts_of_lengths(LENGTHS, 1024, seed=zlib.crc32(family.encode()) % 1000)  # (str hash differs per run)
@@ -53,7 +53,7 @@ def test_matches_transformers(tiny_models, family):
 
 
 def test_per_expert_kernel_matches_transformers(tiny_models, monkeypatch):
-    """Where zentorch's fused MoE kernel is not installed (here: switched off), expert workers
+    """Where the C expert kernel is not built (here: switched off), expert workers
     run one packed matmul pair per expert: the same greedy tokens and prompt logits."""
     monkeypatch.setenv("TARRAGON_EXPERT_KERNEL", "torch")  # the workers inherit it
     model_dir = tiny_models["mixtral"]
