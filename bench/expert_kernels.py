@@ -33,7 +33,7 @@ from tarragon.weights import WeightFiles  # noqa: E402
 
 
 def load(model: str, cfg: ModelConfig, fused: bool) -> ExpertBank:
-    os.environ["TARRAGON_EXPERT_KERNEL"] = "auto" if fused else "torch"
+    os.environ["TARRAGON_MATMUL_KERNEL"] = "auto" if fused else "torch"
     with WeightFiles(model) as files:
         bank = ExpertBank(cfg, files, [(layer, e) for layer in cfg.sparse_layers for e in range(cfg.num_experts)], torch.float32)
     assert bool(bank.fused) == fused

@@ -37,23 +37,55 @@ def _onednn() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+SPLIT_COLUMNS = 1024  # a call with this many output columns or more uses torch's thread count (up to 2)
+
+
 class Linear:
-    """y = x @ weight.T (+ bias) for 2-D x, the weight packed for the CPU when it pays."""
+    """y = x @ weight.T (+ bias) over x's last dimension, the weight packed once at load: float32
+    on a CPU in csrc/kernels.c's layout (`pack`) for its C kernel, at any number of rows (up to
+    1.5x less time than MKL or oneDNN from 1 to 1,024 rows here: bench/linear_kernels.py), on two
+    threads for wide outputs where torch is given two (the LM head, while the expert workers
+    wait); bf16 in oneDNN's layout where the CPU has it; plain `F.linear` elsewhere, and for
+    outputs narrower than the kernel's block (a router: MKL is faster there). The packed copy
+    replaces the weight: it is the only one kept."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.out_features, self.in_features = weight.shape
-        self.bias, self.itemsize = bias, weight.element_size()
-        self.packed = weight.device.type == "cpu" and _onednn() and (
+        self.bias, self.itemsize, self.dtype = bias, weight.element_size(), weight.dtype
+        cpu = weight.device.type == "cpu"
+        lib = c_kernels() if cpu and weight.dtype == torch.float32 else None
+        self.c = lib is not None and self.out_features >= lib.tarragon_block_width()
+        self.onednn = not self.c and cpu and _onednn() and self.out_features >= 64 and (
             weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        # The packed copy replaces the weight: it is the only one kept.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if self.packed else weight
+        if self.c:
+            block = lib.tarragon_block_width()
+            self.weight = pack(weight, block)  # [blocks, in, block]
+            if bias is not None:
+                self.bias = torch.zeros(self.weight.shape[0] * block, dtype=bias.dtype)
+                self.bias[: self.out_features] = bias
+            self._call = lib.tarragon_linear_f32
+            self._args = (self.weight.data_ptr(), self.bias.data_ptr() if bias is not None else None, self.in_features, self.out_features)
+            self._split = self.out_features >= SPLIT_COLUMNS
+        elif self.onednn:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        else:
+            self.weight = weight
 
     @property
     def nbytes(self) -> int:
         return self.out_features * self.in_features * self.itemsize
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
+        if self.c:
+            flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            if flat.stride(-1) != 1 or flat.dtype != torch.float32:
+                flat = flat.contiguous().float()
+            rows = flat.shape[0]
+            y = torch.empty(rows, self.out_features)
+            self._call(flat.data_ptr(), flat.stride(0), rows, *self._args, y.data_ptr(), self.out_features,
+                       torch.get_num_threads() if self._split else 1)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+        if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -82,7 +114,7 @@ def _lib():
         log.warning("C matmul kernels unavailable (%s): torch's instead", native.failure(e))
         return None
     lib.tarragon_block_width.restype = ctypes.c_int64
-    lib.tarragon_linear_f32.argtypes = [_P, _I, _I, _P, _P, _I, _I, _P, _I]
+    lib.tarragon_linear_f32.argtypes = [_P, _I, _I, _P, _P, _I, _I, _P, _I, ctypes.c_int]
     lib.tarragon_linear_f32.restype = None
     lib.tarragon_swiglu_experts_f32.argtypes = [_P, _P, _I, _I, _I, _P, _P, _P, _P]
     lib.tarragon_swiglu_experts_f32.restype = ctypes.c_int
@@ -102,9 +134,14 @@ def pack(w: torch.Tensor, block: int, k: int | None = None) -> torch.Tensor:
     return padded.view(-1, block, k).transpose(1, 2).contiguous()
 
 
+def c_kernels():
+    """csrc/kernels.c's library where it is built and checked here, and not switched off
+    (TARRAGON_MATMUL_KERNEL=torch: torch's matmuls, oneDNN-packed where it can); else None."""
+    return None if os.environ.get("TARRAGON_MATMUL_KERNEL", "auto") == "torch" else _lib()
+
+
 def fused_experts_available() -> bool:
-    """The C expert kernel is built and checked here, and not switched off (TARRAGON_EXPERT_KERNEL=torch)."""
-    return os.environ.get("TARRAGON_EXPERT_KERNEL", "auto") != "torch" and _lib() is not None
+    return c_kernels() is not None
 
 
 def _experts_work(lib) -> bool:
@@ -129,7 +166,7 @@ class FusedExperts:
     CPU."""
 
     def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor], lib=None):
-        self.lib = lib or _lib()
+        self.lib = lib or c_kernels()
         block = self.lib.tarragon_block_width()
         self.hidden, inter = down[0].shape
         self.inter = -(-inter // block) * block  # gate and up each padded to whole blocks

@@ -51,10 +51,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    return down(F.silu(gate) * up)
 
 
 def rope_frequencies(cfg: ModelConfig, device: str = "cpu") -> tuple[torch.Tensor, float]:
@@ -223,19 +223,16 @@ DECODE_CHUNK_BYTES = 2 << 20  # gathered context attended at once on a CPU: abou
 
 @dataclass
 class AttentionLayer:
-    qkv: torch.Tensor | None  # None with MLA
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear | None  # q, k and v projections in one (None with MLA)
+    o: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    router: torch.Tensor | None  # [E, H] on sparse layers
-    router_bias: torch.Tensor | None  # [E] added to the logits (gpt-oss)
+    router: Linear | None  # [E, H] on sparse layers (gpt-oss: with a bias)
     score_bias: torch.Tensor | None  # [E] selection-only correction bias (sigmoid_group routing)
-    dense: tuple[torch.Tensor, torch.Tensor] | None  # (gate_up, down) on dense layers
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # (gate_up, down, gate[1,H] or None)
+    dense: tuple[Linear, Linear] | None  # (gate_up, down) on dense layers
+    shared: tuple[Linear, Linear, Linear | None] | None  # (gate_up, down, gate [1, H] or None)
     mla: MLAWeights | None = None
     sinks: torch.Tensor | None = None  # [nh] (gpt-oss)
 
@@ -274,30 +271,28 @@ class AttentionModel:
         shared = None
         if cfg.is_sparse(i) and cfg.shared_expert_intermediate_size:
             s = f"{mlp}{cfg.shared_prefix}."
-            gate = w(mlp + "shared_expert_gate.weight") if cfg.shared_expert_gated else None
-            shared = (torch.cat([w(s + "gate_proj.weight"), w(s + "up_proj.weight")]), w(s + "down_proj.weight"), gate)
+            gate = Linear(w(mlp + "shared_expert_gate.weight")) if cfg.shared_expert_gated else None
+            shared = (Linear(torch.cat([w(s + "gate_proj.weight"), w(s + "up_proj.weight")])), Linear(w(s + "down_proj.weight")), gate)
         dense = None
         if not cfg.is_sparse(i):
-            dense = (torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]), w(p + "mlp.down_proj.weight"))
+            dense = (Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])), Linear(w(p + "mlp.down_proj.weight")))
         router = score_bias = None
         gate = mlp + ("router." if cfg.family == "gpt_oss" else "gate.")
         if cfg.is_sparse(i):  # transformers routes sigmoid families in fp32 whatever the model dtype
             router_dtype = torch.float32 if cfg.router == "sigmoid_group" else self.dtype
-            router = w(gate + "weight", router_dtype)
+            router = Linear(w(gate + "weight", router_dtype), opt(gate + "bias"))
             if self._has(mlp + "gate.e_score_correction_bias"):
                 score_bias = w(mlp + "gate.e_score_correction_bias", torch.float32)
         biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
         return AttentionLayer(
-            qkv=None if cfg.mla else torch.cat([w(a + f"{n}_proj.weight") for n in "qkv"]),
-            qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-            o=w(a + "o_proj.weight"),
-            o_bias=opt(a + "o_proj.bias"),
+            qkv=None if cfg.mla else Linear(torch.cat([w(a + f"{n}_proj.weight") for n in "qkv"]),
+                                            torch.cat(biases) if all(b is not None for b in biases) else None),
+            o=Linear(w(a + "o_proj.weight"), opt(a + "o_proj.bias")),
             q_norm=opt(a + "q_norm.weight"),
             k_norm=opt(a + "k_norm.weight"),
             input_norm=w(p + "input_layernorm.weight"),
             post_norm=w(p + "post_attention_layernorm.weight"),
             router=router,
-            router_bias=opt(gate + "bias") if router is not None else None,
             score_bias=score_bias,
             dense=dense,
             shared=shared,
@@ -332,14 +327,14 @@ class AttentionModel:
 
     def route(self, layer: AttentionLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits in fp32, then the family's routing function (ROUTERS)."""
-        logits = F.linear(x.to(layer.router.dtype), layer.router, layer.router_bias).float()
+        logits = layer.router(x.to(layer.router.dtype)).float()
         return self.router_fn(logits, layer.score_bias, self.cfg)
 
     def project(self, L: AttentionLayer, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated q [T, nh, hd] and what the two KV pools store for these tokens: k and v."""
         cfg = self.cfg
         T, hd = x.shape[0], cfg.head_dim
-        qkv = F.linear(x, L.qkv, L.qkv_bias)
+        qkv = L.qkv(x)
         if cfg.qk_norm == "none" and cfg.clip_qkv is None:  # q and k heads side by side: rotated in one pass
             cos, sin = rope
             qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, -1, hd), cos, sin, cfg.rope_interleave)
@@ -384,7 +379,7 @@ class AttentionModel:
         pool_a, pool_b = kv_cache.layer(i)
         q = None
         if L.mla is None and self.plain_rope:  # rotated and written to the pools in one pass (paged_attention.rope_store)
-            q = paged_attention.rope_store(F.linear(x, L.qkv, L.qkv_bias), *rope, pool_a, pool_b, meta.slot_mapping, self.cfg.num_heads)
+            q = paged_attention.rope_store(L.qkv(x), *rope, pool_a, pool_b, meta.slot_mapping, self.cfg.num_heads)
         if q is None:
             q, new_a, new_b = self.project_mla(L.mla, x, rope) if L.mla else self.project(L, x, rope)
             pool_a.index_copy_(0, meta.slot_mapping, new_a)
@@ -410,13 +405,13 @@ class AttentionModel:
 
         T = x.shape[0]
         if meta.decode_tokens is None:  # a pure decode step: no scatter needed
-            return F.linear(decode(q).reshape(T, -1), L.o, L.o_bias)
+            return L.o(decode(q).reshape(T, -1))
         out = q.new_empty(T, q.shape[1], self.v_dim)
         if meta.num_decode:
             out[meta.decode_tokens] = decode(q[meta.decode_tokens])
         for (start, n, slots, _), mask in zip(meta.prefills, prefill_masks):
             out[start : start + n] = self.prefill_attention(q[start : start + n], *kv(slots), mask, L.sinks)
-        return F.linear(out.view(T, -1), L.o, L.o_bias)
+        return L.o(out.view(T, -1))
 
     def decode_in_chunks(self, L: AttentionLayer, q: torch.Tensor, pools: tuple[torch.Tensor, torch.Tensor],
                          blocks: torch.Tensor, mask: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -524,7 +519,7 @@ class AttentionModel:
             if L.shared is not None:
                 gate_up, down, gate = L.shared
                 shared = swiglu(x, gate_up, down)
-                routed = routed + (shared if gate is None else torch.sigmoid(F.linear(x, gate)) * shared)
+                routed = routed + (shared if gate is None else torch.sigmoid(gate(x)) * shared)
             h = h + routed
         return h if all_logits else h[meta.logits_index]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from .make_model import cache_dir
 
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC"]
 
 
 def _cpu_id() -> str:

@@ -205,6 +205,23 @@ def test_expert_kernels_script(tmp_path):
     assert all(r["per-expert"] > 0 and r["fused"] > 0 and r["max_abs_diff"] < 5e-4 for r in results.values())
 
 
+def test_linear_kernels_script(tmp_path):
+    """bench/linear_kernels.py times the attention worker's matmuls three ways on the same rows and
+    finds the C kernel's outputs equal to F.linear's to within rounding."""
+    from tarragon.kernels import c_kernels
+
+    if c_kernels() is None:
+        pytest.skip("no C compiler: the kernels are not built here")
+    out = tmp_path / "linear_kernels.json"
+    proc = subprocess.run([sys.executable, "bench/linear_kernels.py", "--rows", "1", "70", "--repeats", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"qkv", "o", "router", "lm_head (1 threads)", "lm_head (2 threads)"}
+    assert all(set(cells) == {"1", "70"} for cells in results.values())
+    assert all(r["C"] > 0 and r["oneDNN"] > 0 and r["F.linear"] > 0 and r["max_abs_diff"] < 1e-4 for cells in results.values() for r in cells.values())
+
+
 def test_decode_attention_script(tmp_path):
     """bench/decode_attention.py times gather + SDPA and the paged kernel on the same contexts and
     finds their outputs equal to within rounding."""

@@ -529,25 +529,43 @@ def test_argmax_rows_is_torch_argmax_ties_included():
     assert torch.equal(argmax_rows(odd), odd.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_equals_torch_and_does_not_depend_on_the_batch(dtype):
-    """The packed weights (oneDNN, packed once at load) give torch's F.linear where torch runs the
-    same kernel (bf16: bit for bit), and a row's result does not depend on what it is batched
-    with (a replayed row is bit-identical): fp32 to within rounding of F.linear's MKL path."""
-    from tarragon.kernels import Linear
+@pytest.mark.parametrize("kernel", ["c", "onednn", "bf16"])
+def test_packed_linear_equals_torch_and_does_not_depend_on_the_batch(kernel, monkeypatch):
+    """Weights packed once at load (float32: for the C kernel of csrc/kernels.c, or oneDNN's where
+    it is switched off; bf16: oneDNN's) give torch's F.linear (bf16: bit for bit, the same kernel;
+    float32 to within rounding: another order of the sums), at sizes no multiple of the kernel's
+    blocks, and a row's result does not depend on what it is batched with (a replayed row is
+    bit-identical), nor, in C, on the number of threads."""
+    from tarragon.kernels import SPLIT_COLUMNS, Linear, c_kernels, threads
 
+    if kernel == "c" and c_kernels() is None:
+        pytest.skip("no C compiler: the kernels are not built here")
+    if kernel == "onednn":
+        monkeypatch.setenv("TARRAGON_MATMUL_KERNEL", "torch")
+    dtype = torch.bfloat16 if kernel == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     w, b = (torch.randn(96, 64, generator=g) * 0.1).to(dtype), (torch.randn(96, generator=g) * 0.1).to(dtype)
     x = torch.randn(16, 64, generator=g).to(dtype)
     lin = Linear(w, b)
+    assert lin.c == (kernel == "c")
     y = lin(x)
     assert y.dtype == dtype
-    assert torch.equal(lin(x[3:4]), y[3:4]) and torch.equal(lin(x[:5]), y[:5])
+    assert torch.equal(lin(x[3:4]), y[3:4]) and torch.equal(lin(x[:5]), y[:5]) and torch.equal(lin(x.view(2, 8, 64)), y.view(2, 8, 96))
     ref = torch.nn.functional.linear(x, w, b)
-    if dtype == torch.bfloat16 and lin.packed:
+    if dtype == torch.bfloat16 and lin.onednn:
         assert torch.equal(y, ref)
     else:
         torch.testing.assert_close(y, ref)
+    strided = torch.randn(16, 128, generator=g).to(dtype)[:, ::2]
+    torch.testing.assert_close(lin(strided), torch.nn.functional.linear(strided, w, b))
+    if kernel == "c":  # wide enough for two threads: the same bits as one
+        wide = torch.randn(SPLIT_COLUMNS + 40, 64, generator=g)
+        head = Linear(wide)
+        with threads(2):
+            two = head(x)
+        with threads(1):
+            assert torch.equal(head(x), two)
+        torch.testing.assert_close(two, torch.nn.functional.linear(x, wide))
     assert lin.nbytes == 96 * 64 * w.element_size()
 
 
@@ -563,7 +581,7 @@ def test_expert_bank_equals_the_swiglu_formula_and_rows_do_not_depend_on_the_bat
     from tarragon.weights import WeightFiles
 
     if kernel == "torch":
-        monkeypatch.setenv("TARRAGON_EXPERT_KERNEL", "torch")
+        monkeypatch.setenv("TARRAGON_MATMUL_KERNEL", "torch")
     elif not fused_experts_available():
         pytest.skip("no C compiler: the kernels are not built here")
     assert fused_experts_available() == (kernel == "fused")

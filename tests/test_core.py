@@ -55,7 +55,7 @@ def test_matches_transformers(tiny_models, family):
 def test_per_expert_kernel_matches_transformers(tiny_models, monkeypatch):
     """Where the C expert kernel is not built (here: switched off), expert workers
     run one packed matmul pair per expert: the same greedy tokens and prompt logits."""
-    monkeypatch.setenv("TARRAGON_EXPERT_KERNEL", "torch")  # the workers inherit it
+    monkeypatch.setenv("TARRAGON_MATMUL_KERNEL", "torch")  # the workers inherit it
     model_dir = tiny_models["mixtral"]
     ref = Reference(model_dir)
     prompts = prompts_of_lengths(LENGTHS, 1024, seed=11)

@@ -10,6 +10,9 @@
  * call: batch-invariant (a replayed expert call is bit-identical).
  * Built and called by tarragon/kernels.py (see there for the layout and why).
  */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,11 +65,11 @@ static inline __attribute__((always_inline)) void block(const float *restrict W,
     }
 }
 
-/* y[rows][N] = a[rows][K] W^T (+ bias), W packed as [ceil(N / BW)][K][BW] (zero columns past N),
- * bias (or NULL) padded to a whole block. */
-void tarragon_linear_f32(const float *a, int64_t lda, int64_t rows, const float *W, const float *bias, int64_t K, int64_t N,
-                         float *y, int64_t ldy) {
-    for (int64_t b = 0; b * BW < N; b++) {
+/* Blocks [b0, b1) of y[rows][N] = a[rows][K] W^T (+ bias), W packed as [ceil(N / BW)][K][BW]
+ * (zero columns past N), bias (or NULL) padded to a whole block. */
+static void linear_blocks(const float *a, int64_t lda, int64_t rows, const float *W, const float *bias, int64_t K, int64_t N,
+                          float *y, int64_t ldy, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
         const float *Wb = W + b * K * BW, *bb = bias ? bias + b * BW : NULL;
         const int64_t cols = N - b * BW < BW ? N - b * BW : BW;
         for (int64_t r = 0; r < rows; r += RG) {
@@ -84,6 +87,58 @@ void tarragon_linear_f32(const float *a, int64_t lda, int64_t rows, const float 
             }
         }
     }
+}
+
+/* A second thread for large calls (the LM head, while the expert workers wait and their cores
+ * idle): it takes the upper half of the blocks. Each block is computed as by one thread, so the
+ * result is the same bits either way. One call at a time uses it; a concurrent one runs alone. */
+struct job { const float *a; int64_t lda, rows; const float *W, *bias; int64_t K, N; float *y; int64_t ldy, b0, b1; };
+static struct job job;
+static atomic_int state; /* 0 idle, 1 posted, 2 done */
+static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER, mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t posted = PTHREAD_COND_INITIALIZER;
+static int helper_up;
+
+static void *helper(void *unused) {
+    (void)unused;
+    for (;;) {
+        pthread_mutex_lock(&mu);
+        while (atomic_load(&state) != 1) pthread_cond_wait(&posted, &mu);
+        pthread_mutex_unlock(&mu);
+        linear_blocks(job.a, job.lda, job.rows, job.W, job.bias, job.K, job.N, job.y, job.ldy, job.b0, job.b1);
+        atomic_store(&state, 2);
+    }
+    return NULL;
+}
+
+/* y[rows][N] = a[rows][K] W^T (+ bias) on `threads` (1 or 2) threads. */
+void tarragon_linear_f32(const float *a, int64_t lda, int64_t rows, const float *W, const float *bias, int64_t K, int64_t N,
+                         float *y, int64_t ldy, int threads) {
+    const int64_t nb = (N + BW - 1) / BW;
+    if (threads < 2 || nb < 2 || pthread_mutex_trylock(&busy) != 0) {
+        linear_blocks(a, lda, rows, W, bias, K, N, y, ldy, 0, nb);
+        return;
+    }
+    if (!helper_up) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, helper, NULL) != 0) {
+            pthread_mutex_unlock(&busy);
+            linear_blocks(a, lda, rows, W, bias, K, N, y, ldy, 0, nb);
+            return;
+        }
+        pthread_detach(t);
+        helper_up = 1;
+    }
+    const int64_t half = nb / 2;
+    job = (struct job){a, lda, rows, W, bias, K, N, y, ldy, half, nb};
+    pthread_mutex_lock(&mu);
+    atomic_store(&state, 1);
+    pthread_cond_signal(&posted);
+    pthread_mutex_unlock(&mu);
+    linear_blocks(a, lda, rows, W, bias, K, N, y, ldy, 0, half);
+    while (atomic_load(&state) != 2) sched_yield();
+    atomic_store(&state, 0);
+    pthread_mutex_unlock(&busy);
 }
 
 /* exp(x) in a form the compiler vectorises: x = n ln2 + r, n rounded by the 1.5 * 2^23 trick,
@@ -115,14 +170,14 @@ int tarragon_swiglu_experts_f32(const float *x, float *y, int64_t H, int64_t Ip,
     for (int64_t i = 0; i < n; i++) {
         const int64_t rows = counts[i], e = ids[i];
         if (rows == 0) continue;
-        tarragon_linear_f32(x + start * H, H, rows, w13[e], NULL, H, 2 * Ip, h, 2 * Ip);
+        linear_blocks(x + start * H, H, rows, w13[e], NULL, H, 2 * Ip, h, 2 * Ip, 0, 2 * Ip / BW);
         for (int64_t m = 0; m < rows; m++) {
             const float *gate = h + m * 2 * Ip, *up = gate + Ip;
             float *out = act + m * Ip;
 #pragma omp simd
             for (int64_t j = 0; j < Ip; j++) out[j] = gate[j] / (1.0f + exp_approx(-gate[j])) * up[j];
         }
-        tarragon_linear_f32(act, Ip, rows, w2[e], NULL, Ip, H, y + start * H, H);
+        linear_blocks(act, Ip, rows, w2[e], NULL, Ip, H, y + start * H, H, 0, (H + BW - 1) / BW);
         start += rows;
     }
     free(h);
