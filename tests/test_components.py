@@ -5,6 +5,9 @@ property the running system relies on."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -566,6 +569,17 @@ def test_packed_linear_equals_torch_and_does_not_depend_on_the_batch(kernel, mon
         with threads(1):
             assert torch.equal(head(x), two)
         torch.testing.assert_close(two, torch.nn.functional.linear(x, wide))
+        pid = os.fork()  # a forked child has no helper thread: it must start its own, not wait forever
+        if pid == 0:
+            with threads(2):
+                os._exit(0 if torch.equal(head(x), two) else 1)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
     assert lin.nbytes == 96 * 64 * w.element_size()
 
 

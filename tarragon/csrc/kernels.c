@@ -99,6 +99,15 @@ static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER, mu = PTHREAD_MUTEX_INIT
 static pthread_cond_t posted = PTHREAD_COND_INITIALIZER;
 static int helper_up;
 
+/* A child of fork() has no helper thread (only the forking thread is copied): it starts its own. */
+static void forked(void) {
+    helper_up = 0;
+    atomic_store(&state, 0);
+    pthread_mutex_init(&busy, NULL);
+    pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&posted, NULL);
+}
+
 static void *helper(void *unused) {
     (void)unused;
     for (;;) {
@@ -127,6 +136,7 @@ void tarragon_linear_f32(const float *a, int64_t lda, int64_t rows, const float 
             return;
         }
         pthread_detach(t);
+        pthread_atfork(NULL, NULL, forked);
         helper_up = 1;
     }
     const int64_t half = nb / 2;
