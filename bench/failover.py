@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals, requests/s")
     ap.add_argument("--num-prompts", type=int, default=12)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=512, help="long enough that requests are streaming at the fault (at 128, now and then none was)")
     ap.add_argument("--fault-at", type=float, default=3.0, help="seconds into each run")
     ap.add_argument("--faults", nargs="+", default=["expert", "attention"], help="roles to kill (hang:expert for SIGSTOP)")
     ap.add_argument("--expert-workers", type=int, default=3)
