@@ -14,9 +14,7 @@ Writes docs/results/decode_attention.json (and .txt).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,26 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tarragon import paged_attention  # noqa: E402
-from tarragon.bench.experiments import experiment_header, write_results  # noqa: E402
+from tarragon.bench.experiments import experiment_header, median_us, write_results  # noqa: E402
 from tarragon.config import ModelConfig  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
 from tarragon.model import gather_blocks  # noqa: E402
 from torch.nn.functional import scaled_dot_product_attention  # noqa: E402
 
 BLOCK = 16
-
-
-def time_us(fn, repeats: int, flush: torch.Tensor | None) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if flush is not None:
-            flush.sum()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -87,7 +72,7 @@ def main() -> None:
             def paged() -> torch.Tensor:
                 return paged_attention.decode_attention(q, k_pool, v_pool, blocks, lens, BLOCK, scale)
 
-            us = {f"{name}_{temp}": time_us(fn, args.repeats, flush if temp == "cold" else None)
+            us = {f"{name}_{temp}": median_us(fn, args.repeats, flush if temp == "cold" else None)
                   for name, fn in (("sdpa", gathered), ("paged", paged)) for temp in ("warm", "cold")}
             diff = float((gathered() - paged()).abs().max())
             results[f"{B}x{C}"] = {**us, "speedup_warm": us["sdpa_warm"] / us["paged_warm"],

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tarragon.bench.experiments import experiment_header, write_results  # noqa: E402
+from tarragon.bench.experiments import experiment_header, median_us, write_results  # noqa: E402
 from tarragon.config import ModelConfig  # noqa: E402
 from tarragon.kernels import fused_experts_available  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
@@ -46,17 +44,6 @@ def routed_rows(cfg: ModelConfig, rows: int, g: torch.Generator) -> tuple[torch.
     experts = sorted(set(ids.tolist()))
     counts = [int((ids == e).sum()) for e in experts]
     return torch.randn(sum(counts), cfg.hidden_size, generator=g), experts, counts
-
-
-def time_step(bank: ExpertBank, cfg: ModelConfig, x, experts, counts, repeats: int, flush: torch.Tensor) -> float:
-    times = []
-    for _ in range(repeats):
-        flush.sum()
-        t0 = time.perf_counter()
-        for layer in cfg.sparse_layers:
-            bank.run_layer(layer, experts, counts, x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -81,7 +68,8 @@ def main() -> None:
     with torch.inference_mode():
         for rows in args.rows:
             x, experts, counts = routed_rows(cfg, rows, g)
-            ms = {k: time_step(b, cfg, x, experts, counts, args.repeats, flush) for k, b in banks.items()}
+            ms = {k: median_us(lambda b=b: [b.run_layer(layer, experts, counts, x) for layer in cfg.sparse_layers], args.repeats, flush) / 1e3
+                  for k, b in banks.items()}
             diff = float((banks["fused"].run_layer(cfg.sparse_layers[0], experts, counts, x)
                           - banks["per-expert"].run_layer(cfg.sparse_layers[0], experts, counts, x)).abs().max())
             results[rows] = {**ms, "speedup": ms["per-expert"] / ms["fused"], "max_abs_diff": diff}

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the workers (launcher.py): idle OpenMP threads sleep
@@ -25,20 +23,10 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tarragon.bench.experiments import experiment_header, write_results  # noqa: E402
+from tarragon.bench.experiments import experiment_header, median_us, write_results  # noqa: E402
 from tarragon.config import ModelConfig  # noqa: E402
 from tarragon.kernels import Linear, c_kernels, threads  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
-
-
-def timed(fn, repeats: int, flush: torch.Tensor) -> float:
-    times = []
-    for _ in range(repeats):
-        flush.sum()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -68,9 +56,9 @@ def main() -> None:
             for rows in args.rows:
                 x = torch.randn(rows, k, generator=g)
                 with threads(th):
-                    us = {"C": timed(lambda: c(x), args.repeats, flush),
-                          "oneDNN": timed(lambda: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], ""), args.repeats, flush),
-                          "F.linear": timed(lambda: F.linear(x, w), args.repeats, flush)}
+                    us = {"C": median_us(lambda: c(x), args.repeats, flush),
+                          "oneDNN": median_us(lambda: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], ""), args.repeats, flush),
+                          "F.linear": median_us(lambda: F.linear(x, w), args.repeats, flush)}
                     diff = float((c(x) - F.linear(x, w)).abs().max())
                 key = f"{name}" + (f" ({th} threads)" if name == "lm_head" else "")
                 results.setdefault(key, {})[rows] = {**us, "max_abs_diff": diff}

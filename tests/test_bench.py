@@ -189,6 +189,15 @@ def check_record(script: str, record: dict, folder: Path) -> None:
         assert all(r["failed"] == 0 for v in res["runs"].values() for r in v)
 
 
+def kernel_script(script: str, args: list[str], tmp_path) -> dict:
+    """Run a kernel benchmark of bench/ small; its results."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, f"bench/{script}", *args, "--repeats", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())["results"]
+
+
 def test_expert_kernels_script(tmp_path):
     """bench/expert_kernels.py times both expert-worker kernels on the same rows and finds their
     outputs equal to within the fused kernel's rounding."""
@@ -196,11 +205,7 @@ def test_expert_kernels_script(tmp_path):
 
     if not fused_experts_available():
         pytest.skip("no C compiler: the kernels are not built here")
-    out = tmp_path / "expert_kernels.json"
-    proc = subprocess.run([sys.executable, "bench/expert_kernels.py", "--rows", "2", "16", "--repeats", "2", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    results = kernel_script("expert_kernels.py", ["--rows", "2", "16"], tmp_path)
     assert set(results) == {"2", "16"}
     assert all(r["per-expert"] > 0 and r["fused"] > 0 and r["max_abs_diff"] < 5e-4 for r in results.values())
 
@@ -212,11 +217,7 @@ def test_linear_kernels_script(tmp_path):
 
     if c_kernels() is None:
         pytest.skip("no C compiler: the kernels are not built here")
-    out = tmp_path / "linear_kernels.json"
-    proc = subprocess.run([sys.executable, "bench/linear_kernels.py", "--rows", "1", "70", "--repeats", "2", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    results = kernel_script("linear_kernels.py", ["--rows", "1", "70"], tmp_path)
     assert set(results) == {"qkv", "o", "router", "lm_head (1 threads)", "lm_head (2 threads)"}
     assert all(set(cells) == {"1", "70"} for cells in results.values())
     assert all(r["C"] > 0 and r["oneDNN"] > 0 and r["F.linear"] > 0 and r["max_abs_diff"] < 1e-4 for cells in results.values() for r in cells.values())
@@ -229,10 +230,6 @@ def test_decode_attention_script(tmp_path):
 
     if not paged_attention.available():
         pytest.skip("no C compiler: the paged attention kernel is not built here")
-    out = tmp_path / "decode_attention.json"
-    proc = subprocess.run([sys.executable, "bench/decode_attention.py", "--batches", "1", "8", "--contexts", "40", "--repeats", "2",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    results = kernel_script("decode_attention.py", ["--batches", "1", "8", "--contexts", "40"], tmp_path)
     assert set(results) == {"1x40", "8x40"}
     assert all(r["paged_warm"] > 0 and r["sdpa_cold"] > 0 and r["max_abs_diff"] < 1e-5 for r in results.values())

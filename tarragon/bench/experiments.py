@@ -110,6 +110,22 @@ def write_results(record: dict[str, Any], table: str, out: str | Path) -> None:
     print(f"wrote {out} and {Path(out).with_suffix('.txt')}")
 
 
+def median_us(fn, repeats: int, flush=None, warm: int = 3) -> float:
+    """The median wall time of `fn()` in microseconds over `repeats` calls, after `warm` untimed
+    ones; `flush` (a large tensor), where given, is read before each call: the caches cold, as in
+    a running cluster where the other workers' weights evict them."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if flush is not None:
+            flush.sum()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
 def experiment_header(what: str, model: str, load: str) -> dict[str, Any]:
     """What every results file states: the machine, the model and the load."""
     m = machine()
