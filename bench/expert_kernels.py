@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tarragon.bench.experiments import experiment_header, median_us, write_results  # noqa: E402
 from tarragon.config import ModelConfig  # noqa: E402
-from tarragon.kernels import fused_experts_available  # noqa: E402
+from tarragon.kernels import c_kernels  # noqa: E402
 from tarragon.make_model import demo_model  # noqa: E402
 from tarragon.model import ExpertBank  # noqa: E402
 from tarragon.weights import WeightFiles  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default="docs/results/expert_kernels.json")
     args = ap.parse_args()
-    if not fused_experts_available():
+    if c_kernels() is None:
         sys.exit("the C expert kernel is not built here (no C compiler?)")
     torch.set_num_threads(1)
     model = args.model or str(demo_model())

@@ -1,17 +1,15 @@
 """The hot matmuls of both workers, with weights packed once at load.
 
-A decode step multiplies a few rows by each weight matrix, so on a CPU the BLAS call's cost is
-mostly re-packing the weight into its kernel's blocked layout, every call (MKL's sgemm copy
-routines: more time than the multiply for an expert at 8-16 rows). oneDNN can pack a weight once
-(`_reorder_linear_weight`) and multiply by the packed form (`_linear_pointwise`): the expert FFN of
-the bench model at 8-16 rows takes ~0.7x the time of `torch.mm` over the same 32 experts, and
-each row's result does not depend on what it is batched with (a replayed row is bit-identical).
-These ops are torch's own (its CPU compiler uses them); where they are missing, or for other
-devices and dtypes, the plain `F.linear` runs.
-
-An expert worker's layer runs faster still as one call of C over all its experts
-(`FusedExperts`, csrc/kernels.c, built at first use: native.py): each expert's weights packed
-once in the kernel's own layout and streamed once per call.
+A decode step multiplies a few rows by each weight matrix, so on a CPU the work is streaming each
+weight once, and a BLAS call adds its set-up and (MKL) a copy of the weight into its kernel's
+blocked layout every call: more time than the multiply at 1-16 rows. So float32 weights are
+packed once, at load, in the layout of a small C kernel (csrc/kernels.c, built at first use:
+native.py), which reads each once per call: `Linear` (one weight; the attention worker's
+projections and LM head), `FusedExperts` (an expert worker's layer: all its experts in one call).
+A row's result does not depend on what it is batched with (a replayed row is bit-identical).
+Where the kernel is not built (no compiler, TARRAGON_MATMUL_KERNEL=torch), and for bf16, oneDNN's
+packed weights (`_reorder_linear_weight`, `_linear_pointwise`, torch's own ops) run; for other
+devices the plain `F.linear`.
 """
 
 from __future__ import annotations
@@ -138,10 +136,6 @@ def c_kernels():
     """csrc/kernels.c's library where it is built and checked here, and not switched off
     (TARRAGON_MATMUL_KERNEL=torch: torch's matmuls, oneDNN-packed where it can); else None."""
     return None if os.environ.get("TARRAGON_MATMUL_KERNEL", "auto") == "torch" else _lib()
-
-
-def fused_experts_available() -> bool:
-    return c_kernels() is not None
 
 
 def _experts_work(lib) -> bool:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import paged_attention
 from .config import ModelConfig
-from .kernels import FusedExperts, Linear, fused_experts_available
+from .kernels import FusedExperts, Linear, c_kernels
 from .weights import WeightFiles
 
 
@@ -544,7 +544,7 @@ class ExpertBank:
             load_fused_experts(self, files, assigned)
             return
         names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        fuse = self.device.type == "cpu" and dtype == torch.float32 and fused_experts_available()
+        fuse = self.device.type == "cpu" and dtype == torch.float32 and c_kernels() is not None
         for layer in sorted({layer for layer, _ in assigned}):
             gate_ups, downs = [], []
             for e in sorted(e for lay, e in assigned if lay == layer):

@@ -1,5 +1,6 @@
-/* The hot matmuls of a decode step at a few rows, float32, one CPU thread: y = x W^T (+ b) with
- * W packed once at load, and a layer's SwiGLU experts over rows grouped by expert.
+/* The hot matmuls of a decode step at a few rows, float32, on a CPU: y = x W^T (+ b) with W
+ * packed once at load (one thread, or two for a wide W), and a layer's SwiGLU experts over rows
+ * grouped by expert (one thread).
  *
  * At decode a matmul has 1-64 rows, so the weight is read once per call and each of its values
  * serves only those few rows: the work is streaming W, and a BLAS call adds set-up and a copy of
