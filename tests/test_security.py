@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import msgspec
 import pytest
 import torch
 import zmq
@@ -45,11 +46,22 @@ def cluster(tiny_models):
         yield llm, token_ids(llm.generate(PROMPTS, PARAMS))
 
 
+@pytest.fixture(autouse=True)
+def close_peers():
+    """Every Peer a test made is closed after it, also when it failed: a Context that the garbage
+    collector finds later, its socket's weak reference already cleared, blocks in term() (it
+    hung a later test once)."""
+    yield
+    while OPEN_PEERS:
+        OPEN_PEERS.pop().close()
+
+
 class Peer:
     """A raw ZMQ client of the test's own: plain (ipc), or with CURVE keys (tcp)."""
 
     def __init__(self, endpoint: str, identity: str, server_key: str | None = None, key: ClusterKey | None = None):
         self.ctx = zmq.Context()
+        OPEN_PEERS.append(self)
         self.s = self.ctx.socket(zmq.DEALER)
         self.s.setsockopt(zmq.LINGER, 0)
         self.s.setsockopt(zmq.IDENTITY, identity.encode())
@@ -67,7 +79,11 @@ class Peer:
         return P.decode(self.s.recv_multipart())[0] if self.s.poll(timeout_s * 1000) else None
 
     def close(self) -> None:
-        self.ctx.destroy(0)
+        if not self.ctx.closed:
+            self.ctx.destroy(0)
+
+
+OPEN_PEERS: list[Peer] = []
 
 
 def expert_request() -> tuple[P.ExpertRequest, torch.Tensor]:
@@ -127,7 +143,9 @@ def test_forged_messages_from_peers_are_ignored(cluster):
     worker, cannot change the driver's view, inject tokens, or read or write checkpoints."""
     llm, baseline = cluster
     launcher = llm.launcher
-    reqs = [llm.submit(p, PARAMS) for p in PROMPTS]
+    # Long enough that none ends before the forged messages are in (the store counts a write or
+    # drop for a request it no longer holds as nobody's): compared over the baseline's length.
+    reqs = [llm.submit(p, msgspec.structs.replace(PARAMS, max_tokens=10 * PARAMS.max_tokens)) for p in PROMPTS]
     wait_until(lambda: min(len(r.tokens) for r in reqs) >= 5, 60, "tokens")
     ids = live_request_ids(llm)
     driver = Peer(launcher.endpoint("driver"), "intruder")
@@ -139,7 +157,7 @@ def test_forged_messages_from_peers_are_ignored(cluster):
     store.send(P.KVWrite(0, ids[:1], [0], [2], P.tensor_meta(k), P.tensor_meta(k), ids[1:]), k, k)  # overwrite, drop
     stolen = store.send(P.RestoreRequest(ids[0])).reply(2.0)
     outs = [llm.wait(r, 120) for r in reqs]
-    assert token_ids(outs) == baseline
+    assert [o.token_ids[: PARAMS.max_tokens] for o in outs] == baseline
     assert isinstance(stolen, P.RestoreData) and stolen.committed == 0  # no KV for a worker that does not own it
     assert llm.epoch == 0 and "aw9" not in llm.live_attention()
     wait_until(lambda: store_info(llm).get("foreign", 0) >= len(ids), 10, "the store's count of refused writes")
