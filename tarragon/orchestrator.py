@@ -420,10 +420,18 @@ class Orchestrator:
         live attention worker reported it, when it serves nobody and is fenced itself. One that
         stays silent `heartbeat_s * 6` after the report is failed, as reported; so is one whose
         beats stopped here too around the report (`heartbeat_s * 2` or more between two): it was
-        stopped or starved for a while (a pause, not a partition), its reporters were right."""
+        stopped or starved for a while (a pause, not a partition), its reporters were right. A
+        report from a worker fenced since (cut off from another expert worker it also reported)
+        is no evidence: without it a beat late by 100 ms on a busy host failed a healthy one."""
         hb = self.spec.config.resilience.heartbeat_s
         for name, (t, reports) in list(self.suspicions.items()):
             ew = self.workers.get(name)
+            for reporter in [r for r in reports if r in self.workers and self.workers[r].state in OUT_OF_SERVICE]:
+                del reports[reporter]  # fenced since (cut off from another expert worker, say): no evidence
+            if not reports:
+                del self.suspicions[name]
+                self.silent_gap.pop(name, None)
+                continue
             first = next(iter(reports.values()))
             if ew is None or ew.state != WorkerState.READY:
                 del self.suspicions[name]
